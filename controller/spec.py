@@ -1,0 +1,212 @@
+"""The TrainingRun document: pydantic models of its spec and status, the single source of truth.
+
+`relay validate`, `relay run`, the operator and the generated CRD schema (`controller/crd.py`) all
+derive from these models. Wire format is camelCase, as Kubernetes users expect; unknown fields are
+errors (the CRD prunes them silently on 1.20, so `relay validate` is the strict gate).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, Field, ValidationError, model_validator
+
+from trainer.config import CamelModel, TrainerConfig, TrainingSettings
+
+API_GROUP = "relay.dev"
+API_VERSION = "v1alpha1"
+KIND = "TrainingRun"
+PLURAL = "trainingruns"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Room for "-leg-NNNN" (Job names) and "trainingrun-<ns>-" (workflow ids) stays within limits.
+MAX_RUN_NAME = 40
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError("must be a DNS label: lowercase letters, digits and '-', starting and ending alphanumeric")
+    return value
+
+
+def _volume_relative_path(value: str) -> str:
+    path = PurePosixPath(value)
+    if path.is_absolute() or value.startswith("~"):
+        raise ValueError("must be a path relative to the volume root, not absolute")
+    if ".." in path.parts:
+        raise ValueError("must not contain '..' (paths stay inside the volume)")
+    if not value.strip() or value in (".", "./"):
+        raise ValueError("must name a file or folder inside the volume")
+    return value
+
+
+DnsLabel = Annotated[str, AfterValidator(_dns_label)]
+VolumePath = Annotated[str, AfterValidator(_volume_relative_path)]
+Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")]
+
+
+class Metadata(CamelModel):
+    """The subset of Kubernetes object metadata Relay reads; other keys (labels, uid, ...) pass through."""
+
+    model_config = CamelModel.model_config | {"extra": "allow"}
+    name: Annotated[DnsLabel, Field(max_length=MAX_RUN_NAME)]
+    namespace: DnsLabel = "default"
+
+
+class DatasetSpec(CamelModel):
+    """Where the training data comes from; it is snapshotted once, content-addressed."""
+
+    source: Literal["demo", "csv", "jsonl", "parquet", "hub"] = Field(
+        description="demo: built-in offline movie-review sentiment data; csv/jsonl/parquet: a file on the volume; "
+        "hub: a Hugging Face dataset name (needs network)."
+    )
+    path: VolumePath | None = Field(None, description="File for csv/jsonl/parquet, relative to the volume root.")
+    name: str | None = Field(None, min_length=1, description="Hub dataset id, for source=hub.")
+    config_name: str | None = Field(None, min_length=1, description="Hub dataset configuration, for source=hub.")
+    split: str = Field("train", min_length=1, description="Hub split to read, for source=hub.")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of rows held out for evaluation.")
+    split_seed: int = Field(0, ge=0, description="Seed of the fixed train/eval split.")
+    max_rows: int | None = Field(None, ge=2, description="Use at most this many rows (before splitting).")
+    text_field: str = Field("text", min_length=1, description="Column holding the input text.")
+    label_field: str = Field("label", min_length=1, description="Column holding integer labels.")
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DatasetSpec:
+        if self.source in ("csv", "jsonl", "parquet") and self.path is None:
+            raise ValueError(f"path is required when source is {self.source!r}")
+        if self.source == "hub" and self.name is None:
+            raise ValueError("name is required when source is 'hub'")
+        return self
+
+
+class ResourcesSpec(CamelModel):
+    """What one leg's pod asks for."""
+
+    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per leg.")
+    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = Field("2", description="CPU request; also sets the trainer's pinned torch thread count.")
+    memory: Quantity = Field("8Gi", description="Memory request and limit.")
+
+
+class Toleration(CamelModel):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class SchedulingProfile(CamelModel):
+    """Where legs may run."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    priority_class_name: str | None = None
+
+
+class SchedulingSpec(SchedulingProfile):
+    kueue_queue: str | None = Field(None, description="Passed through as the kueue.x-k8s.io/queue-name label.")
+    fallback: SchedulingProfile | None = Field(None, description="Profile used after fallbackAfterPreemptions.")
+    fallback_after_preemptions: int | None = Field(None, ge=1)
+
+
+class StorageSpec(CamelModel):
+    claim_name: DnsLabel = Field("relay-shared", description="ReadWriteMany PVC holding snapshots and runs.")
+
+
+class RetrySpec(CamelModel):
+    """Budgets: preemptions (infrastructure) and failures (the run's own) are counted apart."""
+
+    max_preemptions: int = Field(50, ge=0, le=10_000)
+    max_failures: int = Field(3, ge=0, le=1000)
+    backoff_seconds: float = Field(10.0, ge=0, le=3600, description="First backoff after a failure; doubles.")
+    max_backoff_seconds: float = Field(600.0, ge=0, le=86_400)
+    stuck_after_seconds: float = Field(900.0, gt=0, description="Unschedulable/image-pull failing this long: stuck.")
+
+
+class TrainingRunSpec(CamelModel):
+    model: str = Field("tiny", min_length=1, description="'tiny', a hub id, or a path relative to the volume root.")
+    dataset: DatasetSpec
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    image: str = Field("ghcr.io/relay-ml/relay-trainer:0.1.0", min_length=1)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    retries: RetrySpec = Field(default_factory=RetrySpec)
+    termination_grace_period_seconds: int = Field(60, ge=5, le=3600)
+    suspend: bool = Field(False, description="true pauses the run (current leg checkpoints and stops).")
+
+
+class TrainingRun(CamelModel):
+    """A whole TrainingRun document as applied with kubectl or passed to `relay run`."""
+
+    model_config = CamelModel.model_config | {"extra": "allow"}  # status, kubectl annotations
+    api_version: Literal["relay.dev/v1alpha1"]
+    kind: Literal["TrainingRun"]
+    metadata: Metadata
+    spec: TrainingRunSpec
+
+    @property
+    def workflow_id(self) -> str:
+        return workflow_id(self.metadata.namespace, self.metadata.name)
+
+
+def cpu_threads(cpu: str) -> int:
+    """Pinned torch thread count for a CPU request: whole cores, at least one ("500m" -> 1, "4" -> 4)."""
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, int(cores))
+
+
+def trainer_config(spec: TrainingRunSpec, model: str | None = None) -> TrainerConfig:
+    """The config every leg of this run trains with; `model` overrides spec.model once resolved to a path."""
+    return TrainerConfig(
+        **spec.training.model_dump(),
+        model=model or spec.model,
+        text_field=spec.dataset.text_field,
+        label_field=spec.dataset.label_field,
+        torch_threads=cpu_threads(spec.resources.cpu),
+    )
+
+
+def workflow_id(namespace: str, name: str) -> str:
+    return f"trainingrun-{namespace}-{name}"
+
+
+class InvalidTrainingRun(ValueError):
+    """A TrainingRun document that cannot run; `errors` lists (field path, message) pairs."""
+
+    def __init__(self, source: str, errors: list[tuple[str, str]]):
+        self.source = source
+        self.errors = errors
+        lines = "\n".join(f"  {field}: {message}" for field, message in errors)
+        super().__init__(f"{source}: invalid TrainingRun\n{lines}")
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if not str(p).startswith("function-after")]
+    return ".".join(parts) or "(document)"
+
+
+def parse_training_run(document: Any, source: str = "<document>") -> TrainingRun:
+    """Validate a parsed document; raise InvalidTrainingRun naming every bad field."""
+    if not isinstance(document, dict):
+        raise InvalidTrainingRun(source, [("(document)", "must be a mapping with apiVersion, kind, metadata, spec")])
+    try:
+        return TrainingRun.model_validate(document)
+    except ValidationError as exc:
+        errors = [(_field_path(err["loc"]), err["msg"]) for err in exc.errors(include_url=False)]
+        raise InvalidTrainingRun(source, errors) from None
+
+
+def load_training_run(path: str) -> TrainingRun:
+    """Read and validate a TrainingRun YAML/JSON file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except OSError as exc:
+        raise InvalidTrainingRun(path, [("(file)", exc.strerror or str(exc))]) from None
+    except yaml.YAMLError as exc:
+        raise InvalidTrainingRun(path, [("(file)", f"not valid YAML: {exc}")]) from None
+    return parse_training_run(document, path)

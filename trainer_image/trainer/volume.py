@@ -1,0 +1,386 @@
+"""The shared volume's layout and the checkpoint manifest: the one contract between controller and trainer.
+
+Torch-free on purpose: the controller imports this module to read checkpoint state from the volume
+(read-only), the trainer imports it to write and verify checkpoints. Nothing here knows what is
+inside a checkpoint beyond file names, sizes and sha256 hashes.
+
+Layout (see ARCHITECTURE.md)::
+
+    snapshots/<sha256>/                 dataset snapshot + snapshot.json (written last)
+    runs/<namespace>/<name>/
+      config.json                       resolved trainer config the legs run with
+      progress.json                     machine-readable progress, rewritten atomically
+      checkpoints/step-<000000123>/     checkpoint files + manifest.json (written last)
+      checkpoints/.tmp-*                in-progress writes; never read, removed on trainer start
+      quarantine/<name>.<unix-ms>/      corrupt checkpoints moved aside, with reason.txt
+      final/                            finished model + tokenizer + metrics.json + manifest.json
+      legs/<n>.json                     what each leg started from and how it ended
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 1
+SNAPSHOT_MANIFEST_NAME = "snapshot.json"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_HASH_CHUNK = 4 * 1024 * 1024
+
+
+class ExitCode(enum.IntEnum):
+    """The trainer's documented exit codes; Job specs and the workflow classify legs by them."""
+
+    COMPLETE = 0  # training finished, final model written
+    FAILED = 1  # an error of the trainer's own (bug, OOM raised as exception, I/O error)
+    INVALID_INPUT = 65  # EX_DATAERR: bad config, snapshot, fields, labels or model; do not retry
+    PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume next leg
+
+
+class CheckpointInvalid(Exception):
+    """A checkpoint folder that must not be loaded; the message names the file at fault."""
+
+
+# ---------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Paths of one run's folder on the volume."""
+
+    run_dir: Path
+
+    @classmethod
+    def for_run(cls, volume_root: Path | str, namespace: str, name: str) -> RunLayout:
+        return cls(Path(volume_root) / "runs" / namespace / name)
+
+    @property
+    def config_path(self) -> Path:
+        return self.run_dir / "config.json"
+
+    @property
+    def progress_path(self) -> Path:
+        return self.run_dir / "progress.json"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.run_dir / "quarantine"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.run_dir / "final"
+
+    @property
+    def legs_dir(self) -> Path:
+        return self.run_dir / "legs"
+
+    def leg_record_path(self, leg: int) -> Path:
+        return self.legs_dir / f"{leg}.json"
+
+
+def snapshot_dir(volume_root: Path | str, content_sha256: str) -> Path:
+    return Path(volume_root) / "snapshots" / content_sha256
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def parse_step(dir_name: str) -> int | None:
+    """Step number of a checkpoint folder name, or None for anything else (temp dirs, stray files)."""
+    match = _STEP_DIR.match(dir_name)
+    return int(match.group(1)) if match else None
+
+
+# ---------------------------------------------------------------- durable writes
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, rename over `path`, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- manifests
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative to the checkpoint folder, "/"-separated
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint whose manifest parsed (and, if asked, whose files verified)."""
+
+    path: Path
+    step: int
+    epoch: int
+    created_at: float
+    config_hash: str
+    metrics: dict[str, float]
+    files: tuple[FileEntry, ...]
+    extra: dict[str, Any]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        """Summary for status and queries (no file list)."""
+        return {
+            "path": str(self.path),
+            "step": self.step,
+            "epoch": self.epoch,
+            "created_at": self.created_at,
+            "config_hash": self.config_hash,
+            "metrics": dict(self.metrics),
+            "bytes": self.total_bytes,
+        }
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(TMP_PREFIX)
+    )
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    step: int,
+    epoch: int,
+    config_hash: str,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+    hashes: dict[str, str] | None = None,
+) -> CheckpointInfo:
+    """Hash every file in `folder`, fsync them, then write manifest.json last (atomically).
+
+    `hashes` may carry sha256s already computed while writing (relative path -> hex), to avoid
+    reading the files back; sizes are always taken from the file system.
+    """
+    entries = []
+    for file in _walk_files(folder):
+        rel = file.relative_to(folder).as_posix()
+        fsync_file(file)
+        digest = (hashes or {}).get(rel) or sha256_file(file)
+        entries.append(FileEntry(rel, file.stat().st_size, digest))
+    created_at = time.time()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "step": step,
+        "epoch": epoch,
+        "created_at": created_at,
+        "config_hash": config_hash,
+        "metrics": metrics or {},
+        "extra": extra or {},
+        "files": [entry.__dict__ for entry in entries],
+    }
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    return CheckpointInfo(folder, step, epoch, created_at, config_hash, dict(metrics or {}), tuple(entries), extra or {})
+
+
+def read_checkpoint(folder: Path, *, verify_hashes: bool) -> CheckpointInfo:
+    """Parse and check a checkpoint folder; raise CheckpointInvalid naming the file at fault.
+
+    Without `verify_hashes` only presence and sizes are checked (cheap: for the controller's
+    heartbeats). With it, every file's sha256 is recomputed (before the trainer loads it).
+    """
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointInvalid(f"{manifest_path}: missing (checkpoint incomplete)")
+    try:
+        manifest = read_json(manifest_path)
+        files = tuple(FileEntry(str(e["path"]), int(e["size"]), str(e["sha256"])) for e in manifest["files"])
+        step, epoch = int(manifest["step"]), int(manifest["epoch"])
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise CheckpointInvalid(f"{manifest_path}: unknown format {manifest.get('format')!r}")
+    except CheckpointInvalid:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointInvalid(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    expected_step = parse_step(folder.name)
+    if expected_step is not None and expected_step != step:
+        raise CheckpointInvalid(f"{manifest_path}: says step {step} but folder is {folder.name}")
+    if not files:
+        raise CheckpointInvalid(f"{manifest_path}: lists no files")
+    for entry in files:
+        file = folder / entry.path
+        if not file.is_file():
+            raise CheckpointInvalid(f"{file}: listed in manifest but missing")
+        size = file.stat().st_size
+        if size != entry.size:
+            raise CheckpointInvalid(f"{file}: size {size} != {entry.size} in manifest (truncated?)")
+        if verify_hashes and sha256_file(file) != entry.sha256:
+            raise CheckpointInvalid(f"{file}: sha256 does not match manifest (corrupt)")
+    return CheckpointInfo(
+        folder,
+        step,
+        epoch,
+        float(manifest.get("created_at", 0.0)),
+        str(manifest.get("config_hash", "")),
+        {str(k): float(v) for k, v in dict(manifest.get("metrics", {})).items()},
+        files,
+        dict(manifest.get("extra", {})),
+    )
+
+
+# ---------------------------------------------------------------- finding, quarantining, retention
+
+
+def list_checkpoint_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) for every step-N folder, oldest first, ordered by the parsed step number."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(parse_step(p.name), p) for p in checkpoints_dir.iterdir() if p.is_dir()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def quarantine(folder: Path, quarantine_dir: Path, reason: str) -> Path:
+    """Move a bad checkpoint aside (never delete evidence) with a reason.txt; return its new path."""
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    target = quarantine_dir / f"{folder.name}.{int(time.time() * 1000)}"
+    os.replace(folder, target)
+    (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+    fsync_dir(folder.parent)
+    fsync_dir(quarantine_dir)
+    return target
+
+
+@dataclass(frozen=True)
+class QuarantinedCheckpoint:
+    step: int
+    path: Path
+    reason: str
+
+
+def find_latest_checkpoint(
+    checkpoints_dir: Path,
+    *,
+    verify_hashes: bool,
+    quarantine_dir: Path | None = None,
+) -> tuple[CheckpointInfo | None, list[QuarantinedCheckpoint]]:
+    """The newest checkpoint that passes verification, newest by parsed step number.
+
+    Invalid ones newer than it are moved to `quarantine_dir` when one is given (the trainer), or
+    only reported (the controller, whose mount is read-only). Returns (latest or None, rejected).
+    """
+    rejected: list[QuarantinedCheckpoint] = []
+    for step, folder in reversed(list_checkpoint_dirs(checkpoints_dir)):
+        try:
+            return read_checkpoint(folder, verify_hashes=verify_hashes), rejected
+        except CheckpointInvalid as exc:
+            moved = quarantine(folder, quarantine_dir, str(exc)) if quarantine_dir is not None else folder
+            rejected.append(QuarantinedCheckpoint(step, moved, str(exc)))
+    return None, rejected
+
+
+def list_quarantined(quarantine_dir: Path) -> list[QuarantinedCheckpoint]:
+    """Every checkpoint moved to quarantine so far, with its recorded reason."""
+    if not quarantine_dir.is_dir():
+        return []
+    result = []
+    for folder in sorted(quarantine_dir.iterdir()):
+        step = parse_step(folder.name.split(".")[0])
+        reason_file = folder / "reason.txt"
+        reason = reason_file.read_text(encoding="utf-8").strip() if reason_file.is_file() else "unknown"
+        result.append(QuarantinedCheckpoint(step if step is not None else -1, folder, reason))
+    return result
+
+
+def select_for_deletion(
+    checkpoints: Iterable[CheckpointInfo],
+    *,
+    keep_last: int,
+    best_metric: str | None = None,
+    higher_is_better: bool = True,
+) -> list[CheckpointInfo]:
+    """Retention: keep the newest `keep_last` and the best by `best_metric`; never the newest one."""
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    if not ordered:
+        return []
+    keep = {c.step for c in ordered[-max(1, keep_last) :]}
+    scored = [c for c in ordered if best_metric and best_metric in c.metrics]
+    if scored:
+        sign = 1.0 if higher_is_better else -1.0
+        keep.add(max(scored, key=lambda c: (sign * c.metrics[best_metric or ""], c.step)).step)
+    keep.add(ordered[-1].step)
+    return [c for c in ordered if c.step not in keep]
+
+
+def remove_stale_temp_dirs(checkpoints_dir: Path) -> list[Path]:
+    """Delete half-written `.tmp-*` checkpoint folders left by a killed writer (trainer start only)."""
+    removed = []
+    if checkpoints_dir.is_dir():
+        for path in checkpoints_dir.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------- progress and leg records
+
+
+def write_progress(layout: RunLayout, progress: dict[str, Any]) -> None:
+    atomic_write_json(layout.progress_path, {**progress, "updated_at": time.time()})
+
+
+def read_progress(layout: RunLayout) -> dict[str, Any] | None:
+    """The trainer's last progress report, or None if there is none (or it is being replaced)."""
+    try:
+        data = read_json(layout.progress_path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
