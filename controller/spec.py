@@ -86,7 +86,9 @@ class ResourcesSpec(CamelModel):
     """What one leg's pod asks for."""
 
     gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per leg.")
-    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = Field("2", description="CPU request; also sets the trainer's pinned torch thread count.")
+    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = Field(
+        "2", description="CPU request; also sets the trainer's pinned torch thread count."
+    )
     memory: Quantity = Field("8Gi", description="Memory request and limit.")
 
 
@@ -196,7 +198,9 @@ def parse_training_run(document: Any, source: str = "<document>") -> TrainingRun
     try:
         return TrainingRun.model_validate(document)
     except ValidationError as exc:
-        errors = [(_field_path(err["loc"]), err["msg"]) for err in exc.errors(include_url=False)]
+        errors = [
+            (_field_path(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors(include_url=False)
+        ]
         raise InvalidTrainingRun(source, errors) from None
 
 

@@ -59,7 +59,6 @@ class TrainingSettings(CamelModel):
         return self
 
 
-
 class TrainerConfig(TrainingSettings):
     """Everything one leg needs: the settings plus model, fields and the pinned thread count.
 

@@ -228,7 +228,9 @@ def write_manifest(
         "files": [entry.__dict__ for entry in entries],
     }
     atomic_write_json(folder / MANIFEST_NAME, manifest)
-    return CheckpointInfo(folder, step, epoch, created_at, config_hash, dict(metrics or {}), tuple(entries), extra or {})
+    return CheckpointInfo(
+        folder, step, epoch, created_at, config_hash, dict(metrics or {}), tuple(entries), extra or {}
+    )
 
 
 def read_checkpoint(folder: Path, *, verify_hashes: bool) -> CheckpointInfo:
@@ -384,3 +386,84 @@ def read_progress(layout: RunLayout) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+# ---------------------------------------------------------------- dataset snapshots
+#
+# snapshots/<sha256>/data/           datasets.DatasetDict.save_to_disk with splits "train" and "eval"
+# snapshots/<sha256>/snapshot.json   written last: content hash, source, fields, rows, file list
+# A folder without a valid snapshot.json is not a snapshot (half-written); it is never read.
+
+SNAPSHOT_DATA_DIR = "data"
+SNAPSHOT_SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    content_sha256: str
+    source: dict[str, Any]
+    fields: list[str]
+    rows: dict[str, int]
+    files: tuple[FileEntry, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "content_sha256": self.content_sha256,
+            "source": self.source,
+            "fields": self.fields,
+            "rows": self.rows,
+        }
+
+
+def write_snapshot_manifest(
+    folder: Path, *, content_sha256: str, source: dict[str, Any], fields: list[str], rows: dict[str, int]
+) -> SnapshotInfo:
+    """Hash and fsync every file under folder/data, then write snapshot.json last (atomically)."""
+    entries = []
+    for file in _walk_files(folder):
+        if file.name == SNAPSHOT_MANIFEST_NAME:
+            continue
+        fsync_file(file)
+        entries.append(FileEntry(file.relative_to(folder).as_posix(), file.stat().st_size, sha256_file(file)))
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "content_sha256": content_sha256,
+        "source": source,
+        "fields": fields,
+        "rows": rows,
+        "created_at": time.time(),
+        "files": [entry.__dict__ for entry in entries],
+    }
+    atomic_write_json(folder / SNAPSHOT_MANIFEST_NAME, manifest)
+    return SnapshotInfo(folder, content_sha256, source, fields, rows, tuple(entries))
+
+
+def read_snapshot(folder: Path, *, verify_hashes: bool) -> SnapshotInfo:
+    """Parse and check a snapshot folder; raise CheckpointInvalid naming the file at fault."""
+    manifest_path = folder / SNAPSHOT_MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointInvalid(f"{manifest_path}: missing (not a snapshot, or not finished)")
+    try:
+        manifest = read_json(manifest_path)
+        files = tuple(FileEntry(str(e["path"]), int(e["size"]), str(e["sha256"])) for e in manifest["files"])
+        info = SnapshotInfo(
+            folder,
+            str(manifest["content_sha256"]),
+            dict(manifest["source"]),
+            [str(f) for f in manifest["fields"]],
+            {str(k): int(v) for k, v in dict(manifest["rows"]).items()},
+            files,
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointInvalid(f"{manifest_path}: unreadable snapshot manifest ({exc})") from exc
+    for entry in files:
+        file = folder / entry.path
+        if not file.is_file():
+            raise CheckpointInvalid(f"{file}: listed in snapshot manifest but missing")
+        if file.stat().st_size != entry.size:
+            raise CheckpointInvalid(f"{file}: size differs from snapshot manifest (truncated?)")
+        if verify_hashes and sha256_file(file) != entry.sha256:
+            raise CheckpointInvalid(f"{file}: sha256 does not match snapshot manifest (corrupt)")
+    return info

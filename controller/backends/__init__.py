@@ -1,0 +1,1 @@
+"""Leg backends: where a training leg runs (local processes, Kubernetes Jobs)."""
