@@ -1,0 +1,278 @@
+"""The controller's health and Prometheus metrics HTTP endpoints, and the metrics it records.
+
+`start_observability_server(health_port, metrics_port)` serves, each from a daemon thread:
+
+- `/healthz` (liveness): 200 while the process answers; with `liveness_timeout_s`, 503 once the
+  operator's event loop has not called `beat()` for that long (a wedged loop gets restarted).
+- `/readyz` (readiness): 503 until the operator calls `set_ready(True)` (connected to the API server
+  and to Temporal); `set_ready(False, "why")` takes it out again, the reason in the body.
+- `/metrics` (Prometheus text format) from the handle's `RelayMetrics`:
+
+  ==========================================  =========  ==========================================
+  relay_trainingruns                          gauge      runs by `namespace`, `phase`
+  relay_legs_started_total                    counter    legs launched, by `namespace`
+  relay_preemptions_total                     counter    legs lost to the infrastructure
+  relay_failures_total                        counter    legs failed by the run's own fault
+  relay_checkpoint_age_seconds                gauge      now minus the newest verified checkpoint's
+                                                         time, per run (`namespace`, `name`)
+  relay_time_to_recover_seconds               histogram  preemption seen -> next leg running
+  ==========================================  =========  ==========================================
+
+Health and metrics may share a port (then one server answers all three paths). Port 0 binds a free
+port; the handle's `health_port`/`metrics_port` tell which. Nothing here touches Kubernetes or Temporal.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+# Preemption to the next leg running: seconds for a local process, minutes for a spot node to come back.
+RECOVERY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
+
+
+class _RunStateCollector(Collector):
+    """Gauges computed at scrape time from the runs the operator reported: phases and checkpoint ages."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._phases: dict[tuple[str, str], str] = {}
+        self._checkpoint_times: dict[tuple[str, str], float] = {}
+
+    def set_phase(self, namespace: str, name: str, phase: str) -> None:
+        with self._lock:
+            self._phases[(namespace, name)] = phase
+
+    def set_checkpoint_time(self, namespace: str, name: str, created_at: float) -> None:
+        with self._lock:
+            self._checkpoint_times[(namespace, name)] = created_at
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._phases.pop((namespace, name), None)
+            self._checkpoint_times.pop((namespace, name), None)
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            phases = dict(self._phases)
+            checkpoint_times = dict(self._checkpoint_times)
+        now = self._clock()
+        runs = GaugeMetricFamily(
+            "relay_trainingruns", "TrainingRuns known to this controller, by phase.", labels=["namespace", "phase"]
+        )
+        counts: dict[tuple[str, str], int] = {}
+        for (namespace, _name), phase in phases.items():
+            counts[(namespace, phase)] = counts.get((namespace, phase), 0) + 1
+        for (namespace, phase), count in sorted(counts.items()):
+            runs.add_metric([namespace, phase], count)
+        yield runs
+        ages = GaugeMetricFamily(
+            "relay_checkpoint_age_seconds",
+            "Seconds since the newest verified checkpoint of each run was written.",
+            labels=["namespace", "name"],
+        )
+        for (namespace, name), created_at in sorted(checkpoint_times.items()):
+            ages.add_metric([namespace, name], max(0.0, now - created_at))
+        yield ages
+
+
+class RelayMetrics:
+    """Everything the controller records for Prometheus, in a registry of its own (tests make many)."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._runs = _RunStateCollector(clock)
+        self.registry.register(self._runs)
+        self._legs_started = Counter(
+            "relay_legs_started", "Training legs launched.", ["namespace"], registry=self.registry
+        )
+        self._preemptions = Counter(
+            "relay_preemptions",
+            "Legs lost to the infrastructure (preemption, eviction, node loss).",
+            ["namespace"],
+            registry=self.registry,
+        )
+        self._failures = Counter(
+            "relay_failures",
+            "Legs that failed by the run's own fault (errors, stuck, invalid input).",
+            ["namespace"],
+            registry=self.registry,
+        )
+        self._time_to_recover = Histogram(
+            "relay_time_to_recover_seconds",
+            "Seconds from a preemption being seen to the next leg running.",
+            ["namespace"],
+            buckets=RECOVERY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def set_run_phase(self, namespace: str, name: str, phase: str) -> None:
+        """The run's current phase (Pending, Running, Succeeded, ...); counted in `relay_trainingruns`."""
+        self._runs.set_phase(namespace, name, phase)
+
+    def set_latest_checkpoint(self, namespace: str, name: str, created_at: float) -> None:
+        """Unix time the run's newest verified checkpoint was written; its age is computed at each scrape."""
+        self._runs.set_checkpoint_time(namespace, name, created_at)
+
+    def forget_run(self, namespace: str, name: str) -> None:
+        """The TrainingRun was deleted: drop its phase and checkpoint age series."""
+        self._runs.forget(namespace, name)
+
+    def leg_started(self, namespace: str) -> None:
+        self._legs_started.labels(namespace=namespace).inc()
+
+    def preempted(self, namespace: str) -> None:
+        self._preemptions.labels(namespace=namespace).inc()
+
+    def failed(self, namespace: str) -> None:
+        self._failures.labels(namespace=namespace).inc()
+
+    def recovered(self, namespace: str, seconds: float) -> None:
+        """A leg runs again `seconds` after the preemption of the previous one was seen."""
+        if seconds < 0:
+            raise ValueError(f"recovery time must not be negative, got {seconds}")
+        self._time_to_recover.labels(namespace=namespace).observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric, as `/metrics` serves it."""
+        return generate_latest(self.registry)
+
+
+class _State:
+    """Readiness and liveness as set by the operator; read by the HTTP handler threads."""
+
+    def __init__(self, liveness_timeout_s: float | None) -> None:
+        self.lock = threading.Lock()
+        self.ready = False
+        self.not_ready_reason = "starting"
+        self.liveness_timeout_s = liveness_timeout_s
+        self.last_beat = time.monotonic()
+
+
+def _handler_class(state: _State, metrics: RelayMetrics, paths: frozenset[str]) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "relay-controller"
+
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path not in paths:
+                self._reply(404, b"not found\n")
+            elif path == "/metrics":
+                self._reply(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                with state.lock:
+                    timeout, silent_for = state.liveness_timeout_s, time.monotonic() - state.last_beat
+                if timeout is not None and silent_for > timeout:
+                    self._reply(503, f"event loop silent for {silent_for:.0f}s (limit {timeout:.0f}s)\n".encode())
+                else:
+                    self._reply(200, b"ok\n")
+            else:  # /readyz
+                with state.lock:
+                    ready, reason = state.ready, state.not_ready_reason
+                self._reply(200, b"ok\n") if ready else self._reply(503, f"not ready: {reason}\n".encode())
+
+        def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Probes every few seconds would flood `kubectl logs`; stay quiet."""
+
+    return Handler
+
+
+class ObservabilityServer:
+    """The running endpoints; returned by `start_observability_server`. Close it (or use `with`) to stop."""
+
+    def __init__(
+        self, health_port: int, metrics_port: int, host: str, metrics: RelayMetrics, liveness_timeout_s: float | None
+    ) -> None:
+        self.metrics = metrics
+        self._state = _State(liveness_timeout_s)
+        self._servers: list[ThreadingHTTPServer] = []
+        try:
+            if health_port == metrics_port and health_port != 0:
+                self._serve(host, health_port, frozenset({"/healthz", "/readyz", "/metrics"}))
+                self.health_port = self.metrics_port = self._servers[0].server_address[1]
+            else:
+                self._serve(host, health_port, frozenset({"/healthz", "/readyz"}))
+                self._serve(host, metrics_port, frozenset({"/metrics"}))
+                self.health_port = self._servers[0].server_address[1]
+                self.metrics_port = self._servers[1].server_address[1]
+        except OSError:
+            self.close()
+            raise
+
+    def _serve(self, host: str, port: int, paths: frozenset[str]) -> None:
+        server = ThreadingHTTPServer((host, port), _handler_class(self._state, self.metrics, paths))
+        server.daemon_threads = True
+        self._servers.append(server)
+        threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"relay-http-{port}", daemon=True
+        ).start()
+
+    @property
+    def ready(self) -> bool:
+        with self._state.lock:
+            return self._state.ready
+
+    def set_ready(self, ready: bool, reason: str = "") -> None:
+        """Readiness for `/readyz`: True once connected to the API server and Temporal; False with a reason."""
+        with self._state.lock:
+            self._state.ready = ready
+            self._state.not_ready_reason = reason or ("ready" if ready else "unspecified")
+
+    def beat(self) -> None:
+        """The operator's event loop is alive; call it more often than `liveness_timeout_s`."""
+        with self._state.lock:
+            self._state.last_beat = time.monotonic()
+
+    def close(self) -> None:
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers.clear()
+
+    def __enter__(self) -> ObservabilityServer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def start_observability_server(
+    health_port: int,
+    metrics_port: int,
+    *,
+    host: str = "0.0.0.0",
+    metrics: RelayMetrics | None = None,
+    liveness_timeout_s: float | None = None,
+) -> ObservabilityServer:
+    """Serve /healthz and /readyz on `health_port`, /metrics on `metrics_port`; returns the handle.
+
+    Raises OSError (naming the address) when a port is taken.
+    """
+    for field, port in (("health_port", health_port), ("metrics_port", metrics_port)):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{field} must be between 0 and 65535, got {port}")
+    if liveness_timeout_s is not None and liveness_timeout_s <= 0:
+        raise ValueError(f"liveness_timeout_s must be positive, got {liveness_timeout_s}")
+    try:
+        return ObservabilityServer(health_port, metrics_port, host, metrics or RelayMetrics(), liveness_timeout_s)
+    except OSError as exc:
+        raise OSError(
+            exc.errno, f"cannot serve health/metrics on {host} ports {health_port}/{metrics_port}: {exc.strerror}"
+        ) from exc
