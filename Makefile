@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 ENVTEST_DIR ?= .envtest
 PYTEST_ARGS ?=
 
-.PHONY: install run test lint typecheck drill bench envtest crd clean
+.PHONY: install run test lint typecheck drill bench envtest clean
 
 install: $(VENV)/.installed
 
@@ -47,3 +47,7 @@ envtest:
 
 clean:
 	rm -rf relay-volume .pytest_cache .ruff_cache .mypy_cache
+
+## One benchmark report: bench/results.json + bench/results.md (under 30 minutes on 2 cores).
+bench: install envtest
+	KUBEBUILDER_ASSETS=$(abspath $(ENVTEST_DIR)) $(PY) -m bench.run
