@@ -1,0 +1,518 @@
+"""Temporal activities of a TrainingRun: every side effect the workflow needs, as methods of one class.
+
+`RelayActivities(backend, volume_root, status_sink)` is built by the worker with its dependencies:
+a leg Backend (local processes or Kubernetes Jobs), the volume root as this process sees it, and a
+StatusSink that publishes the run's status (the TrainingRun subresource + Events on Kubernetes, a
+log line locally). One pydantic model in and one out of every activity. The controller only reads
+checkpoints (never quarantines or deletes them) and never imports torch: predictions run the trainer
+in a subprocess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, Field
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from controller.backends.base import (
+    Backend,
+    LegHandle,
+    LegObservation,
+    LegOutcomeKind,
+    LegSpec,
+    LegState,
+    LegTermination,
+    classify_termination,
+)
+from controller.spec import DatasetSpec, TrainingRunSpec, trainer_config
+from controller.status import CheckpointStatus, LegStatus, QuarantinedStatus, RunEvent, RunStatus, rfc3339
+from trainer import volume
+
+log = logging.getLogger(__name__)
+
+# Error types the workflow treats as final (ApplicationError.type); also set non_retryable.
+INVALID_DATASET = "InvalidDataset"
+INVALID_MODEL = "InvalidModel"
+MISSING_FINAL_MODEL = "MissingFinalModel"
+PREDICT_FAILED = "PredictFailed"
+
+
+class StatusSink(Protocol):
+    """Where the run's status goes: the TrainingRun .status + Events (Kubernetes) or a log (local)."""
+
+    async def publish(self, namespace: str, name: str, status: RunStatus, events: list[RunEvent]) -> None: ...
+
+
+class LogStatusSink:
+    """The local sink: Events become log lines; the status itself is read through the get_status query."""
+
+    async def publish(self, namespace: str, name: str, status: RunStatus, events: list[RunEvent]) -> None:
+        for event in events:
+            level = logging.WARNING if event.type == "Warning" else logging.INFO
+            log.log(level, "%s/%s %s: %s", namespace, name, event.reason, event.message)
+
+
+# ---------------------------------------------------------------- activity inputs and outputs
+
+
+class RunRef(BaseModel):
+    namespace: str
+    name: str
+
+
+class SnapshotRequest(RunRef):
+    dataset: DatasetSpec
+    num_labels: int = Field(ge=2)
+
+
+class SnapshotResult(BaseModel):
+    sha256: str
+    path: str  # "snapshots/<sha256>", relative to the volume root
+    rows: dict[str, int]
+    fields: list[str]
+    reused: bool
+
+
+class PrepareRunRequest(RunRef):
+    spec: TrainingRunSpec
+    snapshot: SnapshotResult
+
+
+class PrepareRunResult(BaseModel):
+    run_path: str  # "runs/<ns>/<name>"
+    config_path: str
+    total_steps: int | None
+    latest_checkpoint: CheckpointStatus | None
+
+
+class LaunchLegRequest(BaseModel):
+    leg: LegSpec
+
+
+class LaunchLegResult(BaseModel):
+    handle: LegHandle
+    start_step: int
+    started_at: str
+
+
+class LegProgress(BaseModel):
+    """What the volume says about a running leg: the trainer's progress.json and the newest checkpoint."""
+
+    step: int = 0
+    total_steps: int | None = None
+    epoch: int = 0
+    loss: float | None = None
+    samples_per_second: float | None = None
+    eta_seconds: float | None = None
+    latest_checkpoint: CheckpointStatus | None = None
+    quarantined: list[QuarantinedStatus] = Field(default_factory=list)
+
+
+class AwaitLegRequest(BaseModel):
+    leg: LegSpec
+    # Send a real SIGTERM once the trainer reports reaching one of these steps (demo/test preemptions).
+    preempt_at_steps: list[int] = Field(default_factory=list)
+    # Return after this long even if the leg still runs, so the workflow can update its status.
+    max_wait_s: float = Field(10.0, gt=0)
+    poll_interval_s: float = Field(1.0, gt=0)
+    grace_s: float = Field(60.0, gt=0)
+
+
+class AwaitLegResult(BaseModel):
+    terminated: bool
+    outcome: LegOutcomeKind | None = None
+    termination: LegTermination | None = None
+    detail: str = ""
+    progress: LegProgress
+    injected_preempt_at: int | None = None  # the preempt_at_steps entry used by this call, if any
+
+
+class AwaitHeartbeat(BaseModel):
+    progress: LegProgress
+    injected_preempt_at: int | None = None
+
+
+class StopLegRequest(BaseModel):
+    leg: LegSpec
+    grace_s: float = Field(60.0, gt=0)
+
+
+class RecordLegRequest(RunRef):
+    record: LegStatus
+
+
+class PublishStatusRequest(RunRef):
+    status: RunStatus
+    events: list[RunEvent] = Field(default_factory=list)
+
+
+class EvaluateResult(BaseModel):
+    metrics: dict[str, float]
+    model_path: str  # "runs/<ns>/<name>/final"
+
+
+class PredictRequest(RunRef):
+    texts: list[str] = Field(min_length=1)
+    model_path: str | None = None  # relative to the volume root; default: the run's final model
+    timeout_s: float = 600.0
+
+
+class Prediction(BaseModel):
+    text: str
+    label: int
+    scores: list[float] = Field(default_factory=list)
+
+
+class PredictResult(BaseModel):
+    model_path: str
+    predictions: list[Prediction]
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def run_path(namespace: str, name: str) -> str:
+    return f"runs/{namespace}/{name}"
+
+
+def estimate_total_steps(spec: TrainingRunSpec, train_rows: int) -> int:
+    """Optimizer steps of the whole run: maxSteps, or epochs x ceil(micro-batches / accumulation)."""
+    settings = spec.training
+    if settings.max_steps is not None:
+        return settings.max_steps
+    micro_batches = math.ceil(train_rows / settings.batch_size)
+    return settings.epochs * math.ceil(micro_batches / settings.gradient_accumulation_steps)
+
+
+def _checkpoint_status(info: volume.CheckpointInfo, volume_root: Path) -> CheckpointStatus:
+    loss = info.metrics.get("loss", info.metrics.get("train_loss"))
+    try:
+        rel = info.path.relative_to(volume_root).as_posix()
+    except ValueError:
+        rel = str(info.path)
+    return CheckpointStatus(step=info.step, path=rel, created_at=rfc3339(info.created_at), loss=loss)
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def read_leg_progress(volume_root: Path, namespace: str, name: str) -> LegProgress:
+    """Progress and newest checkpoint of a run, from the volume; cheap (sizes only, no hashing), read-only."""
+    layout = volume.RunLayout.for_run(volume_root, namespace, name)
+    latest, rejected = volume.find_latest_checkpoint(layout.checkpoints_dir, verify_hashes=False)
+    progress = volume.read_progress(layout) or {}
+    checkpoint = _checkpoint_status(latest, volume_root) if latest else None
+    step = progress.get("step")
+    step = int(step) if isinstance(step, int) else (checkpoint.step if checkpoint else 0)
+    total = progress.get("total_steps")
+    quarantined = [
+        QuarantinedStatus(step=q.step, path=str(q.path), reason=q.reason)
+        for q in volume.list_quarantined(layout.quarantine_dir)
+    ] + [QuarantinedStatus(step=q.step, path=str(q.path), reason=f"unverified: {q.reason}") for q in rejected]
+    return LegProgress(
+        step=max(step, checkpoint.step if checkpoint else 0),
+        total_steps=int(total) if isinstance(total, int) else None,
+        epoch=int(progress.get("epoch", latest.epoch if latest else 0) or 0),
+        loss=_float_or_none(progress.get("loss")),
+        samples_per_second=_float_or_none(progress.get("samples_per_second")),
+        eta_seconds=_float_or_none(progress.get("eta_seconds")),
+        latest_checkpoint=checkpoint,
+        quarantined=quarantined,
+    )
+
+
+def _describe_termination(termination: LegTermination) -> str:
+    parts = []
+    if termination.exit_code is not None:
+        try:
+            parts.append(f"exit {termination.exit_code} ({volume.ExitCode(termination.exit_code).name})")
+        except ValueError:
+            parts.append(f"exit {termination.exit_code}")
+    if termination.signal is not None:
+        parts.append(f"signal {termination.signal}")
+    if termination.reason:
+        parts.append(termination.reason)
+    if termination.message:
+        parts.append(termination.message)
+    return ", ".join(parts) or "ended"
+
+
+# ---------------------------------------------------------------- the activities
+
+
+class RelayActivities:
+    """The activities, bound to a backend, a volume root and a status sink."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        volume_root: Path | str,
+        status_sink: StatusSink | None = None,
+        *,
+        trainer_python: str = sys.executable,
+    ) -> None:
+        self.backend = backend
+        self.volume_root = Path(volume_root).resolve()
+        self.status_sink: StatusSink = status_sink or LogStatusSink()
+        self.trainer_python = trainer_python
+
+    def all(self) -> list[Any]:
+        """Every activity callable, for Worker(activities=...)."""
+        return [
+            self.snapshot_dataset,
+            self.prepare_run,
+            self.launch_leg,
+            self.await_leg,
+            self.stop_leg,
+            self.record_leg,
+            self.publish_status,
+            self.evaluate,
+            self.predict,
+            self.cleanup_run,
+        ]
+
+    @activity.defn(name="snapshot_dataset")
+    async def snapshot_dataset(self, request: SnapshotRequest) -> SnapshotResult:
+        from controller import snapshot  # datasets/pyarrow: imported only where used
+
+        try:
+            info, reused = await asyncio.to_thread(
+                snapshot.snapshot_dataset, self.volume_root, request.dataset, request.num_labels
+            )
+        except snapshot.InvalidDataset as exc:
+            raise ApplicationError(str(exc), type=INVALID_DATASET, non_retryable=True) from None
+        return SnapshotResult(
+            sha256=info.content_sha256,
+            path=info.path.relative_to(self.volume_root).as_posix(),
+            rows=info.rows,
+            fields=info.fields,
+            reused=reused,
+        )
+
+    @activity.defn(name="prepare_run")
+    async def prepare_run(self, request: PrepareRunRequest) -> PrepareRunResult:
+        """Write runs/<ns>/<name>/config.json (the resolved trainer config); report the newest checkpoint."""
+        layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
+        model = request.spec.model
+        if model != "tiny" and "/" in model and (self.volume_root / model).exists():
+            model = str((self.volume_root / model).resolve())  # a model folder on the volume
+        config = trainer_config(request.spec, model=model)
+        text = config.to_json_text()
+        if not layout.config_path.is_file() or layout.config_path.read_text(encoding="utf-8") != text:
+            layout.run_dir.mkdir(parents=True, exist_ok=True)
+            volume.atomic_write_json(layout.config_path, json.loads(text))
+        progress = read_leg_progress(self.volume_root, request.namespace, request.name)
+        return PrepareRunResult(
+            run_path=run_path(request.namespace, request.name),
+            config_path=layout.config_path.relative_to(self.volume_root).as_posix(),
+            total_steps=estimate_total_steps(request.spec, request.snapshot.rows.get("train", 0)),
+            latest_checkpoint=progress.latest_checkpoint,
+        )
+
+    @activity.defn(name="launch_leg")
+    async def launch_leg(self, request: LaunchLegRequest) -> LaunchLegResult:
+        """Start leg n (or adopt it when it already runs) and write legs/<n>.json's start record."""
+        leg = request.leg
+        layout = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name)
+        record_path = layout.leg_record_path(leg.leg)
+        record = _read_record(record_path)
+        start_step = record.start_step if record else 0
+        if record is None:
+            latest = read_leg_progress(self.volume_root, leg.namespace, leg.name).latest_checkpoint
+            start_step = latest.step if latest else 0
+        handle = await self.backend.launch(leg)
+        started_at = rfc3339(handle.started_at)
+        if record is None or record.backend_id != handle.backend_id:
+            record = LegStatus(leg=leg.leg, start_step=start_step, started_at=started_at, backend_id=handle.backend_id)
+            volume.atomic_write_json(record_path, record.model_dump(mode="json", by_alias=True))
+        return LaunchLegResult(handle=handle, start_step=start_step, started_at=started_at)
+
+    @activity.defn(name="await_leg")
+    async def await_leg(self, request: AwaitLegRequest) -> AwaitLegResult:
+        """Watch a leg for up to max_wait_s, heartbeating its progress; inject requested preemptions.
+
+        Returns early when the leg ends. A retried attempt continues from the last heartbeat (an
+        injected preemption is not sent twice).
+        """
+        leg = request.leg
+        injected: int | None = None
+        details = activity.info().heartbeat_details
+        if details:
+            try:
+                injected = AwaitHeartbeat.model_validate(details[0]).injected_preempt_at
+            except ValueError:
+                injected = None
+        deadline = time.monotonic() + request.max_wait_s
+        stopper: asyncio.Task[LegObservation] | None = None
+        while True:
+            observation = await self.backend.observe(leg)
+            progress = await asyncio.to_thread(read_leg_progress, self.volume_root, leg.namespace, leg.name)
+            activity.heartbeat(AwaitHeartbeat(progress=progress, injected_preempt_at=injected))
+            if observation.state == LegState.TERMINATED and observation.termination is not None:
+                if stopper is not None:
+                    await stopper
+                return AwaitLegResult(
+                    terminated=True,
+                    outcome=classify_termination(observation.termination),
+                    termination=observation.termination,
+                    detail=_describe_termination(observation.termination),
+                    progress=progress,
+                    injected_preempt_at=injected,
+                )
+            if observation.state == LegState.MISSING:
+                termination = LegTermination(reason="Missing", message="leg process is gone without a record")
+                return AwaitLegResult(
+                    terminated=True,
+                    outcome=LegOutcomeKind.PREEMPTED,
+                    termination=termination,
+                    detail=_describe_termination(termination),
+                    progress=progress,
+                    injected_preempt_at=injected,
+                )
+            due = [s for s in request.preempt_at_steps if progress.step >= s]
+            if injected is None and due and observation.state == LegState.RUNNING:
+                injected = min(due)
+                activity.heartbeat(AwaitHeartbeat(progress=progress, injected_preempt_at=injected))
+                log.info("%s/%s: injecting a preemption at step %d (SIGTERM)", leg.namespace, leg.name, progress.step)
+                # Stop in the background so that heartbeats go on during the grace period.
+                stopper = asyncio.create_task(self.backend.stop(leg, request.grace_s))
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and (stopper is None or stopper.done()):
+                return AwaitLegResult(terminated=False, progress=progress, injected_preempt_at=injected)
+            await self.backend.wait_for_change(leg, max(0.05, min(request.poll_interval_s, remaining)))
+
+    @activity.defn(name="stop_leg")
+    async def stop_leg(self, request: StopLegRequest) -> LegObservation:
+        """SIGTERM the leg (it checkpoints and exits), SIGKILL after the grace period."""
+        return await self.backend.stop(request.leg, request.grace_s)
+
+    @activity.defn(name="record_leg")
+    async def record_leg(self, request: RecordLegRequest) -> None:
+        """Write legs/<n>.json: what the leg started from and how it ended."""
+        layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
+        path = layout.leg_record_path(request.record.leg)
+        volume.atomic_write_json(path, request.record.model_dump(mode="json", by_alias=True))
+
+    @activity.defn(name="publish_status")
+    async def publish_status(self, request: PublishStatusRequest) -> None:
+        await self.status_sink.publish(request.namespace, request.name, request.status, request.events)
+
+    @activity.defn(name="evaluate")
+    async def evaluate(self, request: RunRef) -> EvaluateResult:
+        """Verify final/ (manifest + hashes) and return the held-out metrics the trainer wrote there."""
+        layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
+        final = layout.final_dir
+        try:
+            await asyncio.to_thread(volume.read_checkpoint, final, verify_hashes=True)
+        except volume.CheckpointInvalid as exc:
+            raise ApplicationError(f"final model: {exc}", type=MISSING_FINAL_MODEL, non_retryable=True) from None
+        metrics_path = final / "metrics.json"
+        try:
+            raw = volume.read_json(metrics_path)
+        except (OSError, ValueError) as exc:
+            raise ApplicationError(
+                f"{metrics_path}: unreadable ({exc})", type=MISSING_FINAL_MODEL, non_retryable=True
+            ) from None
+        if isinstance(raw, dict) and isinstance(raw.get("metrics"), dict):
+            raw = raw["metrics"]
+        metrics = {str(k): float(v) for k, v in dict(raw).items() if _float_or_none(v) is not None}
+        return EvaluateResult(metrics=metrics, model_path=final.relative_to(self.volume_root).as_posix())
+
+    @activity.defn(name="predict")
+    async def predict(self, request: PredictRequest) -> PredictResult:
+        """Run `python -m trainer predict --model <folder> --json --text ...` and parse its JSON."""
+        rel = request.model_path or f"{run_path(request.namespace, request.name)}/final"
+        model = (self.volume_root / rel).resolve()
+        if not model.is_relative_to(self.volume_root):
+            raise ApplicationError(f"modelPath {rel!r}: escapes the volume", type=PREDICT_FAILED, non_retryable=True)
+        if not model.is_dir():
+            raise ApplicationError(f"{model}: no such model folder", type=MISSING_FINAL_MODEL, non_retryable=True)
+        command = [self.trainer_python, "-m", "trainer", "predict", "--model", str(model), "--json"]
+        for text in request.texts:
+            command += ["--text", text]
+        result = await asyncio.to_thread(
+            subprocess.run,
+            command,
+            capture_output=True,
+            text=True,
+            timeout=request.timeout_s,
+            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        )
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ApplicationError(
+                f"trainer predict exited {result.returncode}: {last}",
+                type=PREDICT_FAILED,
+                non_retryable=result.returncode == volume.ExitCode.INVALID_INPUT,
+            )
+        return PredictResult(model_path=rel, predictions=_parse_predictions(result.stdout, request.texts))
+
+    @activity.defn(name="cleanup_run")
+    async def cleanup_run(self, request: RunRef) -> None:
+        """Remove leftover leg objects of a finished run; checkpoints and the final model stay."""
+        await self.backend.cleanup(request.namespace, request.name)
+
+
+def _read_record(path: Path) -> LegStatus | None:
+    try:
+        return LegStatus.model_validate(volume.read_json(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _parse_predictions(stdout: str, texts: list[str]) -> list[Prediction]:
+    """Accept the trainer's JSON: a list of {text?, label, scores?} (or {"predictions": [...]}), one per text."""
+    try:
+        data = json.loads(stdout.strip().splitlines()[-1] if stdout.strip() else "null")
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        data = data.get("predictions")
+    if not isinstance(data, list) or len(data) != len(texts):
+        raise ApplicationError(f"trainer predict printed unexpected output: {stdout[-200:]!r}", type=PREDICT_FAILED)
+    predictions = []
+    for text, item in zip(texts, data, strict=True):
+        scores = item.get("scores") or item.get("probabilities") or []
+        predictions.append(Prediction(text=text, label=int(item["label"]), scores=[float(s) for s in scores]))
+    return predictions
+
+
+def leg_record(volume_root: Path | str, namespace: str, name: str, leg: int) -> LegStatus | None:
+    """legs/<n>.json of a run, or None."""
+    return _read_record(volume.RunLayout.for_run(volume_root, namespace, name).leg_record_path(leg))
+
+
+__all__ = [
+    "AwaitLegRequest",
+    "AwaitLegResult",
+    "EvaluateResult",
+    "LaunchLegRequest",
+    "LaunchLegResult",
+    "LegProgress",
+    "LogStatusSink",
+    "PredictRequest",
+    "PredictResult",
+    "PrepareRunRequest",
+    "PrepareRunResult",
+    "PublishStatusRequest",
+    "RecordLegRequest",
+    "RelayActivities",
+    "RunRef",
+    "SnapshotRequest",
+    "SnapshotResult",
+    "StatusSink",
+    "StopLegRequest",
+]
