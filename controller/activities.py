@@ -226,8 +226,8 @@ def read_leg_progress(volume_root: Path, namespace: str, name: str) -> LegProgre
         total_steps=int(total) if isinstance(total, int) else None,
         epoch=int(progress.get("epoch", latest.epoch if latest else 0) or 0),
         loss=_float_or_none(progress.get("loss")),
-        samples_per_second=_float_or_none(progress.get("samples_per_second")),
-        eta_seconds=_float_or_none(progress.get("eta_seconds")),
+        samples_per_second=_float_or_none(progress.get("samples_per_s", progress.get("samples_per_second"))),
+        eta_seconds=_float_or_none(progress.get("eta_s", progress.get("eta_seconds"))),
         latest_checkpoint=checkpoint,
         quarantined=quarantined,
     )
@@ -440,9 +440,8 @@ class RelayActivities:
             raise ApplicationError(f"modelPath {rel!r}: escapes the volume", type=PREDICT_FAILED, non_retryable=True)
         if not model.is_dir():
             raise ApplicationError(f"{model}: no such model folder", type=MISSING_FINAL_MODEL, non_retryable=True)
-        command = [self.trainer_python, "-m", "trainer", "predict", "--model", str(model), "--json"]
-        for text in request.texts:
-            command += ["--text", text]
+        command = [self.trainer_python, "-m", "trainer", "predict", "--model", str(model), "--json", "--text"]
+        command += request.texts
         result = await asyncio.to_thread(
             subprocess.run,
             command,
@@ -474,20 +473,26 @@ def _read_record(path: Path) -> LegStatus | None:
 
 
 def _parse_predictions(stdout: str, texts: list[str]) -> list[Prediction]:
-    """Accept the trainer's JSON: a list of {text?, label, scores?} (or {"predictions": [...]}), one per text."""
-    try:
-        data = json.loads(stdout.strip().splitlines()[-1] if stdout.strip() else "null")
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        data = data.get("predictions")
-    if not isinstance(data, list) or len(data) != len(texts):
-        raise ApplicationError(f"trainer predict printed unexpected output: {stdout[-200:]!r}", type=PREDICT_FAILED)
-    predictions = []
-    for text, item in zip(texts, data, strict=True):
-        scores = item.get("scores") or item.get("probabilities") or []
-        predictions.append(Prediction(text=text, label=int(item["label"]), scores=[float(s) for s in scores]))
-    return predictions
+    """The trainer prints one JSON object per text: {text, label, probabilities}."""
+    items: list[dict[str, Any]] = []
+    for line in stdout.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                items.append(json.loads(line))
+            except ValueError:
+                continue
+    if len(items) != len(texts):
+        message = f"trainer predict printed {len(items)} results for {len(texts)} texts"
+        raise ApplicationError(message, type=PREDICT_FAILED)
+    return [
+        Prediction(
+            text=text,
+            label=int(item["label"]),
+            scores=[float(p) for p in item.get("probabilities", item.get("scores", []))],
+        )
+        for text, item in zip(texts, items, strict=True)
+    ]
 
 
 def leg_record(volume_root: Path | str, namespace: str, name: str, leg: int) -> LegStatus | None:

@@ -3,29 +3,332 @@
 `relay run FILE` is the quickstart: it validates the file, starts an embedded Temporal dev server
 when none answers at --address, runs a worker with the local backend in-process, submits the run
 and shows a live progress bar from the workflow's `get_status` query. `relay controller ...` hands
-over to the Kubernetes operator (imported only then). Errors are one line on stderr, exit code 2
-for bad input and 1 for everything else; no tracebacks for the expected ones.
+over to the Kubernetes operator (imported only then). Expected errors are one line on stderr, exit
+code 2 for bad input and 1 for everything else, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import json
+import os
 import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TextIO
 
-from controller.spec import InvalidTrainingRun, load_training_run
+from controller.spec import InvalidTrainingRun, TrainingRun, load_training_run, workflow_id
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+DEFAULT_VOLUME = "./relay-volume"
+DEFAULT_ADDRESS = "localhost:7233"
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line 'relay: <message>', exit with `code`."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _volume(path: str, *, create: bool) -> Path:
+    """The volume folder, checked writable (a probe file is created and removed)."""
+    root = Path(path).expanduser()
+    try:
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            raise CliError(f"volume {path}: no such folder")
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".relay-probe-"):
+            pass
+    except OSError as exc:
+        raise CliError(f"volume {path}: not writable ({exc.strerror or exc})") from None
+    return root.resolve()
+
+
+def _check_dataset(run: TrainingRun, volume_root: Path) -> None:
+    """A file dataset must exist under the volume before anything starts."""
+    dataset = run.spec.dataset
+    if dataset.source in ("csv", "jsonl", "parquet") and dataset.path is not None:
+        path = volume_root / dataset.path
+        if not path.is_file():
+            raise CliError(
+                f"spec.dataset.path {dataset.path!r}: no such file under the volume {volume_root}", EXIT_BAD_INPUT
+            )
+
+
+@contextlib.asynccontextmanager
+async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -> AsyncIterator[Any]:
+    """A connected client; starts the embedded dev server (db on the volume) when nothing answers locally."""
+    from temporalio.service import RPCError
+
+    from controller import devserver, worker
+
+    server = None
+    try:
+        reachable = devserver.reachable(address)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    if not reachable:
+        if not (embedded and volume_root is not None and devserver.is_local(address)):
+            raise CliError(f"cannot reach Temporal at {address} (is the server running? `relay run` starts one)")
+        server = devserver.DevServer(address, volume_root / "temporal.db", log_file=volume_root / "temporal-server.log")
+        try:
+            await asyncio.to_thread(server.start)
+        except devserver.DevServerError as exc:
+            raise CliError(str(exc)) from None
+        _note(f"started the embedded Temporal dev server at {address} (Web UI {server.ui_address})")
+    try:
+        try:
+            client = await worker.connect(address)
+        except (RPCError, RuntimeError, OSError) as exc:
+            raise CliError(f"cannot connect to Temporal at {address}: {exc}") from None
+        yield client
+    finally:
+        if server is not None:
+            await asyncio.to_thread(server.stop)
+
+
+def _note(message: str, stream: TextIO = sys.stderr) -> None:
+    print(message, file=stream, flush=True)
+
+
+def _fmt_status_line(status: Any, width: int = 28) -> str:
+    total = status.total_steps or 0
+    filled = int(width * status.progress) if total else 0
+    bar = "#" * filled + "-" * (width - filled)
+    parts = [f"[{bar}] {status.phase.value:<12}", f"step {status.step}/{total or '?'}"]
+    if status.loss is not None:
+        parts.append(f"loss {status.loss:.4f}")
+    parts.append(f"legs {len(status.legs)}")
+    parts.append(f"preemptions {status.preemptions}")
+    if status.failures:
+        parts.append(f"failures {status.failures}")
+    if status.latest_checkpoint is not None:
+        parts.append(f"ckpt step {status.latest_checkpoint.step}")
+    return "  ".join(parts)
+
+
+def _query_hint(wf_id: str, address: str) -> str:
+    return f"temporal workflow query --address {address} --workflow-id {wf_id} --name get_status"
+
+
+# ---------------------------------------------------------------- commands
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    try:
-        run = load_training_run(args.file)
-    except InvalidTrainingRun as exc:
-        print(str(exc), file=sys.stderr)
-        return EXIT_BAD_INPUT
+    run = load_training_run(args.file)
     print(f"{args.file}: valid TrainingRun {run.metadata.namespace}/{run.metadata.name}")
+    return EXIT_OK
+
+
+async def _cmd_run(args: argparse.Namespace) -> int:
+    from temporalio.client import WorkflowFailureError
+    from temporalio.common import WorkflowIDConflictPolicy
+
+    from controller.backends.local import LocalBackend
+    from controller.worker import build_worker
+    from controller.workflows import TrainingRunInput
+
+    run = load_training_run(args.file)
+    if any(step <= 0 for step in args.preempt_at_step):
+        raise CliError("--preempt-at-step: must be a positive step number", EXIT_BAD_INPUT)
+    volume_root = _volume(args.volume, create=True)
+    _check_dataset(run, volume_root)
+    namespace, name = run.metadata.namespace, run.metadata.name
+    wf_id = workflow_id(namespace, name)
+    backend = LocalBackend(volume_root)
+    async with _temporal(args.address, volume_root, embedded=True) as client:
+        worker = build_worker(client, backend, volume_root, task_queue=args.task_queue)
+        async with worker:
+            handle = await client.start_workflow(
+                "CheckpointedBertTrainingWorkflow",
+                TrainingRunInput(
+                    namespace=namespace,
+                    name=name,
+                    spec=run.spec,
+                    preempt_at_steps=sorted(set(args.preempt_at_step)),
+                    await_window_s=2.0,
+                    poll_interval_s=0.5,
+                ),
+                id=wf_id,
+                task_queue=args.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            )
+            _note(f"TrainingRun {namespace}/{name}: workflow {wf_id} (volume {volume_root})")
+            _note(f"  status as JSON:  {_query_hint(wf_id, args.address)}")
+            ui = f"http://{args.address.rpartition(':')[0]}:{int(args.address.rpartition(':')[2]) + 1000}"
+            _note(f"  Web UI:          {ui}/namespaces/default/workflows/{wf_id}")
+            result_task = asyncio.ensure_future(handle.result())
+            try:
+                await _watch(handle, result_task, show=not args.no_progress)
+            except (KeyboardInterrupt, asyncio.CancelledError):
+                _note("\ninterrupted: stopping the running leg (it checkpoints); `relay run` again resumes")
+                for leg in backend.alive_legs(namespace, name):
+                    await backend.stop(_leg_ref(run, leg), float(run.spec.termination_grace_period_seconds))
+                return EXIT_INTERRUPTED
+            failed = None
+            try:
+                await result_task
+            except WorkflowFailureError as exc:
+                failed = exc
+            status = await handle.query("get_status", result_type=_status_type())
+    _print_summary(status, volume_root, failed is not None)
+    return EXIT_OK if failed is None else EXIT_ERROR
+
+
+def _status_type() -> type:
+    from controller.status import RunStatus
+
+    return RunStatus
+
+
+def _leg_ref(run: TrainingRun, leg: int) -> Any:
+    from controller.backends.base import LegSpec
+
+    namespace, name = run.metadata.namespace, run.metadata.name
+    return LegSpec(namespace=namespace, name=name, leg=leg, run_path="", snapshot_path="", spec=run.spec)
+
+
+async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -> None:
+    """Redraw a one-line progress bar from get_status until the workflow ends."""
+    from temporalio.service import RPCError
+
+    tty = sys.stderr.isatty()
+    last_line, last_events = "", 0
+    while not result_task.done():
+        try:
+            status = await handle.query("get_status", result_type=_status_type())
+        except RPCError:
+            status = None
+        if status is not None and show:
+            line = _fmt_status_line(status)
+            legs_seen = len(status.legs)
+            if legs_seen != last_events:  # a new leg: keep the old line, start a new one
+                if tty and last_line:
+                    sys.stderr.write("\n")
+                last_events = legs_seen
+                for leg in status.legs[-2:-1]:
+                    if leg.outcome:
+                        _note(f"  leg {leg.leg}: steps {leg.start_step}->{leg.end_step} {leg.outcome} ({leg.reason})")
+            if line != last_line:
+                sys.stderr.write(("\r" + line + "\x1b[K") if tty else line + "\n")
+                sys.stderr.flush()
+                last_line = line
+        await asyncio.wait({result_task}, timeout=1.0)
+    if show and tty:
+        sys.stderr.write("\n")
+
+
+def _print_summary(status: Any, volume_root: Path, failed: bool) -> None:
+    out = sys.stdout
+    print(f"\n{status.phase.value}: {status.message}", file=out)
+    for leg in status.legs:
+        print(
+            f"  leg {leg.leg}: steps {leg.start_step} -> {leg.end_step}  {leg.outcome or 'running'}  {leg.reason}",
+            file=out,
+        )
+    print(f"  preemptions {status.preemptions}, failures {status.failures}", file=out)
+    if status.metrics:
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(status.metrics.items()))
+        print(f"  held-out metrics: {metrics}", file=out)
+    if status.model_path:
+        print(f"  model: {volume_root / status.model_path}", file=out)
+    if failed and status.phase.value != "Failed":
+        print("  the workflow failed; see the Temporal Web UI", file=out)
+
+
+async def _cmd_status(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    volume_root = Path(args.volume).resolve() if (Path(args.volume) / "temporal.db").is_file() else None
+    wf_id = workflow_id(args.namespace, args.name)
+    async with _temporal(args.address, volume_root, embedded=True) as client:
+        try:
+            status = await client.get_workflow_handle(wf_id).query("get_status", result_type=_status_type())
+        except RPCError as exc:
+            raise CliError(f"no TrainingRun {args.namespace}/{args.name} ({exc.message})") from None
+    if args.json:
+        print(json.dumps(status.to_json_dict(), indent=2))
+    else:
+        print(_fmt_status_line(status))
+        print(f"{status.phase.value}: {status.message}")
+        if status.metrics:
+            print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(status.metrics.items())))
+    return EXIT_OK
+
+
+async def _cmd_signal(args: argparse.Namespace) -> int:
+    from temporalio.service import RPCError
+
+    from controller.workflows import PauseRequest, ResumeRequest
+
+    wf_id = workflow_id(args.namespace, args.name)
+    request = PauseRequest(reason="relay pause") if args.command == "pause" else ResumeRequest(reason="relay resume")
+    async with _temporal(args.address, None, embedded=False) as client:
+        try:
+            await client.get_workflow_handle(wf_id).signal(args.command, request)
+        except RPCError as exc:
+            raise CliError(f"no running TrainingRun {args.namespace}/{args.name} ({exc.message})") from None
+    print(f"{args.command} sent to {wf_id}")
+    return EXIT_OK
+
+
+async def _cmd_predict(args: argparse.Namespace) -> int:
+    from temporalio.client import WorkflowFailureError
+
+    from controller.activities import PredictRequest, PredictResult
+    from controller.backends.local import LocalBackend
+    from controller.worker import build_worker
+
+    volume_root = _volume(args.volume, create=False)
+    task_queue = f"relay-predict-{uuid.uuid4().hex[:8]}"
+    async with _temporal(args.address, volume_root, embedded=True) as client:
+        worker = build_worker(client, LocalBackend(volume_root), volume_root, task_queue=task_queue)
+        async with worker:
+            try:
+                result = await client.execute_workflow(
+                    "BertInferenceWorkflow",
+                    PredictRequest(namespace=args.namespace, name=args.name, texts=args.text, model_path=args.model),
+                    id=f"inference-{args.namespace}-{args.name}-{uuid.uuid4().hex[:8]}",
+                    task_queue=task_queue,
+                    result_type=PredictResult,
+                )
+            except WorkflowFailureError as exc:
+                cause = exc.cause
+                while getattr(cause, "cause", None) is not None:
+                    cause = cause.cause
+                raise CliError(f"predict: {getattr(cause, 'message', cause)}") from None
+    if args.json:
+        print(json.dumps(result.model_dump(), indent=2))
+    else:
+        for item in result.predictions:
+            scores = ", ".join(f"{s:.3f}" for s in item.scores)
+            print(f"{item.label}\t[{scores}]\t{item.text}")
+    return EXIT_OK
+
+
+async def _cmd_worker(args: argparse.Namespace) -> int:
+    from controller.backends.local import LocalBackend
+    from controller.worker import build_worker
+
+    volume_root = _volume(args.volume, create=True)
+    async with _temporal(args.address, None, embedded=False) as client:
+        worker = build_worker(client, LocalBackend(volume_root), volume_root, task_queue=args.task_queue)
+        _note(f"worker on task queue {args.task_queue} at {args.address}, volume {volume_root}; Ctrl-C stops")
+        await worker.run()
     return EXIT_OK
 
 
@@ -35,22 +338,102 @@ def _cmd_controller(args: argparse.Namespace) -> int:
     return int(operator_main(list(args.operator_args)))
 
 
+# ---------------------------------------------------------------- parser and entry point
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="relay", description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    validate = sub.add_parser("validate", help="check a TrainingRun file; names every bad field")
-    validate.add_argument("file")
-    validate.set_defaults(func=_cmd_validate)
-    controller = sub.add_parser("controller", help="run the Kubernetes operator (arguments go to it)")
-    controller.add_argument("operator_args", nargs=argparse.REMAINDER)
-    controller.set_defaults(func=_cmd_controller)
+    from controller.worker import TASK_QUEUE  # light: temporalio only
+
+    parser = argparse.ArgumentParser(prog="relay", description="Durable, preemption-tolerant BERT fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, *, volume: bool = True) -> None:
+        p.add_argument("--address", default=DEFAULT_ADDRESS, help="Temporal frontend host:port")
+        if volume:
+            p.add_argument("--volume", default=DEFAULT_VOLUME, help="local folder used as the shared volume")
+
+    p = sub.add_parser("run", help="run a TrainingRun file locally (embedded Temporal, legs as processes)")
+    p.add_argument("file")
+    common(p)
+    p.add_argument(
+        "--preempt-at-step",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="send a real SIGTERM to the leg when it reaches step N (repeatable; each used once)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar")
+    p.add_argument("--task-queue", default=TASK_QUEUE)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="show a run's status (get_status query)")
+    p.add_argument("name")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=_cmd_status)
+
+    for verb, text in (("pause", "checkpoint and stop the current leg; no new leg"), ("resume", "resume a paused run")):
+        p = sub.add_parser(verb, help=text)
+        p.add_argument("name")
+        p.add_argument("--namespace", default="default")
+        common(p, volume=False)
+        p.set_defaults(func=_cmd_signal)
+
+    p = sub.add_parser("predict", help="predict labels for texts with a finished run's model")
+    p.add_argument("name")
+    p.add_argument("--text", action="append", required=True, help="a text to classify (repeatable)")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--model", default=None, help="model folder relative to the volume (default: the run's final/)")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("validate", help="check a TrainingRun file; names every bad field")
+    p.add_argument("file")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("worker", help="a standalone worker (local backend) for an external Temporal server")
+    common(p)
+    p.add_argument("--task-queue", default=TASK_QUEUE)
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("controller", help="run the Kubernetes operator (arguments go to it)")
+    p.add_argument("operator_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_controller)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_command(argv: list[str] | None = None) -> int:
+    """Parse and run one command; returns the exit code (expected errors printed as one line)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        result = args.func(args)
+        if asyncio.iscoroutine(result):
+            result = asyncio.run(result)
+        return int(result)
+    except InvalidTrainingRun as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except CliError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("relay: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Ends the process deliberately: the Temporal client can crash at interpreter exit (sdk #300)."""
+    started = time.monotonic()
+    code = run_command(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.environ.get("RELAY_CLI_TIMING"):
+        print(f"relay: {time.monotonic() - started:.1f}s", file=sys.stderr)
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
