@@ -51,3 +51,18 @@ clean:
 ## One benchmark report: bench/results.json + bench/results.md (under 30 minutes on 2 cores).
 bench: install envtest
 	KUBEBUILDER_ASSETS=$(abspath $(ENVTEST_DIR)) $(PY) -m bench.run
+
+## Container images (need Docker with BuildKit); tags match the chart's appVersion and the examples' trainer image.
+IMAGE_REGISTRY ?= ghcr.io/relay-ml
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' helm/relay/Chart.yaml)
+
+.PHONY: image-trainer image-controller e2e-kind
+image-trainer:
+	docker build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/relay-trainer:$(IMAGE_TAG) .
+
+image-controller:
+	docker build -f controller/Dockerfile -t $(IMAGE_REGISTRY)/relay-controller:$(IMAGE_TAG) .
+
+## End to end on kind (needs docker, kind, kubectl, helm and network): install, preempt, Succeeded. KEEP_CLUSTER=1 keeps it.
+e2e-kind:
+	hack/e2e-kind.sh
