@@ -1,0 +1,53 @@
+"""Command line: `python -m trainer train ...` (one leg) and `python -m trainer predict ...` (inference)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from trainer.volume import ExitCode
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are invalid input: one line, exit 65."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"invalid input: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(ExitCode.INVALID_INPUT)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m trainer", description="Relay trainer: one training leg, or predictions.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = commands.add_parser("train", help="run (or carry on) training; resumes from the newest checkpoint")
+    train.add_argument("--run-dir", required=True, type=Path, help="the run's folder on the volume")
+    train.add_argument("--snapshot", required=True, type=Path, help="the dataset snapshot folder")
+    train.add_argument("--config", required=True, type=Path, help="TrainerConfig JSON (camelCase)")
+    predict = commands.add_parser("predict", help="labels and probabilities from a final model or a checkpoint")
+    predict.add_argument("--model", required=True, type=Path, help="final/ folder or checkpoints/step-N folder")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", nargs="+", help="one or more texts")
+    source.add_argument("--file", type=Path, help="a file with one text per line")
+    predict.add_argument("--json", action="store_true", help="JSON lines: {text, label, probabilities}")
+    predict.add_argument("--batch-size", type=int, default=32)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.reporting import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if args.command == "train":
+        from trainer.train import run_leg
+
+        return int(run_leg(args.run_dir, args.snapshot, args.config).exit_code)
+    from trainer.predict import run_predict
+
+    return int(run_predict(args.model, texts=args.text, file=args.file, as_json=args.json, batch_size=args.batch_size))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

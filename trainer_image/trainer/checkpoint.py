@@ -1,0 +1,327 @@
+"""Checkpoints: copy the training state to host memory, write it off the training thread, load it back.
+
+A checkpoint folder `checkpoints/step-<9 digits>/` holds::
+
+    model.safetensors       the model's state_dict (full precision)
+    optimizer.safetensors   every optimizer state tensor as `state.<param>.<key>`; param groups and
+                            non-tensor state as JSON in the safetensors metadata
+    rng.json                python `random`, numpy, torch CPU and every CUDA device's RNG state
+    trainer_state.json      data position (epoch, batch_in_epoch, step), LR scheduler state, loss sums,
+                            thread count, device, snapshot hash; what the data order is derived from
+    config.json             the TrainerConfig the run was made with
+    model_config.json       the model's config (lets `predict` load a checkpoint)
+    manifest.json           written last by volume.write_manifest: size + sha256 of each file above
+
+It is written into `checkpoints/.tmp-step-<N>.<pid>/`, every file fsynced, the manifest written, then the
+folder renamed to `step-<N>` and the parent fsynced: a SIGKILL at any instant leaves either no `step-<N>`
+or a complete one (stale `.tmp-*` folders are removed at the next start).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from trainer.volume import (
+    TMP_PREFIX,
+    CheckpointInfo,
+    CheckpointInvalid,
+    checkpoint_dir_name,
+    fsync_dir,
+    list_checkpoint_dirs,
+    read_checkpoint,
+    select_for_deletion,
+    write_manifest,
+)
+
+log = logging.getLogger("trainer")
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+RNG_FILE = "rng.json"
+STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
+MODEL_CONFIG_FILE = "model_config.json"
+RETENTION_METRIC = "loss"  # the interval's mean training loss; lower is better
+
+# Test-only hook (documented in trainer_image/README.md): SIGKILL this process inside the writer of the
+# checkpoint for this step, after its first file is on disk and before its manifest exists.
+KILL_IN_WRITE_ENV = "RELAY_TEST_KILL_IN_CHECKPOINT_WRITE"
+
+
+@dataclass
+class HostState:
+    """Everything one checkpoint holds, already copied off the live model into host memory."""
+
+    step: int
+    epoch: int
+    model: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor]
+    optimizer_meta: dict[str, str]
+    rng: dict[str, Any]
+    trainer_state: dict[str, Any]
+    config_json: str
+    model_config_json: str
+    config_hash: str
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+    emergency: bool = False
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def capture_rng() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_name, [int(k) for k in np_keys], int(np_pos), int(np_has_gauss), float(np_gauss)],
+        "torch_cpu": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Restore every RNG; call last, after which nothing may draw from them before the next step."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch_cpu"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def capture(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    config_json: str,
+    config_hash: str,
+    metrics: dict[str, float],
+    extra: dict[str, Any],
+    emergency: bool = False,
+) -> HostState:
+    """Copy the live state into host memory (the only part of a checkpoint on the training thread)."""
+    model_tensors = {name: _host_copy(t) for name, t in model.state_dict().items()}
+    opt_state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for param_id, entries in opt_state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{key}"] = _host_copy(value)
+            else:
+                scalars.setdefault(str(param_id), {})[key] = value
+    meta = {"param_groups": json.dumps(opt_state["param_groups"]), "scalars": json.dumps(scalars)}
+    full_state = {**trainer_state, "scheduler": scheduler.state_dict()}
+    model_config = getattr(model, "config", None)
+    return HostState(
+        step=int(trainer_state["step"]),
+        epoch=int(trainer_state["epoch"]),
+        model=model_tensors,
+        optimizer_tensors=tensors,
+        optimizer_meta=meta,
+        rng=capture_rng(),
+        trainer_state=json.loads(json.dumps(full_state)),
+        config_json=config_json,
+        model_config_json=model_config.to_json_string() if model_config is not None else "{}",
+        config_hash=config_hash,
+        metrics=dict(metrics),
+        extra=dict(extra),
+        emergency=emergency,
+    )
+
+
+def _write_durable(path: Path, payload: bytes) -> str:
+    """Write bytes, fsync, and return their sha256 (hashlib releases the GIL on large buffers)."""
+    with open(path, "wb") as handle:
+        handle.write(payload)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return hashlib.sha256(payload).hexdigest()
+
+
+def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
+    """Serialize `state` into a temp folder, fsync, write the manifest last, rename into place."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / checkpoint_dir_name(state.step)
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{threading.get_ident()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    hashes: dict[str, str] = {}
+    hashes[MODEL_FILE] = _write_durable(tmp / MODEL_FILE, save_safetensors_bytes(state.model, {"format": "pt"}))
+    if os.environ.get(KILL_IN_WRITE_ENV) == str(state.step):
+        log.info("test hook %s: SIGKILL inside the write of step %d", KILL_IN_WRITE_ENV, state.step)
+        os.kill(os.getpid(), signal.SIGKILL)
+    optimizer_bytes = save_safetensors_bytes(state.optimizer_tensors, state.optimizer_meta)
+    hashes[OPTIMIZER_FILE] = _write_durable(tmp / OPTIMIZER_FILE, optimizer_bytes)
+    for name, document in (
+        (RNG_FILE, json.dumps(state.rng)),
+        (STATE_FILE, json.dumps(state.trainer_state, indent=2, sort_keys=True)),
+        (CONFIG_FILE, state.config_json),
+        (MODEL_CONFIG_FILE, state.model_config_json),
+    ):
+        hashes[name] = _write_durable(tmp / name, document.encode("utf-8"))
+    info = write_manifest(
+        tmp,
+        step=state.step,
+        epoch=state.epoch,
+        config_hash=state.config_hash,
+        metrics=state.metrics,
+        extra=state.extra,
+        hashes=hashes,
+    )
+    fsync_dir(tmp)
+    if final.exists():
+        # Same step already saved (e.g. resumed from it): the content is identical by construction.
+        shutil.rmtree(tmp, ignore_errors=True)
+        return read_checkpoint(final, verify_hashes=False)
+    os.replace(tmp, final)
+    fsync_dir(checkpoints_dir)
+    return CheckpointInfo(
+        final, info.step, info.epoch, info.created_at, info.config_hash, info.metrics, info.files, info.extra
+    )
+
+
+def apply_retention(checkpoints_dir: Path, keep_last: int) -> list[int]:
+    """Delete checkpoints retention no longer keeps (never the newest); returns the deleted steps."""
+    infos = []
+    for _, folder in list_checkpoint_dirs(checkpoints_dir):
+        try:
+            infos.append(read_checkpoint(folder, verify_hashes=False))
+        except CheckpointInvalid:
+            continue  # left for the next start's verification to quarantine
+    deleted = []
+    for info in select_for_deletion(infos, keep_last=keep_last, best_metric=RETENTION_METRIC, higher_is_better=False):
+        doomed = checkpoints_dir / f"{TMP_PREFIX}delete-{info.path.name}.{os.getpid()}"
+        os.replace(info.path, doomed)  # first out of sight, then removed; a kill in between leaves a .tmp-
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(info.step)
+    if deleted:
+        fsync_dir(checkpoints_dir)
+    return deleted
+
+
+@dataclass
+class LoadedCheckpoint:
+    info: CheckpointInfo
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    rng: dict[str, Any]
+    trainer_state: dict[str, Any]
+
+
+def load_checkpoint(info: CheckpointInfo) -> LoadedCheckpoint:
+    """Read a verified checkpoint's files into memory (tensors on CPU)."""
+    folder = info.path
+    model_state = load_safetensors_bytes((folder / MODEL_FILE).read_bytes())
+    raw = (folder / OPTIMIZER_FILE).read_bytes()
+    tensors = load_safetensors_bytes(raw)
+    meta = _safetensors_metadata(raw)
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        _, param_id, name = key.split(".", 2)
+        state.setdefault(int(param_id), {})[name] = value
+    for param_id, entries in json.loads(meta["scalars"]).items():
+        state.setdefault(int(param_id), {}).update(entries)
+    groups = json.loads(meta["param_groups"])
+    for group in groups:
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+    rng = json.loads((folder / RNG_FILE).read_text(encoding="utf-8"))
+    trainer_state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
+    return LoadedCheckpoint(info, model_state, {"state": state, "param_groups": groups}, rng, trainer_state)
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    return dict(header.get("__metadata__", {}))
+
+
+@dataclass
+class WriterStats:
+    saves: int = 0
+    write_seconds: list[float] = field(default_factory=list)
+
+
+class AsyncCheckpointWriter:
+    """One background thread that writes checkpoints; at most one write in flight.
+
+    `submit` returns at once; `wait` blocks until the in-flight write is done and re-raises its error.
+    """
+
+    def __init__(self, checkpoints_dir: Path, keep_last: int) -> None:
+        self.checkpoints_dir = checkpoints_dir
+        self.keep_last = keep_last
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+        self._pending: Future[CheckpointInfo] | None = None
+        self.last_saved: CheckpointInfo | None = None
+        self.stats = WriterStats()
+        self.on_saved: list[Any] = []
+
+    def _write(self, state: HostState) -> CheckpointInfo:
+        started = time.perf_counter()
+        info = write_checkpoint(state, self.checkpoints_dir)
+        self.stats.write_seconds.append(time.perf_counter() - started)
+        self.stats.saves += 1
+        deleted = apply_retention(self.checkpoints_dir, self.keep_last)
+        for callback in self.on_saved:
+            callback(info, state, deleted)
+        return info
+
+    def submit(self, state: HostState) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self._write, state)
+
+    def save_now(self, state: HostState) -> CheckpointInfo:
+        self.submit(state)
+        result = self.wait()
+        assert result is not None
+        return result
+
+    def poll(self) -> CheckpointInfo | None:
+        """The checkpoint just finished, if the in-flight write completed since the last call; else None."""
+        if self._pending is not None and self._pending.done():
+            return self.wait()
+        return None
+
+    def wait(self) -> CheckpointInfo | None:
+        """Block until the in-flight write is done; its checkpoint, or None when nothing was in flight."""
+        if self._pending is None:
+            return None
+        pending, self._pending = self._pending, None
+        self.last_saved = pending.result()
+        return self.last_saved
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None and not self._pending.done()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)

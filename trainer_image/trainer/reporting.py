@@ -1,0 +1,152 @@
+"""Progress a person reads in `kubectl logs` and the machine-readable `<run-dir>/progress.json`.
+
+Every log line and every checkpoint also rewrites progress.json (small, fsynced, atomic), which the
+controller polls. Keys: state, step, total_steps, epoch, loss, learning_rate, samples_per_s, eta_s,
+last_checkpoint_step, resumed_from_step, pid, message (+ updated_at from volume.write_progress).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from trainer.volume import CheckpointInfo, RunLayout, write_progress
+
+log = logging.getLogger("trainer")
+
+STATES = ("starting", "running", "checkpointing", "evaluating", "completed", "preempted", "failed", "invalid")
+
+
+def setup_logging() -> None:
+    """One readable line per event on stderr, UTC timestamps."""
+    handler = logging.StreamHandler(sys.stderr)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%SZ")
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    root = logging.getLogger("trainer")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "?"
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Reporter:
+    """Keeps the progress fields, writes progress.json, and logs the progress and checkpoint lines."""
+
+    def __init__(self, layout: RunLayout) -> None:
+        self.layout = layout
+        self.fields: dict[str, Any] = {
+            "state": "starting",
+            "step": 0,
+            "total_steps": None,
+            "epoch": 0.0,
+            "loss": None,
+            "learning_rate": None,
+            "samples_per_s": None,
+            "eta_s": None,
+            "last_checkpoint_step": None,
+            "resumed_from_step": None,
+            "pid": os.getpid(),
+            "message": "",
+        }
+        self.steps_per_epoch = 1
+        self.log_every = 10
+        self.stalls: dict[int, float] = {}
+        self._window_started = time.perf_counter()
+        self._window_steps = 0
+        self._window_samples = 0
+        self._window_loss = 0.0
+
+    def update(self, **changes: Any) -> None:
+        if "state" in changes and changes["state"] not in STATES:
+            raise ValueError(f"unknown progress state {changes['state']!r}")
+        self.fields.update(changes)
+        write_progress(self.layout, self.fields)
+
+    def begin(
+        self,
+        *,
+        total_steps: int,
+        steps_per_epoch: int,
+        batch_size: int,
+        step: int,
+        resumed_from: int | None,
+        last_checkpoint_step: int | None,
+        log_every: int,
+    ) -> None:
+        self.steps_per_epoch = steps_per_epoch
+        self.log_every = log_every
+        self._window_started = time.perf_counter()
+        how = f"resumed from step {resumed_from}" if resumed_from is not None else "fresh start"
+        self.update(
+            state="running",
+            step=step,
+            total_steps=total_steps,
+            epoch=round(step / steps_per_epoch, 4),
+            resumed_from_step=resumed_from,
+            last_checkpoint_step=last_checkpoint_step,
+            message=how,
+        )
+
+    def step_done(self, step: int, loss: float, learning_rate: float, samples: int) -> None:
+        self._window_steps += 1
+        self._window_samples += samples
+        self._window_loss += loss
+        total = int(self.fields["total_steps"] or step)
+        if step % self.log_every and step != total:
+            return
+        elapsed = max(time.perf_counter() - self._window_started, 1e-9)
+        mean_loss = self._window_loss / self._window_steps
+        samples_per_s = self._window_samples / elapsed
+        eta = (total - step) * elapsed / self._window_steps
+        self._window_started = time.perf_counter()
+        self._window_steps, self._window_samples, self._window_loss = 0, 0, 0.0
+        epoch = step / self.steps_per_epoch
+        last = self.fields["last_checkpoint_step"]
+        log.info(
+            "step %d/%d (%.1f%%) | epoch %.2f | loss %.4f | lr %.3e | %.1f samples/s | ETA %s | last checkpoint %s",
+            step,
+            total,
+            100.0 * step / total,
+            epoch,
+            mean_loss,
+            learning_rate,
+            samples_per_s,
+            fmt_duration(eta),
+            f"step {last}" if last is not None else "none",
+        )
+        self.update(
+            state="running",
+            step=step,
+            epoch=round(epoch, 4),
+            loss=mean_loss,
+            learning_rate=learning_rate,
+            samples_per_s=round(samples_per_s, 3),
+            eta_s=round(eta, 1),
+        )
+
+    def checkpoint_saved(self, info: CheckpointInfo, stall: float | None = None) -> None:
+        stall = stall if stall is not None else self.stalls.pop(info.step, None)
+        total = self.fields["total_steps"]
+        log.info(
+            "checkpoint %s saved: step %d/%s | %.1f MB | loss %.4f%s",
+            info.path.name,
+            info.step,
+            total,
+            info.total_bytes / 1e6,
+            info.metrics.get("loss", float("nan")),
+            f" | training stalled {fmt_duration(stall)}" if stall is not None else "",
+        )
+        self.update(last_checkpoint_step=info.step)
