@@ -28,6 +28,7 @@ CONTROLLER_IMAGE=$(sed -n 's/^ *image: "\(.*relay-controller:[^"]*\)"$/\1/p' <<<
 TEMPORAL_IMAGE=$(sed -n 's/^ *image: "\(.*temporal:[^"]*\)"$/\1/p' <<< "$RENDERED")
 TRAINER_IMAGE=$(sed -n 's/^  image: *//p' "manifests/examples/${RUN}.yaml")
 TIMEOUT_S=${E2E_TIMEOUT_S:-1200}
+POLL_S=${E2E_POLL_S:-2}
 [ -n "$CONTROLLER_IMAGE" ] && [ -n "$TEMPORAL_IMAGE" ] && [ -n "$TRAINER_IMAGE" ] || die "could not find the images to build"
 KUBECTL=(kubectl --context "kind-${CLUSTER}")
 
@@ -50,12 +51,12 @@ trap cleanup EXIT
 # jsonpath of the TrainingRun, empty while absent.
 run_field() { "${KUBECTL[@]}" -n "$NAMESPACE" get trainingrun "$RUN" -o "jsonpath={$1}" 2> /dev/null || true; }
 
-wait_for() {  # wait_for <seconds> <description> <command...>: poll every 2 s
+wait_for() {  # wait_for <seconds> <description> <command...>: poll every POLL_S seconds
   local limit=$1 what=$2; shift 2
   local deadline=$((SECONDS + limit))
   until "$@"; do
     [ "$SECONDS" -lt "$deadline" ] || die "timed out after ${limit}s waiting for ${what}"
-    sleep 2
+    sleep "$POLL_S"
   done
 }
 
