@@ -64,13 +64,17 @@ def controller_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def flags(container: dict[str, Any]) -> dict[str, list[str]]:
-    """`--name=value` arguments of the controller command, by name (a flag may repeat)."""
+    """`--name value` arguments of the controller command, by name (a flag may repeat; "" for a bare flag)."""
     command = container["command"]
     assert command[:2] == ["relay", "controller"]
     parsed: dict[str, list[str]] = {}
-    for argument in command[2:]:
-        name, _, value = argument.partition("=")
-        parsed.setdefault(name, []).append(value)
+    arguments = command[2:]
+    for index, argument in enumerate(arguments):
+        if argument.startswith("--"):
+            following = arguments[index + 1] if index + 1 < len(arguments) else "--"
+            parsed.setdefault(argument, []).append("" if following.startswith("--") else following)
+        else:
+            assert index > 0 and arguments[index - 1].startswith("--"), f"stray argument {argument!r}"
     return parsed
 
 
