@@ -39,7 +39,11 @@ def build_snapshot(folder: Path, splits: dict[str, list[dict[str, Any]]], *, wri
     import datasets
 
     datasets.disable_progress_bars()
-    dataset = datasets.DatasetDict({name: datasets.Dataset.from_list(rows) for name, rows in splits.items()})
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")})
+    empty = datasets.Dataset.from_dict({"text": [], "label": []}, features=features)
+    dataset = datasets.DatasetDict(
+        {name: datasets.Dataset.from_list(rows) if rows else empty for name, rows in splits.items()}
+    )
     dataset.save_to_disk(str(folder / SNAPSHOT_DATA_DIR))
     if write_manifest:
         content = hashlib.sha256(json.dumps(splits, sort_keys=True).encode()).hexdigest()

@@ -47,6 +47,9 @@ def load_snapshot(snapshot: Path, config: TrainerConfig) -> SnapshotData:
         info = read_snapshot(snapshot, verify_hashes=True)
     except CheckpointInvalid as exc:
         raise InvalidInput(f"snapshot {exc}") from exc
+    for name in SNAPSHOT_SPLITS:  # an empty split cannot even be loaded back by datasets: check the manifest
+        if info.rows.get(name) == 0:
+            raise InvalidInput(f"snapshot {snapshot}: split '{name}' has no rows")
     import datasets  # heavy; only once the manifest is good
 
     data_dir = snapshot / SNAPSHOT_DATA_DIR

@@ -126,7 +126,7 @@ def _checkpoint_config_diff(folder: Path, config: TrainerConfig) -> str:
 def check_run_matches(layout: RunLayout, config: TrainerConfig, config_path: Path, snapshot_sha256: str) -> None:
     """Refuse a run dir whose checkpoints were made with another config, thread count or snapshot."""
     identity = config.identity_hash()
-    for _, folder in list_checkpoint_dirs(layout.checkpoints_dir):
+    for _, folder in reversed(list_checkpoint_dirs(layout.checkpoints_dir)):
         try:
             info = read_checkpoint(folder, verify_hashes=False)
         except CheckpointInvalid:
