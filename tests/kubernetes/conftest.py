@@ -1,0 +1,151 @@
+"""Fixtures of the Kubernetes tier: one envtest control plane per session, the process kubelet, the CRD.
+
+Tests marked `cluster` need the control plane; when its binaries are absent they are skipped, and the
+run says so loudly (a warning and a line in the terminal summary), so a green run never hides them.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import kubernetes
+import pytest
+from kubernetes.client.rest import ApiException
+
+from controller.crd import crd_manifest
+from k8s_envtest import ControlPlane, assets_dir, missing_binaries
+from k8s_kubelet import ProcessKubelet
+
+_MISSING = missing_binaries()
+_SKIP_REASON = (
+    f"envtest binaries missing in {assets_dir()} ({', '.join(_MISSING)}): the Kubernetes cluster tier was SKIPPED; "
+    "run `make envtest` or set KUBEBUILDER_ASSETS"
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _MISSING:
+        return
+    skipped = [item for item in items if item.get_closest_marker("cluster")]
+    for item in skipped:
+        item.add_marker(pytest.mark.skip(reason=_SKIP_REASON))
+    if skipped:
+        warnings.warn(_SKIP_REASON, pytest.PytestWarning, stacklevel=1)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _MISSING:
+        terminalreporter.write_sep("!", "KUBERNETES CLUSTER TIER SKIPPED", red=True, bold=True)
+        terminalreporter.write_line(_SKIP_REASON, red=True)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    plane = ControlPlane(tmp_path_factory.mktemp("envtest"))
+    try:
+        plane.start()
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
+    """An admin client of the official library."""
+    client = control_plane.api_client()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def crd_installed(kube: kubernetes.client.ApiClient) -> dict[str, object]:
+    """The generated TrainingRun CRD, applied and Established."""
+    import time
+
+    api = kubernetes.client.ApiextensionsV1Api(kube)
+    manifest = crd_manifest()
+    api.create_custom_resource_definition(manifest)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        crd = api.read_custom_resource_definition(manifest["metadata"]["name"])  # type: ignore[index]
+        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
+            return manifest
+        time.sleep(0.1)
+    raise TimeoutError("TrainingRun CRD not Established")
+
+
+@pytest.fixture(scope="session")
+def volume_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The local folder that plays the shared PVC for every pod and the controller."""
+    return tmp_path_factory.mktemp("relay-volume")
+
+
+@pytest.fixture(scope="session")
+def kubelet(
+    control_plane: ControlPlane, volume_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProcessKubelet]:
+    harness = ProcessKubelet(control_plane.api_client(), volume_root, tmp_path_factory.mktemp("kubelet"))
+    harness.start()
+    yield harness
+    harness.stop()
+
+
+def create_bound_claim(kube: kubernetes.client.ApiClient, namespace: str, claim: str = "relay-shared") -> None:
+    """A PVC bound to a PV (no provisioner here), so the scheduler places pods that mount it."""
+    core = kubernetes.client.CoreV1Api(kube)
+    pv_name = f"pv-{namespace}-{claim}"[:63]
+    core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": f"/tmp/{pv_name}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+
+
+@pytest.fixture
+def namespace(kube: kubernetes.client.ApiClient) -> Iterator[str]:
+    """A fresh namespace with a bound `relay-shared` claim and its default ServiceAccount."""
+    import time
+
+    core = kubernetes.client.CoreV1Api(kube)
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    create_bound_claim(kube, name)
+    # Pods are refused until the ServiceAccount controller made "default"; the scheduler backs off (seconds)
+    # from a pod whose claim is not bound yet. Wait for both.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            core.read_namespaced_service_account("default", name)
+            if core.read_namespaced_persistent_volume_claim("relay-shared", name).status.phase == "Bound":
+                break
+        except ApiException:
+            pass
+        time.sleep(0.1)
+    yield name

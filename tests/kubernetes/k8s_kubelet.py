@@ -1,0 +1,316 @@
+"""A process kubelet for tests: one fake Node whose pods run as local child processes.
+
+It registers a Ready Node with cpu, memory and `nvidia.com/gpu` capacity, watches the pods the scheduler
+binds to it, runs each pod's first container command locally (PVC mounts mapped to a local folder by
+rewriting the mount paths in the command and env; emptyDirs to per-pod temp folders; `python` to this
+interpreter), and reports phase, container state and exit code through `pods/status`, as a kubelet does.
+A pod marked for deletion (kubectl delete, the Eviction API, the garbage collector) gets SIGTERM, then
+SIGKILL after its grace period, then is removed. `pressure_evict()` plays the kubelet's own node-pressure
+eviction (phase Failed, reason Evicted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class LocalPod:
+    namespace: str
+    name: str
+    uid: str
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+    started_at: str = ""
+    kill_timer: threading.Timer | None = None
+    terminating: bool = False
+    reported: bool = False
+    extra_status: dict[str, Any] = field(default_factory=dict)
+
+
+class ProcessKubelet:
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        volume_root: Path,
+        work_root: Path,
+        node_name: str = "relay-gpu-node",
+        gpus: int = 4,
+        start_delay_s: float = 0.2,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.volume_root = volume_root
+        self.work_root = work_root
+        self.node_name = node_name
+        self.gpus = gpus
+        self.start_delay_s = start_delay_s
+        self.extra_env = extra_env or {}
+        self.pods: dict[str, LocalPod] = {}  # by uid
+        self.started: list[str] = []  # "<ns>/<name>" in start order
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ node
+
+    def register_node(self) -> None:
+        capacity = {"cpu": "64", "memory": "256Gi", "pods": "500", "nvidia.com/gpu": str(self.gpus)}
+        node = {
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": self.node_name, "labels": {"kubernetes.io/hostname": self.node_name}},
+        }
+        with contextlib.suppress(ApiException):
+            self.core.create_node(node)
+        status = {
+            "status": {
+                "capacity": capacity,
+                "allocatable": capacity,
+                "conditions": [
+                    {
+                        "type": "Ready",
+                        "status": "True",
+                        "reason": "KubeletReady",
+                        "message": "process kubelet ready",
+                        "lastHeartbeatTime": _now(),
+                        "lastTransitionTime": _now(),
+                    }
+                ],
+                "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}],
+            }
+        }
+        self.core.patch_node_status(self.node_name, status)
+        # The TaintNodesByCondition admission plugin adds not-ready:NoSchedule on create; the node lifecycle
+        # controller (not run here) would lift it once Ready, so the harness does.
+        self.core.patch_node(self.node_name, {"spec": {"taints": None}})
+
+    def start(self) -> ProcessKubelet:
+        self.register_node()
+        self._thread = threading.Thread(target=self._watch_loop, name="process-kubelet", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            pods = list(self.pods.values())
+        for pod in pods:
+            if pod.process and pod.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pod.process.pid, signal.SIGKILL)
+                pod.process.wait()
+
+    # ------------------------------------------------------------ watch
+
+    def _watch_loop(self) -> None:
+        while not self._stop.is_set():
+            watcher = kubernetes.watch.Watch()
+            try:
+                for event in watcher.stream(
+                    self.core.list_pod_for_all_namespaces,
+                    field_selector=f"spec.nodeName={self.node_name}",
+                    timeout_seconds=5,
+                    deserialize=False,
+                ):
+                    if self._stop.is_set():
+                        watcher.stop()
+                        break
+                    self._handle(event["type"], event["object"])
+            except Exception as exc:  # noqa: BLE001 - a test harness keeps serving; the reason is printed
+                if not self._stop.is_set():
+                    print(f"process-kubelet: watch error {exc!r}", file=sys.stderr)
+                    time.sleep(0.5)
+
+    def _handle(self, kind: str, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        uid = meta["uid"]
+        with self._lock:
+            pod = self.pods.get(uid)
+            if kind == "DELETED":
+                if pod is not None:
+                    self._kill(pod, signal.SIGKILL)
+                return
+            if pod is None:
+                if obj.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                    return
+                pod = LocalPod(meta["namespace"], meta["name"], uid, self.work_root / uid)
+                self.pods[uid] = pod
+                threading.Thread(target=self._run, args=(pod, obj), daemon=True).start()
+                return
+        if meta.get("deletionTimestamp") and not pod.terminating:
+            self._begin_termination(pod, int(meta.get("deletionGracePeriodSeconds") or 0))
+
+    # ------------------------------------------------------------ running a pod
+
+    def _mounts(self, obj: dict[str, Any], pod: LocalPod) -> list[tuple[str, str]]:
+        volumes = {v["name"]: v for v in obj["spec"].get("volumes", [])}
+        mapping = []
+        container = obj["spec"]["containers"][0]
+        for mount in container.get("volumeMounts", []):
+            volume = volumes.get(mount["name"], {})
+            if "persistentVolumeClaim" in volume:
+                local = self.volume_root / mount.get("subPath", "")
+            else:
+                local = pod.workdir / "volumes" / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            mapping.append((mount["mountPath"].rstrip("/"), str(local)))
+        return sorted(mapping, key=lambda pair: -len(pair[0]))
+
+    @staticmethod
+    def _rewrite(value: str, mapping: list[tuple[str, str]]) -> str:
+        for mount_path, local in mapping:
+            if value == mount_path or value.startswith(mount_path + "/"):
+                return local + value[len(mount_path) :]
+        return value
+
+    def _run(self, pod: LocalPod, obj: dict[str, Any]) -> None:
+        pod.workdir.mkdir(parents=True, exist_ok=True)
+        time.sleep(self.start_delay_s)  # container creation
+        with self._lock:
+            if pod.terminating or self._stop.is_set():
+                self._finish(pod, None, obj)
+                return
+            container = obj["spec"]["containers"][0]
+            mapping = self._mounts(obj, pod)
+            argv = [self._rewrite(a, mapping) for a in [*container.get("command", []), *container.get("args", [])]]
+            if argv and argv[0] in ("python", "python3"):
+                argv[0] = sys.executable
+            env = dict(os.environ)
+            env.update(self.extra_env)
+            for item in container.get("env", []):
+                env[item["name"]] = self._rewrite(str(item.get("value", "")), mapping)
+            log = open(pod.workdir / "container.log", "wb")  # noqa: SIM115 - closed when the process ends
+            pod.process = subprocess.Popen(
+                argv, cwd=pod.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            pod.started_at = _now()
+            self.started.append(f"{pod.namespace}/{pod.name}")
+        self._patch_status(
+            pod,
+            {
+                "phase": "Running",
+                "hostIP": "127.0.0.1",
+                "podIP": "127.0.0.1",
+                "startTime": pod.started_at,
+                "conditions": [
+                    {"type": "Initialized", "status": "True", "lastTransitionTime": pod.started_at},
+                    {"type": "Ready", "status": "True", "lastTransitionTime": pod.started_at},
+                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": pod.started_at},
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": pod.started_at},
+                ],
+                "containerStatuses": [self._container_status(obj, {"running": {"startedAt": pod.started_at}})],
+            },
+        )
+        code = pod.process.wait()
+        log.close()
+        self._finish(pod, code, obj)
+
+    @staticmethod
+    def _container_status(obj: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        container = obj["spec"]["containers"][0]
+        return {
+            "name": container["name"],
+            "image": container["image"],
+            "imageID": f"docker-pullable://{container['image']}",
+            "ready": "running" in state,
+            "restartCount": 0,
+            "started": "running" in state,
+            "state": state,
+        }
+
+    def _finish(self, pod: LocalPod, code: int | None, obj: dict[str, Any]) -> None:
+        with self._lock:
+            if pod.kill_timer:
+                pod.kill_timer.cancel()
+            if pod.reported:
+                return
+            pod.reported = True
+        if code is not None:
+            exit_code = 128 - code if code < 0 else code  # killed by signal N: 128+N, as a runtime reports
+            terminated = {
+                "exitCode": exit_code,
+                "reason": "Completed" if exit_code == 0 else "Error",
+                "startedAt": pod.started_at,
+                "finishedAt": _now(),
+            }
+            status = {
+                "phase": "Succeeded" if exit_code == 0 else "Failed",
+                "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": _now()}],
+                "containerStatuses": [self._container_status(obj, {"terminated": terminated})],
+                **pod.extra_status,
+            }
+            self._patch_status(pod, status)
+        if pod.terminating:
+            with contextlib.suppress(ApiException):
+                self._remove(pod)
+        shutil.rmtree(pod.workdir / "volumes", ignore_errors=True)
+
+    def _remove(self, pod: LocalPod) -> None:
+        """The kubelet's final delete (grace 0, this pod's uid only); the grace period goes in the body."""
+        self.core.delete_namespaced_pod(
+            pod.name, pod.namespace, body={"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}}
+        )
+
+    def _patch_status(self, pod: LocalPod, status: dict[str, Any]) -> None:
+        with contextlib.suppress(ApiException):
+            self.core.patch_namespaced_pod_status(pod.name, pod.namespace, {"status": status})
+
+    # ------------------------------------------------------------ termination
+
+    def _kill(self, pod: LocalPod, sig: signal.Signals) -> None:
+        if pod.process is not None and pod.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pod.process.pid, sig)
+
+    def _begin_termination(self, pod: LocalPod, grace_s: int) -> None:
+        with self._lock:
+            pod.terminating = True
+            if pod.process is None:
+                pass  # _run sees `terminating` and reports without starting
+            elif pod.process.poll() is None:
+                self._kill(pod, signal.SIGTERM)
+                pod.kill_timer = threading.Timer(grace_s, self._kill, args=(pod, signal.SIGKILL))
+                pod.kill_timer.daemon = True
+                pod.kill_timer.start()
+                return
+        # Already ended (or never started): remove the object now.
+        with contextlib.suppress(ApiException):
+            self._remove(pod)
+
+    def pressure_evict(self, namespace: str, name: str, message: str = "The node was low on resource: memory.") -> None:
+        """What a kubelet under memory pressure does: kill the container, mark the pod Failed/Evicted."""
+        with self._lock:
+            pod = next(p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name))
+            pod.extra_status = {"reason": "Evicted", "message": message}
+            self._kill(pod, signal.SIGKILL)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [
+                f"{p.namespace}/{p.name}" for p in self.pods.values() if p.process and p.process.poll() is None
+            ]
+
+    def pod_log(self, namespace: str, name: str) -> str:
+        with self._lock:
+            pod = next(p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name))
+        path = pod.workdir / "container.log"
+        return path.read_text(errors="replace") if path.exists() else ""
