@@ -1,0 +1,116 @@
+"""Checkpoints written by real training: their contents, quarantine of corrupt / truncated / manifest-less ones
+on resume (the previous one is used and the run still ends bit-identical), and retention during a run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+from trainer_helpers import sha256, write_config
+
+from trainer.__main__ import main
+from trainer.volume import ExitCode, RunLayout, list_checkpoint_dirs, list_quarantined, read_checkpoint, read_progress
+
+SETTINGS = {"maxSteps": 12, "checkpointEverySteps": 3, "keepLast": 10}
+
+
+def train(run_dir: Path, snapshot: Path, config: Path) -> int:
+    return main(["train", "--run-dir", str(run_dir), "--snapshot", str(snapshot), "--config", str(config)])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, snapshot: Path) -> Path:
+    """A finished 12-step run with a checkpoint every 3 steps, all kept."""
+    folder = tmp_path_factory.mktemp("reference")
+    assert train(folder / "run", snapshot, write_config(folder / "config.json", **SETTINGS)) == ExitCode.COMPLETE
+    return folder / "run"
+
+
+def test_checkpoint_holds_the_full_training_state(reference: Path) -> None:
+    layout = RunLayout(reference)
+    assert [step for step, _ in list_checkpoint_dirs(layout.checkpoints_dir)] == [3, 6, 9, 12]
+    info = read_checkpoint(layout.checkpoints_dir / "step-000000006", verify_hashes=True)
+    names = {entry.path for entry in info.files}
+    assert names == {
+        "model.safetensors",
+        "optimizer.safetensors",
+        "rng.json",
+        "trainer_state.json",
+        "config.json",
+        "model_config.json",
+    }
+    # What the controller reads without torch: position, totals, thread count, loss.
+    assert info.epoch == 0 and info.extra["batch_in_epoch"] == 6 and info.extra["total_steps"] == 12
+    assert info.extra["torch_threads"] == 1 and info.extra["emergency"] is False
+    assert info.metrics["loss"] > 0 and info.metrics["learning_rate"] > 0
+    state = json.loads((info.path / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["scheduler"]["last_epoch"] == 6 and state["seed"] == 7
+    rng = json.loads((info.path / "rng.json").read_text())
+    assert set(rng) == {"python", "numpy", "torch_cpu", "cuda"} and len(rng["torch_cpu"]) > 1000
+    with safe_open(str(info.path / "optimizer.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+        moments = [k for k in keys if k.endswith(".exp_avg_sq")]
+        assert moments and all(str(handle.get_tensor(k).dtype) == "torch.float32" for k in moments)
+        groups = json.loads(handle.metadata()["param_groups"])
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
+    assert abs(groups[0]["lr"] - info.metrics["learning_rate"]) < 1e-12
+
+
+def test_bad_checkpoints_quarantined_and_previous_used(
+    reference: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "final")  # as if the leg had died after its last checkpoint
+    checkpoints = RunLayout(run_dir).checkpoints_dir
+    corrupt = checkpoints / "step-000000012" / "model.safetensors"
+    content = bytearray(corrupt.read_bytes())
+    content[-10] ^= 0x01
+    corrupt.write_bytes(bytes(content))
+    truncated = checkpoints / "step-000000009" / "optimizer.safetensors"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    (checkpoints / "step-000000006" / "manifest.json").unlink()
+    capsys.readouterr()
+
+    assert train(run_dir, snapshot, write_config(tmp_path / "config.json", **SETTINGS)) == ExitCode.COMPLETE
+    log = capsys.readouterr().err
+    assert "start: resumed from checkpoint step 3 " in log
+    for step in (12, 9, 6):
+        assert f"checkpoint step {step} quarantined to " in log
+    reasons = {q.step: q.reason for q in list_quarantined(RunLayout(run_dir).quarantine_dir)}
+    assert "model.safetensors: sha256 does not match manifest (corrupt)" in reasons[12]
+    assert "optimizer.safetensors: size 1000 !=" in reasons[9]
+    assert "manifest.json: missing" in reasons[6]
+    assert read_progress(RunLayout(run_dir))["resumed_from_step"] == 3
+    # Resumed from step 3, the run retrained steps 4..12 to the same weights.
+    assert sha256(run_dir / "final" / "model.safetensors") == sha256(reference / "final" / "model.safetensors")
+
+
+def test_retention_keeps_last_k_best_and_newest(snapshot: Path, tmp_path: Path) -> None:
+    config = write_config(tmp_path / "config.json", maxSteps=16, checkpointEverySteps=2, keepLast=2)
+    assert train(tmp_path / "run", snapshot, config) == ExitCode.COMPLETE
+    checkpoints = RunLayout(tmp_path / "run").checkpoints_dir
+    kept = [read_checkpoint(folder, verify_hashes=True) for _, folder in list_checkpoint_dirs(checkpoints)]
+    steps = [c.step for c in kept]
+    assert steps[-2:] == [14, 16], "the last two, the newest among them"
+    assert len(steps) <= 3
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_finished_run_restarted_exits_0_without_training(
+    reference: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    before = sha256(run_dir / "final" / "model.safetensors")
+    capsys.readouterr()
+    assert train(run_dir, snapshot, write_config(tmp_path / "config.json", **SETTINGS)) == ExitCode.COMPLETE
+    assert "start: already complete" in capsys.readouterr().err
+    assert sha256(run_dir / "final" / "model.safetensors") == before
+    metrics = json.loads((run_dir / "final" / "metrics.json").read_text())
+    assert set(metrics) >= {"accuracy", "f1_macro", "loss", "train_loss", "steps", "epochs"}
+    assert metrics["steps"] == 12 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert read_checkpoint(run_dir / "final", verify_hashes=True).extra == {"kind": "final"}

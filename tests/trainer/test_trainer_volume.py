@@ -1,0 +1,202 @@
+"""Unit tests of the torch-free volume module: manifests, verification, newest-checkpoint search, quarantine,
+retention, temp-dir cleanup, progress and snapshot manifests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trainer.volume import (
+    CheckpointInfo,
+    CheckpointInvalid,
+    RunLayout,
+    atomic_write_json,
+    checkpoint_dir_name,
+    find_latest_checkpoint,
+    list_checkpoint_dirs,
+    list_quarantined,
+    parse_step,
+    read_checkpoint,
+    read_progress,
+    read_snapshot,
+    remove_stale_temp_dirs,
+    select_for_deletion,
+    write_manifest,
+    write_progress,
+    write_snapshot_manifest,
+)
+
+
+def make_checkpoint(checkpoints: Path, step: int, *, loss: float = 1.0, payload: bytes = b"weights") -> Path:
+    folder = checkpoints / checkpoint_dir_name(step)
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(payload * 10)
+    (folder / "sub").mkdir()
+    (folder / "sub" / "state.json").write_text('{"a": 1}')
+    write_manifest(folder, step=step, epoch=0, config_hash="abc", metrics={"loss": loss}, extra={"batch_in_epoch": 3})
+    return folder
+
+
+def test_checkpoint_names_parse_as_numbers() -> None:
+    assert checkpoint_dir_name(123) == "step-000000123"
+    assert parse_step("step-000000123") == 123
+    assert parse_step("step-1000") == 1000
+    for other in (".tmp-step-000000001.12", "step-", "step-12a", "final", "step-000000001.1700000000"):
+        assert parse_step(other) is None
+
+
+def test_step_1000_is_newer_than_step_500(tmp_path: Path) -> None:
+    # Names that sort the other way as strings: "step-1000" < "step-500".
+    for name, step in (("step-500", 500), ("step-1000", 1000), ("step-000000999", 999)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "w.bin").write_bytes(b"x")
+        write_manifest(folder, step=step, epoch=0, config_hash="h")
+    assert [step for step, _ in list_checkpoint_dirs(tmp_path)] == [500, 999, 1000]
+    latest, rejected = find_latest_checkpoint(tmp_path, verify_hashes=True)
+    assert latest is not None and latest.step == 1000 and rejected == []
+
+
+def test_manifest_round_trip_lists_every_file(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path, 7, loss=0.5)
+    info = read_checkpoint(folder, verify_hashes=True)
+    assert info.step == 7 and info.metrics == {"loss": 0.5} and info.extra == {"batch_in_epoch": 3}
+    assert sorted(entry.path for entry in info.files) == ["model.safetensors", "sub/state.json"]
+    assert info.total_bytes == 70 + len('{"a": 1}')
+    assert info.to_json()["bytes"] == info.total_bytes
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        (lambda f: (f / "manifest.json").unlink(), "manifest.json: missing"),
+        (lambda f: (f / "manifest.json").write_text("{"), "manifest.json: unreadable manifest"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"weights"), "model.safetensors: size 7 != 70"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"WEIGHTS" * 10), "model.safetensors: sha256 does not match"),
+        (lambda f: (f / "sub" / "state.json").unlink(), "state.json: listed in manifest but missing"),
+    ],
+    ids=["no manifest", "bad manifest", "truncated", "corrupt", "file missing"],
+)
+def test_damaged_checkpoint_is_rejected_naming_the_file(tmp_path: Path, damage, expected: str) -> None:
+    folder = make_checkpoint(tmp_path, 5)
+    damage(folder)
+    with pytest.raises(CheckpointInvalid, match=expected):
+        read_checkpoint(folder, verify_hashes=True)
+
+
+def test_manifest_step_must_match_folder_name(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path, 5)
+    folder.rename(tmp_path / "step-000000006")
+    with pytest.raises(CheckpointInvalid, match="says step 5 but folder is step-000000006"):
+        read_checkpoint(tmp_path / "step-000000006", verify_hashes=False)
+
+
+def test_size_only_check_misses_corruption_that_hashes_catch(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path, 5)
+    (folder / "model.safetensors").write_bytes(b"WEIGHTS" * 10)
+    assert read_checkpoint(folder, verify_hashes=False).step == 5  # the controller's cheap check
+    with pytest.raises(CheckpointInvalid):
+        read_checkpoint(folder, verify_hashes=True)
+
+
+def test_bad_newer_checkpoints_are_quarantined_and_the_previous_used(tmp_path: Path) -> None:
+    checkpoints, quarantine = tmp_path / "checkpoints", tmp_path / "quarantine"
+    make_checkpoint(checkpoints, 10)
+    (make_checkpoint(checkpoints, 20) / "model.safetensors").write_bytes(b"x")
+    (make_checkpoint(checkpoints, 30) / "manifest.json").unlink()
+    latest, rejected = find_latest_checkpoint(checkpoints, verify_hashes=True, quarantine_dir=quarantine)
+    assert latest is not None and latest.step == 10
+    assert [r.step for r in rejected] == [30, 20]
+    assert [step for step, _ in list_checkpoint_dirs(checkpoints)] == [10]
+    moved = {q.step: q.reason for q in list_quarantined(quarantine)}
+    assert set(moved) == {20, 30}
+    assert "size 1 != 70" in moved[20] and "manifest.json: missing" in moved[30]
+
+
+def test_without_quarantine_dir_nothing_moves(tmp_path: Path) -> None:
+    """The controller reads a read-only mount: it reports bad checkpoints but never moves them."""
+    make_checkpoint(tmp_path, 10)
+    (make_checkpoint(tmp_path, 20) / "manifest.json").unlink()
+    latest, rejected = find_latest_checkpoint(tmp_path, verify_hashes=False)
+    assert latest is not None and latest.step == 10 and [r.step for r in rejected] == [20]
+    assert [step for step, _ in list_checkpoint_dirs(tmp_path)] == [10, 20]
+
+
+def test_no_checkpoints_at_all(tmp_path: Path) -> None:
+    assert find_latest_checkpoint(tmp_path / "absent", verify_hashes=True) == (None, [])
+
+
+def test_stale_temp_dirs_are_removed_and_checkpoints_kept(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, 4)
+    (tmp_path / ".tmp-step-000000008.123.456").mkdir()
+    (tmp_path / ".tmp-step-000000008.123.456" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / ".tmp-delete-step-000000002.9").mkdir()
+    removed = remove_stale_temp_dirs(tmp_path)
+    assert sorted(p.name for p in removed) == [".tmp-delete-step-000000002.9", ".tmp-step-000000008.123.456"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000000004"]
+
+
+def info(step: int, loss: float | None = None) -> CheckpointInfo:
+    return CheckpointInfo(Path(f"step-{step}"), step, 0, 0.0, "h", {} if loss is None else {"loss": loss}, (), {})
+
+
+def test_retention_keeps_last_k_and_the_best() -> None:
+    checkpoints = [info(100, 0.9), info(200, 0.1), info(300, 0.5), info(400, 0.6), info(500, 0.7)]
+    deleted = select_for_deletion(checkpoints, keep_last=2, best_metric="loss", higher_is_better=False)
+    assert [c.step for c in deleted] == [100, 300]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.sets(st.integers(min_value=0, max_value=10**9), min_size=1, max_size=30),
+    keep_last=st.integers(min_value=0, max_value=5),
+    data=st.data(),
+)
+def test_retention_never_deletes_the_newest(steps: set[int], keep_last: int, data: st.DataObject) -> None:
+    checkpoints = [info(s, data.draw(st.one_of(st.none(), st.floats(0, 10)))) for s in steps]
+    deleted = {c.step for c in select_for_deletion(checkpoints, keep_last=keep_last, best_metric="loss")}
+    newest_first = sorted(steps, reverse=True)
+    assert newest_first[0] not in deleted
+    assert not deleted & set(newest_first[: max(1, keep_last)])
+    scored = [c for c in checkpoints if "loss" in c.metrics]
+    if scored:
+        best = max(scored, key=lambda c: (c.metrics["loss"], c.step))
+        assert best.step not in deleted
+    assert len(deleted) >= len(steps) - max(1, keep_last) - 1
+
+
+def test_atomic_json_and_progress(tmp_path: Path) -> None:
+    layout = RunLayout.for_run(tmp_path, "ns", "run")
+    assert read_progress(layout) is None
+    write_progress(layout, {"state": "running", "step": 3})
+    progress = read_progress(layout)
+    assert progress is not None and progress["step"] == 3 and "updated_at" in progress
+    atomic_write_json(layout.run_dir / "x.json", [1, 2])
+    assert json.loads((layout.run_dir / "x.json").read_text()) == [1, 2]
+    assert sorted(p.name for p in layout.run_dir.iterdir()) == ["progress.json", "x.json"]  # no temp files left
+
+
+def test_snapshot_manifest_round_trip_and_damage(tmp_path: Path) -> None:
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "part.arrow").write_bytes(b"rows" * 5)
+    written = write_snapshot_manifest(
+        tmp_path, content_sha256="c" * 64, source={"kind": "csv"}, fields=["text", "label"], rows={"train": 3}
+    )
+    read = read_snapshot(tmp_path, verify_hashes=True)
+    assert read.rows == {"train": 3} and read.files == written.files and read.content_sha256 == "c" * 64
+    (tmp_path / "data" / "train" / "part.arrow").write_bytes(b"ROWS" * 5)
+    with pytest.raises(CheckpointInvalid, match=r"part\.arrow: sha256 does not match snapshot manifest"):
+        read_snapshot(tmp_path, verify_hashes=True)
+
+
+def test_shared_modules_do_not_import_torch() -> None:
+    """The controller imports trainer.volume and trainer.config; they must stay torch-free."""
+    code = "import sys, trainer, trainer.volume, trainer.config, trainer.errors; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "False"
