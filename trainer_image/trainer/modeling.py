@@ -134,6 +134,7 @@ def run_tokenizer(run_dir: Path, config: TrainerConfig, snapshot_sha256: str, tr
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError, KeyError) as exc:
             raise InvalidInput(f"model: '{config.model}' has no loadable tokenizer ({_first_line(exc)})") from exc
+    tokenizer.model_max_length = config.max_seq_length  # so predict truncates as training did
     tmp = run_dir / f"{TMP_PREFIX}{_TOKENIZER_DIR}.{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save_pretrained(str(tmp))

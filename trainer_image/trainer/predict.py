@@ -71,7 +71,8 @@ def predict(tokenizer: Any, model: Any, texts: list[str], batch_size: int = 32) 
     """One {"text", "label", "probabilities"} per text, in order."""
     import torch
 
-    limit = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
+    # The run's maxSeqLength travels as the saved tokenizer's model_max_length.
+    limit = min(int(getattr(model.config, "max_position_embeddings", 512)), int(tokenizer.model_max_length))
     results: list[dict[str, Any]] = []
     with torch.no_grad():
         for start in range(0, len(texts), batch_size):

@@ -1,0 +1,112 @@
+"""`python -m trainer predict`: labels and probabilities from a final model or a checkpoint, and its bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from trainer_helpers import REPO, make_rows, trainer_env, write_config
+
+from trainer.__main__ import main
+from trainer.volume import ExitCode, RunLayout
+
+EVAL_ROWS = make_rows(48, seed=2)  # the session snapshot's eval split
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, snapshot: Path) -> Path:
+    folder = tmp_path_factory.mktemp("predict")
+    config = write_config(folder / "config.json", epochs=4, checkpointEverySteps=20)
+    command = ["train", "--run-dir", str(folder / "run"), "--snapshot", str(snapshot), "--config", str(config)]
+    assert main(command) == ExitCode.COMPLETE
+    return folder / "run"
+
+
+def predict(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", "predict", *args],
+        capture_output=True,
+        text=True,
+        env=trainer_env(),
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_predictions_reproduce_the_reported_eval_accuracy(finished: Path, tmp_path: Path) -> None:
+    texts = tmp_path / "eval.txt"
+    texts.write_text("".join(row["text"] + "\n" for row in EVAL_ROWS))
+    result = predict("--model", str(finished / "final"), "--file", str(texts), "--json", "--batch-size", "16")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["text"] for line in lines] == [row["text"] for row in EVAL_ROWS]
+    for line in lines:
+        assert set(line) == {"text", "label", "probabilities"} and len(line["probabilities"]) == 2
+        assert abs(sum(line["probabilities"]) - 1) < 1e-4
+        assert line["label"] == max(range(2), key=lambda i: line["probabilities"][i])
+    accuracy = sum(line["label"] == row["label"] for line, row in zip(lines, EVAL_ROWS, strict=True)) / len(lines)
+    metrics = json.loads((finished / "final" / "metrics.json").read_text())
+    assert accuracy == metrics["accuracy"]
+    assert metrics["accuracy"] > 0.6, "the tiny model learns the synthetic sentiment words"
+
+
+def test_checkpoint_of_the_last_step_predicts_like_the_final_model(
+    finished: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = ["a superb and charming film", "dull tedious plot", ""]
+    last = RunLayout(finished).checkpoints_dir / "step-000000080"
+    assert main(["predict", "--model", str(finished / "final"), "--text", *texts, "--json"]) == 0
+    from_final = capsys.readouterr().out
+    assert main(["predict", "--model", str(last), "--text", *texts, "--json"]) == 0
+    assert capsys.readouterr().out == from_final
+    assert len(from_final.splitlines()) == 3
+
+
+def test_plain_output_is_label_probability_text(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", "--model", str(finished / "final"), "--text", "lovely music"]) == 0
+    label, probability, text = capsys.readouterr().out.rstrip("\n").split("\t")
+    assert label in {"0", "1"} and 0.5 <= float(probability) <= 1 and text == "lovely music"
+
+
+def run_main(arguments: list[str]) -> int:
+    """The command line in this process; argparse's usage errors exit through SystemExit."""
+    try:
+        return main(arguments)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["--model", "{tmp}/nowhere", "--text", "x"], "--model {tmp}/nowhere: no such directory"),
+        (["--model", "{final}", "--file", "{tmp}/empty.txt"], "--file {tmp}/empty.txt: no texts"),
+        (["--model", "{final}", "--file", "{tmp}/absent.txt"], "--file {tmp}/absent.txt: unreadable"),
+        (["--model", "{tmp}", "--text", "x"], "--model {tmp}: not a loadable model"),
+        (["--model", "{final}"], "one of the arguments --text --file is required"),
+        (["--model", "{final}", "--text", "x", "--batch-size", "0"], "--batch-size: 0 must be at least 1"),
+    ],
+)
+def test_bad_input_exits_65(
+    arguments: list[str], expected: str, finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    fill = {"tmp": str(tmp_path), "final": str(finished / "final")}
+    assert run_main(["predict", *[a.format(**fill) for a in arguments]]) == ExitCode.INVALID_INPUT
+    err = capsys.readouterr().err
+    assert expected.format(**fill) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_corrupt_checkpoint_is_refused(finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(finished, copy)
+    weights = RunLayout(copy).checkpoints_dir / "step-000000080" / "model.safetensors"
+    content = bytearray(weights.read_bytes())
+    content[-1] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    assert main(["predict", "--model", str(weights.parent), "--text", "x"]) == ExitCode.INVALID_INPUT
+    assert "model.safetensors: sha256 does not match manifest" in capsys.readouterr().err
