@@ -17,7 +17,7 @@ from datetime import timedelta
 from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from controller.activities import (
@@ -97,6 +97,12 @@ class _RunFailed(Exception):
         self.message = message
 
 
+def _reraise_cancellation(error: BaseException) -> None:
+    """An activity error caused by the workflow's own cancellation must cancel the workflow, not be handled."""
+    if is_cancelled_exception(error):
+        raise asyncio.CancelledError() from error
+
+
 def _non_retryable_message(error: ActivityError) -> str | None:
     """The message of an activity's non-retryable ApplicationError (bad input), else None."""
     cause = error.cause
@@ -170,9 +176,11 @@ class CheckpointedBertTrainingWorkflow:
         except _RunFailed as failure:
             await self._fail(failure.reason, failure.message)
             raise ApplicationError(failure.message, type=TRAINING_RUN_FAILED, non_retryable=True) from None
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ActivityError) as error:
+            if not is_cancelled_exception(error):
+                raise
             await self._cancelled(current)
-            raise
+            raise asyncio.CancelledError() from None
         return state.status
 
     async def _snapshot_and_prepare(self) -> None:
@@ -191,6 +199,7 @@ class CheckpointedBertTrainingWorkflow:
                     retry_policy=RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(minutes=2)),
                 )
             except ActivityError as error:
+                _reraise_cancellation(error)
                 message = _non_retryable_message(error) or f"snapshot failed: {error.cause}"
                 raise _RunFailed("InvalidDataset", message) from None
             snap = state.snapshot
@@ -210,6 +219,7 @@ class CheckpointedBertTrainingWorkflow:
                     retry_policy=RetryPolicy(maximum_attempts=5),
                 )
             except ActivityError as error:
+                _reraise_cancellation(error)
                 raise _RunFailed("PrepareFailed", f"could not write the run's config: {error.cause}") from None
             state.status.total_steps = state.prepared.total_steps
             if state.prepared.latest_checkpoint is not None:
@@ -250,6 +260,7 @@ class CheckpointedBertTrainingWorkflow:
                 retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=30)),
             )
         except ActivityError as error:
+            _reraise_cancellation(error)
             record = LegStatus(leg=leg.leg, started_at=self._now())
             state.status.legs.append(record)
             await self._after_failure(leg, record, LegOutcomeKind.FAILED, f"could not launch: {error.cause}")
@@ -374,6 +385,7 @@ class CheckpointedBertTrainingWorkflow:
                 retry_policy=RetryPolicy(maximum_attempts=3),
             )
         except ActivityError as error:
+            _reraise_cancellation(error)
             message = _non_retryable_message(error) or f"evaluation failed: {error.cause}"
             raise _RunFailed("EvaluationFailed", message) from None
         state.status.metrics = result.metrics
@@ -394,7 +406,8 @@ class CheckpointedBertTrainingWorkflow:
                 start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=RetryPolicy(maximum_attempts=3),
             )
-        except ActivityError:
+        except ActivityError as error:
+            _reraise_cancellation(error)
             workflow.logger.warning("cleanup of leg objects failed; they are harmless leftovers")
         await self._publish()
 
@@ -518,7 +531,8 @@ class CheckpointedBertTrainingWorkflow:
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_attempts=3),
             )
-        except ActivityError:
+        except ActivityError as error:
+            _reraise_cancellation(error)
             workflow.logger.warning("publishing status failed; it will be published with the next change")
 
     def _continue_as_new(self) -> None:

