@@ -1,0 +1,37 @@
+"""A stand-in for `python -m trainer train` below the local backend: same arguments, exit codes and signals.
+
+Behaviour from RELAY_STANDIN: "run" (sleep until SIGTERM, then exit 75 like a trainer that saved a
+checkpoint), "exit:<code>" (exit at once with that code), "stubborn" (ignore SIGTERM; only SIGKILL ends it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--snapshot", required=True)
+    parser.add_argument("--config", required=True)
+    parser.parse_args()
+    mode = os.environ.get("RELAY_STANDIN", "run")
+    if mode.startswith("exit:"):
+        print("error: something the trainer could not handle", file=sys.stderr, flush=True)
+        return int(mode.split(":")[1])
+    if mode == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
+    print(f"standin trainer pid {os.getpid()} mode {mode}: ready", flush=True)
+    while True:
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
