@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -99,6 +100,15 @@ async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
+
+
+def _reachable(address: str) -> bool:
+    from controller.devserver import reachable
+
+    try:
+        return reachable(address)
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
 
 
 def _note(message: str, stream: TextIO = sys.stderr) -> None:
@@ -208,7 +218,8 @@ async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -
 
     tty = sys.stderr.isatty()
     last_line, last_events = "", 0
-    while not result_task.done():
+    while True:
+        finished = result_task.done()  # one more draw after the end, so the bar shows the final state
         try:
             status = await handle.query("get_status", result_type=_status_type())
         except RPCError:
@@ -227,9 +238,15 @@ async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -
                 sys.stderr.write(("\r" + line + "\x1b[K") if tty else line + "\n")
                 sys.stderr.flush()
                 last_line = line
+        if finished:
+            break
         await asyncio.wait({result_task}, timeout=1.0)
     if show and tty:
         sys.stderr.write("\n")
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {int(v) if float(v).is_integer() else round(v, 4)}" for k, v in sorted(metrics.items()))
 
 
 def _print_summary(status: Any, volume_root: Path, failed: bool) -> None:
@@ -242,8 +259,7 @@ def _print_summary(status: Any, volume_root: Path, failed: bool) -> None:
         )
     print(f"  preemptions {status.preemptions}, failures {status.failures}", file=out)
     if status.metrics:
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in sorted(status.metrics.items()))
-        print(f"  held-out metrics: {metrics}", file=out)
+        print(f"  held-out metrics: {_fmt_metrics(status.metrics)}", file=out)
     if status.model_path:
         print(f"  model: {volume_root / status.model_path}", file=out)
     if failed and status.phase.value != "Failed":
@@ -255,18 +271,27 @@ async def _cmd_status(args: argparse.Namespace) -> int:
 
     volume_root = Path(args.volume).resolve() if (Path(args.volume) / "temporal.db").is_file() else None
     wf_id = workflow_id(args.namespace, args.name)
+    from temporalio.worker import Worker
+
+    from controller.worker import TASK_QUEUE, WORKFLOWS
+
+    embedded = volume_root is not None and not _reachable(args.address)
     async with _temporal(args.address, volume_root, embedded=True) as client:
-        try:
-            status = await client.get_workflow_handle(wf_id).query("get_status", result_type=_status_type())
-        except RPCError as exc:
-            raise CliError(f"no TrainingRun {args.namespace}/{args.name} ({exc.message})") from None
+        # Queries are answered by a worker replaying the history. On the embedded server nobody else
+        # runs one: serve the query with a workflows-only worker (no activities: it starts no legs).
+        query_worker = Worker(client, task_queue=TASK_QUEUE, workflows=WORKFLOWS) if embedded else None
+        async with query_worker or contextlib.nullcontext():
+            try:
+                status = await client.get_workflow_handle(wf_id).query("get_status", result_type=_status_type())
+            except RPCError as exc:
+                raise CliError(f"no TrainingRun {args.namespace}/{args.name} ({exc.message})") from None
     if args.json:
         print(json.dumps(status.to_json_dict(), indent=2))
     else:
         print(_fmt_status_line(status))
         print(f"{status.phase.value}: {status.message}")
         if status.metrics:
-            print("metrics: " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(status.metrics.items())))
+            print(f"metrics: {_fmt_metrics(status.metrics)}")
     return EXIT_OK
 
 
@@ -405,9 +430,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log records as one line each: no tracebacks on a user's terminal (set RELAY_DEBUG=1 for them)."""
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's API
+        return "" if not os.environ.get("RELAY_DEBUG") else super().formatException(ei)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).rstrip()
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("relay: %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    # An activity that fails by design (a missing model, bad data) is reported by the workflow's own result.
+    logging.getLogger("temporalio.worker._activity").setLevel(logging.ERROR)
+    logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+
+
 def run_command(argv: list[str] | None = None) -> int:
     """Parse and run one command; returns the exit code (expected errors printed as one line)."""
     args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):

@@ -1,0 +1,150 @@
+"""The `relay` CLI as a user runs it (a subprocess): bad input is one line naming the problem, exit non-zero,
+nothing started; `relay run` starts and stops its embedded Temporal server, shows progress, prints a summary."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from controller.devserver import reachable
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def relay(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _write(path: Path, spec: str, name: str = "cli-run") -> Path:
+    path.write_text(
+        f"apiVersion: relay.dev/v1alpha1\nkind: TrainingRun\nmetadata:\n  name: {name}\nspec:\n"
+        + textwrap.indent(textwrap.dedent(spec), "  ")
+    )
+    return path
+
+
+TINY = """\
+model: tiny
+dataset: {source: demo, maxRows: 300}
+training: {maxSteps: 120, batchSize: 8, maxSeqLength: 32, checkpointEverySteps: 20, logEverySteps: 1}
+resources: {cpu: "1"}
+"""
+
+
+def _no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+
+
+def test_validate_names_every_bad_field(tmp_path: Path):
+    bad = _write(tmp_path / "bad.yaml", "dataset: {source: ftp}\ntraining: {batchSize: 0}\nbogus: 1\n", name="Bad_Name")
+    result = relay("validate", str(bad))
+    assert result.returncode == 2
+    for field in ("metadata.name", "spec.dataset.source", "spec.training.batchSize", "spec.bogus"):
+        assert field in result.stderr
+    _no_traceback(result)
+    good = relay("validate", str(_write(tmp_path / "good.yaml", TINY)))
+    assert good.returncode == 0 and "valid TrainingRun default/cli-run" in good.stdout
+
+
+@pytest.mark.parametrize(
+    ("spec", "extra", "code", "message"),
+    [
+        ("dataset: {source: demo}\nresources: {gpus: -1}\n", [], 2, "spec.resources.gpus"),
+        ("dataset: {source: csv, path: ../outside.csv}\n", [], 2, "spec.dataset.path: must not contain '..'"),
+        (
+            "dataset: {source: csv, path: data/missing.csv}\n",
+            [],
+            2,
+            "spec.dataset.path 'data/missing.csv': no such file",
+        ),
+        (TINY, ["--preempt-at-step", "0"], 2, "--preempt-at-step: must be a positive step number"),
+        (TINY, ["--address", "nohostport"], 2, "--address 'nohostport': expected host:port"),
+    ],
+)
+def test_run_rejects_bad_input_and_starts_nothing(tmp_path: Path, spec: str, extra: list[str], code: int, message: str):
+    volume = tmp_path / "volume"
+    port = _free_port()
+    file = _write(tmp_path / "run.yaml", spec)
+    result = relay("run", str(file), "--volume", str(volume), "--address", f"127.0.0.1:{port}", *extra)
+    if "--address" in extra:
+        result = relay("run", str(file), "--volume", str(volume), *extra)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    _no_traceback(result)
+    assert not (volume / "temporal.db").exists() and not (volume / "snapshots").exists()
+    assert not reachable(f"127.0.0.1:{port}")
+
+
+def test_run_with_a_volume_that_cannot_be_written(tmp_path: Path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = relay("run", str(_write(tmp_path / "run.yaml", TINY)), "--volume", str(blocker / "volume"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"relay: volume {blocker / 'volume'}: not writable")
+    _no_traceback(result)
+
+
+@pytest.mark.parametrize("command", [["status", "x"], ["pause", "x"], ["resume", "x"], ["worker"]])
+def test_unreachable_temporal_is_one_line(tmp_path: Path, command: list[str]):
+    address = f"127.0.0.1:{_free_port()}"
+    volume = ["--volume", str(tmp_path)] if command[0] in ("status", "worker") else []
+    result = relay(*command, "--address", address, *volume)
+    assert result.returncode == 1
+    expected = f"relay: cannot reach Temporal at {address} (is the server running? `relay run` starts one)"
+    assert result.stderr.strip() == expected
+
+
+def test_relay_run_end_to_end_with_the_embedded_server(tmp_path: Path):
+    volume = tmp_path / "volume"
+    address = f"127.0.0.1:{_free_port()}"
+    file = _write(tmp_path / "run.yaml", TINY)
+    result = relay(
+        "run", str(file), "--volume", str(volume), "--address", address, "--preempt-at-step", "30", timeout=240
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _no_traceback(result)
+    assert (
+        f"temporal workflow query --address {address} --workflow-id trainingrun-default-cli-run --name get_status"
+        in result.stderr
+    )
+    assert "started the embedded Temporal dev server" in result.stderr
+    assert "step 120/120" in result.stderr  # the progress line reached the end
+    out = result.stdout
+    assert "Succeeded: finished" in out
+    assert "leg 0: steps 0 -> " in out and "preempted" in out and "injected preemption at step 30" in out
+    assert "leg 1: steps " in out and "completed" in out
+    assert "preemptions 1, failures 0" in out and "held-out metrics: accuracy" in out
+    model_line = next(line for line in out.splitlines() if line.strip().startswith("model: "))
+    assert Path(model_line.split("model: ", 1)[1]).joinpath("model.safetensors").is_file()
+    assert (volume / "temporal.db").is_file()
+    assert not reachable(address)  # the embedded server was stopped with relay
+    # The workflow's history lives on in the volume's temporal.db: `relay status` serves it again.
+    status = relay("status", "cli-run", "--volume", str(volume), "--address", address, "--json")
+    assert status.returncode == 0, status.stderr
+    assert '"phase": "Succeeded"' in status.stdout and '"preemptions": 1' in status.stdout
+    # BertInferenceWorkflow: predictions from the run's final model, through the trainer's predict command.
+    texts = ["a moving and funny film", "a dull, tedious mess"]
+    predicted = relay(
+        "predict", "cli-run", "--volume", str(volume), "--address", address, *[f"--text={t}" for t in texts]
+    )
+    assert predicted.returncode == 0, predicted.stderr
+    lines = predicted.stdout.strip().splitlines()
+    assert [line.split("\t")[2] for line in lines] == texts
+    assert all(line.split("\t")[0] in ("0", "1") for line in lines)
+    missing = relay("predict", "no-such-run", "--volume", str(volume), "--address", address, "--text", "x")
+    assert missing.returncode == 1 and "no such model folder" in missing.stderr
+    _no_traceback(missing)
+    assert not reachable(address)
