@@ -1,0 +1,41 @@
+"""Replay recorded histories against today's workflow code: a non-deterministic change fails here, not in production.
+
+The histories were recorded with tests/workflow/record_histories.py (see its docstring before re-recording).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from controller.workflows import BertInferenceWorkflow, CheckpointedBertTrainingWorkflow
+
+pytestmark = pytest.mark.anyio
+HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
+EXPECTED = {
+    "cancelled",
+    "continue-as-new",
+    "injected-preemption",
+    "invalid-input",
+    "pause-resume",
+    "preempted-failed-completed",
+}
+
+
+def test_every_recorded_path_is_present():
+    assert {path.stem for path in HISTORIES} == EXPECTED
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_replays_without_nondeterminism(path: Path):
+    history = WorkflowHistory.from_json(f"trainingrun-default-{path.stem}", path.read_text(encoding="utf-8"))
+    assert len(history.events) > 10  # a real history, not an empty file
+    replayer = Replayer(
+        workflows=[CheckpointedBertTrainingWorkflow, BertInferenceWorkflow], data_converter=pydantic_data_converter
+    )
+    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
