@@ -38,7 +38,8 @@ def test_rfc3339():
 def test_cli_imports_neither_torch_nor_kubernetes():
     code = (
         "import sys, controller.cli as c; c.build_parser(); "
-        "bad = [m for m in ('torch', 'kubernetes', 'kopf', 'transformers') if m in sys.modules]; sys.exit(str(bad) if bad else 0)"
+        "bad = [m for m in ('torch', 'kubernetes', 'kopf', 'transformers') if m in sys.modules]; "
+        "sys.exit(str(bad) if bad else 0)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
