@@ -94,4 +94,4 @@ def test_the_trainer_dockerfile_runs_as_the_job_user() -> None:
     final = stages(dockerfile)[-1]
     users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
     assert users, "the trainer image sets no USER"
-    assert users[-1].split(":")[0] in (str(NON_ROOT_UID), "relay", "trainer")
+    assert users[-1] == f"{NON_ROOT_UID}:{NON_ROOT_UID}", "the Job's runAsUser/fsGroup and the image must agree"
