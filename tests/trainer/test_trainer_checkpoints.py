@@ -114,3 +114,47 @@ def test_finished_run_restarted_exits_0_without_training(
     assert set(metrics) >= {"accuracy", "f1_macro", "loss", "train_loss", "steps", "epochs"}
     assert metrics["steps"] == 12 and 0.0 <= metrics["accuracy"] <= 1.0
     assert read_checkpoint(run_dir / "final", verify_hashes=True).extra == {"kind": "final"}
+
+
+def test_sigterm_during_evaluation_resumes_into_evaluation(
+    reference: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "config.json", **SETTINGS)
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("RELAY_TEST_SIGTERM_DURING_EVAL", "1")
+    assert train(run_dir, snapshot, config) == ExitCode.PREEMPTED
+    assert "SIGTERM during evaluation" in capsys.readouterr().err
+    assert not (run_dir / "final").exists()
+    assert read_progress(RunLayout(run_dir))["state"] == "preempted"
+    monkeypatch.delenv("RELAY_TEST_SIGTERM_DURING_EVAL")
+    assert train(run_dir, snapshot, config) == ExitCode.COMPLETE
+    assert "start: resumed from checkpoint step 12 " in capsys.readouterr().err
+    assert sha256(run_dir / "final" / "model.safetensors") == sha256(reference / "final" / "model.safetensors")
+
+
+def test_time_based_checkpoints_and_progress_file(snapshot: Path, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "config.json", maxSteps=6, checkpointEverySteps=None, checkpointEverySeconds=1e-6, keepLast=10
+    )
+    assert train(tmp_path / "run", snapshot, config) == ExitCode.COMPLETE
+    steps = [step for step, _ in list_checkpoint_dirs(RunLayout(tmp_path / "run").checkpoints_dir)]
+    assert steps == [1, 2, 3, 4, 5, 6], "every step is more than a microsecond after the previous checkpoint"
+    progress = read_progress(RunLayout(tmp_path / "run"))
+    assert progress is not None
+    assert set(progress) >= {
+        "state",
+        "step",
+        "total_steps",
+        "epoch",
+        "loss",
+        "learning_rate",
+        "samples_per_s",
+        "eta_s",
+        "last_checkpoint_step",
+        "resumed_from_step",
+        "pid",
+        "message",
+    }
+    assert progress["state"] == "completed" and progress["step"] == progress["total_steps"] == 6
+    assert progress["last_checkpoint_step"] == 6 and progress["resumed_from_step"] is None
+    assert progress["samples_per_s"] > 0 and progress["eta_s"] == 0 and progress["epoch"] == 0.3

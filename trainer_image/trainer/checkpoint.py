@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 from trainer.volume import (
     TMP_PREFIX,
@@ -154,6 +153,68 @@ def capture(
     )
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file straight from the tensors' host memory (no serialized copy), fsync it, and
+    return its sha256, computed on a second thread while the file is written and flushed.
+
+    Same format as `safetensors.torch.save_file` (header, then each tensor's bytes in name order), so the
+    safetensors library loads it; only the memory copy and the serial hash are avoided.
+    """
+    header: dict[str, Any] = {}
+    views: list[memoryview] = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{path.name}: tensor {name} has unsupported dtype {tensor.dtype}")
+        raw = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + raw.nbytes],
+        }
+        views.append(raw)
+        offset += raw.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    prefix = len(header_bytes).to_bytes(8, "little") + header_bytes
+    digest = hashlib.sha256()
+
+    def hash_all() -> None:
+        digest.update(prefix)
+        for view in views:
+            digest.update(view)  # releases the GIL for large buffers
+
+    hasher = threading.Thread(target=hash_all, name="checkpoint-hash")
+    hasher.start()  # the tensors are private host copies: hashing while writing reads the same bytes
+    try:
+        with open(path, "wb") as handle:
+            handle.write(prefix)
+            for view in views:
+                handle.write(view)
+            handle.flush()
+            os.fsync(handle.fileno())
+    finally:
+        hasher.join()
+    return digest.hexdigest()
+
+
 def _write_durable(path: Path, payload: bytes) -> str:
     """Write bytes, fsync, and return their sha256 (hashlib releases the GIL on large buffers)."""
     with open(path, "wb") as handle:
@@ -171,12 +232,11 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     hashes: dict[str, str] = {}
-    hashes[MODEL_FILE] = _write_durable(tmp / MODEL_FILE, save_safetensors_bytes(state.model, {"format": "pt"}))
+    hashes[MODEL_FILE] = write_safetensors(tmp / MODEL_FILE, state.model, {"format": "pt"})
     if os.environ.get(KILL_IN_WRITE_ENV) == str(state.step):
         log.info("test hook %s: SIGKILL inside the write of step %d", KILL_IN_WRITE_ENV, state.step)
         os.kill(os.getpid(), signal.SIGKILL)
-    optimizer_bytes = save_safetensors_bytes(state.optimizer_tensors, state.optimizer_meta)
-    hashes[OPTIMIZER_FILE] = _write_durable(tmp / OPTIMIZER_FILE, optimizer_bytes)
+    hashes[OPTIMIZER_FILE] = write_safetensors(tmp / OPTIMIZER_FILE, state.optimizer_tensors, state.optimizer_meta)
     for name, document in (
         (RNG_FILE, json.dumps(state.rng)),
         (STATE_FILE, json.dumps(state.trainer_state, indent=2, sort_keys=True)),

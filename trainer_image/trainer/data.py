@@ -1,9 +1,10 @@
 """Training data: load and check a dataset snapshot, tokenize it once, and lay out the deterministic batch order.
 
-The order of epoch `e` is `torch.randperm(rows, generator=Generator().manual_seed(seed * 1_000_003 + e))`,
-cut into micro-batches of `batch_size` (the last one may be short). It is re-derived from (seed, epoch)
-in every leg, so no generator state needs saving and the global RNG is never touched by it. Each batch
-is padded to its own longest sequence (dynamic padding), which is deterministic for a given order.
+The batches of epoch `e` come from a private `torch.Generator().manual_seed(seed * 1_000_003 + e)`: a
+permutation of the rows, grouped by length in windows and cut into micro-batches of `batch_size`, whose
+order is shuffled again (see `epoch_batches`). They are re-derived from (seed, epoch) in every leg, so no
+generator state needs saving and the global RNG is never touched by it. Each batch is padded to its own
+longest sequence (dynamic padding), which is deterministic for a given order.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     import torch
 
 _ORDER_SEED_STRIDE = 1_000_003
+GROUP_WINDOW = 50  # batches per length-grouping window
 
 
 @dataclass(frozen=True)
@@ -125,12 +127,29 @@ def steps_per_epoch(rows: int, batch_size: int, accumulation: int) -> int:
     return math.ceil(micro_batches_per_epoch(rows, batch_size) / accumulation)
 
 
-def epoch_order(rows: int, seed: int, epoch: int) -> torch.Tensor:
-    """The permutation of rows for `epoch`, from a private generator seeded by (seed, epoch)."""
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The micro-batches of `epoch` (row indices), from a private generator seeded by (seed, epoch).
+
+    Rows are shuffled, then grouped by length within windows of GROUP_WINDOW batches (sorted longest
+    first, ties by shuffled position) and cut into batches whose order is shuffled again: batches of
+    similar lengths pad little, which is most of the CPU cost with dynamic padding. Only the last
+    batch of an epoch can be short, so there are always ceil(rows / batch_size) batches.
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed * _ORDER_SEED_STRIDE + epoch)
-    return torch.randperm(rows, generator=generator)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    window = batch_size * GROUP_WINDOW
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        ranked = sorted(range(len(chunk)), key=lambda i: (-lengths[chunk[i]], i))
+        chunk = [chunk[i] for i in ranked]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    full = [b for b in batches if len(b) == batch_size]
+    short = [b for b in batches if len(b) < batch_size]
+    shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+    return shuffled + short
 
 
 def collate(data: Encoded, indices: list[int]) -> dict[str, torch.Tensor]:

@@ -57,10 +57,10 @@ def resolve_model_source(model: str) -> str:
         log.info("model %s: loading from the offline mirror %s", model, path)
         return path
     if model.startswith(("/", "./", "../", "~")) or Path(model).exists():
-        path = Path(model).expanduser()
-        if not path.is_dir():
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
             raise InvalidInput(f"model: {model}: no such directory")
-        return str(path)
+        return str(folder)
     return model
 
 
@@ -157,13 +157,14 @@ def build_model(config: TrainerConfig, tokenizer: Any) -> Any:
     if config.model == TINY:
         from transformers import BertConfig, BertForSequenceClassification
 
-        bert_config = BertConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=max(128, config.max_seq_length),
-            num_labels=config.num_labels,
-            pad_token_id=tokenizer.pad_token_id,
+        settings: dict[str, Any] = {
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": max(128, config.max_seq_length),
+            "num_labels": config.num_labels,
+            "pad_token_id": tokenizer.pad_token_id,
             **TINY_SHAPE,
-        )
+        }
+        bert_config = BertConfig(**settings)
         model = BertForSequenceClassification(bert_config)
         log.info("model: tiny BERT %s, %d parameters", TINY_SHAPE, sum(p.numel() for p in model.parameters()))
         return model

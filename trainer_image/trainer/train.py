@@ -53,6 +53,7 @@ RECENT_LOSS_WINDOW = 50
 # step, and slow every step down so that a test can signal it from outside at a random moment.
 KILL_AFTER_STEP_ENV = "RELAY_TEST_KILL_AFTER_STEP"
 SIGTERM_DURING_STEP_ENV = "RELAY_TEST_SIGTERM_DURING_STEP"
+SIGTERM_DURING_EVAL_ENV = "RELAY_TEST_SIGTERM_DURING_EVAL"
 STEP_SLEEP_ENV = "RELAY_TEST_STEP_SLEEP_S"
 
 
@@ -74,9 +75,14 @@ class StopRequest:
             self.signal_name = signal.Signals(signum).name
             self.event.set()
 
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self.handler)
-        signal.signal(signal.SIGINT, self.handler)
+    def install(self) -> dict[int, Any]:
+        """Install the handlers; returns the previous ones (for `restore`)."""
+        return {signum: signal.signal(signum, self.handler) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    @staticmethod
+    def restore(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass
@@ -175,8 +181,14 @@ def run_leg(
 ) -> LegResult:
     """Run one leg to its end; never raises for the documented outcomes (see ExitCode)."""
     stop = stop or StopRequest()
-    if install_signals:
-        stop.install()
+    previous_handlers = stop.install() if install_signals else {}
+    try:
+        return _run_leg(run_dir, snapshot, config_path, stop)
+    finally:
+        StopRequest.restore(previous_handlers)
+
+
+def _run_leg(run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest) -> LegResult:
     layout = RunLayout(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(layout)
@@ -335,7 +347,7 @@ def _run(
             "total_steps": total_steps,
             "steps_per_epoch": steps_per_epoch,
             "micro_batches_per_epoch": micro_per_epoch,
-            "data_order": "torch.randperm(rows, generator=torch.Generator().manual_seed(seed*1000003+epoch))",
+            "data_order": "trainer.data.epoch_batches(lengths, batch_size, seed, epoch), generator seed*1000003+epoch",
             "seed": config.seed,
             "train_rows": train_data.rows,
             "loss_sum": loss_sum,
@@ -393,7 +405,8 @@ def _run(
 
     last_checkpoint_time = time.monotonic()
     last_saved_step = latest.step if latest else -1
-    order: list[int] = []
+    lengths = [len(ids) for ids in train_data.input_ids]
+    batches: list[list[int]] = []
     order_epoch = -1
     leg_started = time.perf_counter()
     params = list(model.parameters())
@@ -404,7 +417,7 @@ def _run(
             step_started = time.perf_counter()
             epoch = step // steps_per_epoch
             if epoch != order_epoch:
-                order = data_mod.epoch_order(train_data.rows, config.seed, epoch).tolist()
+                batches = data_mod.epoch_batches(lengths, config.batch_size, config.seed, epoch)
                 order_epoch = epoch
             first_micro = (step % steps_per_epoch) * config.gradient_accumulation_steps
             last_micro = min(first_micro + config.gradient_accumulation_steps, micro_per_epoch)
@@ -412,7 +425,7 @@ def _run(
             step_loss = 0.0
             step_samples = 0
             for micro in range(first_micro, last_micro):
-                indices = order[micro * config.batch_size : (micro + 1) * config.batch_size]
+                indices = batches[micro]
                 batch = {k: v.to(device, non_blocking=True) for k, v in data_mod.collate(train_data, indices).items()}
                 with autocast():
                     outputs = model(**batch)
@@ -528,8 +541,12 @@ def evaluate(model: Any, data: data_mod.Encoded, config: TrainerConfig, device: 
     model.eval()
     total_loss = 0.0
     predictions: list[int] = []
+    sigterm_hook = os.environ.get(SIGTERM_DURING_EVAL_ENV) == "1"
     with torch.no_grad():
         for indices in data_mod.eval_batches(data, config.eval_batch_size):
+            if sigterm_hook:
+                os.kill(os.getpid(), signal.SIGTERM)  # test hook: the signal lands during evaluation
+                sigterm_hook = False
             if stop.requested:
                 raise Preempted(f"{stop.signal_name} during evaluation; checkpoint of the last step holds the run")
             batch = {k: v.to(device) for k, v in data_mod.collate(data, indices).items()}
