@@ -94,6 +94,7 @@ class PrepareRunResult(BaseModel):
     config_path: str
     total_steps: int | None
     latest_checkpoint: CheckpointStatus | None
+    next_leg: int = 0  # legs of earlier workflows of this run keep their numbers (and records)
 
 
 class LaunchLegRequest(BaseModel):
@@ -314,7 +315,9 @@ class RelayActivities:
             layout.run_dir.mkdir(parents=True, exist_ok=True)
             volume.atomic_write_json(layout.config_path, json.loads(text))
         progress = read_leg_progress(self.volume_root, request.namespace, request.name)
+        numbers = [int(p.name.split(".")[0]) for p in layout.legs_dir.glob("*.json") if p.name.split(".")[0].isdigit()]
         return PrepareRunResult(
+            next_leg=max(numbers, default=-1) + 1,
             run_path=run_path(request.namespace, request.name),
             config_path=layout.config_path.relative_to(self.volume_root).as_posix(),
             total_steps=estimate_total_steps(request.spec, request.snapshot.rows.get("train", 0)),

@@ -172,6 +172,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
                     preempt_at_steps=sorted(set(args.preempt_at_step)),
                     await_window_s=2.0,
                     poll_interval_s=0.5,
+                    heartbeat_timeout_s=10.0,
                 ),
                 id=wf_id,
                 task_queue=args.task_queue,

@@ -222,6 +222,7 @@ class CheckpointedBertTrainingWorkflow:
                 _reraise_cancellation(error)
                 raise _RunFailed("PrepareFailed", f"could not write the run's config: {error.cause}") from None
             state.status.total_steps = state.prepared.total_steps
+            state.next_leg = max(state.next_leg, state.prepared.next_leg)
             if state.prepared.latest_checkpoint is not None:
                 state.status.latest_checkpoint = state.prepared.latest_checkpoint
                 state.status.step = state.prepared.latest_checkpoint.step

@@ -117,7 +117,13 @@ async def test_prepare_run_writes_the_config_every_leg_reads(tmp_path: Path):
     assert result.run_path == "runs/default/r" and result.config_path == "runs/default/r/config.json"
     assert result.total_steps == 2 * 4  # ceil(95 / 10) = 10 micro-batches -> ceil(10 / 3) = 4 steps per epoch
     written = TrainerConfig.load(tmp_path / result.config_path)
-    assert written == trainer_config(spec)
+    assert written == trainer_config(spec) and result.next_leg == 0
+    # A later workflow of the same run (re-run after it ended) numbers its legs after the recorded ones.
+    atomic_write_json(tmp_path / "runs/default/r/legs/3.json", {"leg": 3})
+    again = await ActivityEnvironment().run(
+        activities.prepare_run, PrepareRunRequest(namespace="default", name="r", spec=spec, snapshot=snapshot)
+    )
+    assert again.next_leg == 4
 
 
 async def test_evaluate_needs_a_verified_final_model(tmp_path: Path):
