@@ -145,8 +145,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 async def _cmd_run(args: argparse.Namespace) -> int:
-    from temporalio.client import WorkflowFailureError
+    from temporalio.client import WorkflowFailureError, WorkflowQueryFailedError
     from temporalio.common import WorkflowIDConflictPolicy
+    from temporalio.service import RPCError
 
     from controller.backends.local import LocalBackend
     from controller.worker import build_worker
@@ -195,7 +196,10 @@ async def _cmd_run(args: argparse.Namespace) -> int:
                 await result_task
             except WorkflowFailureError as exc:
                 failed = exc
-            status = await handle.query("get_status", result_type=_status_type())
+            try:
+                status = await handle.query("get_status", result_type=_status_type())
+            except (RPCError, WorkflowQueryFailedError) as exc:
+                raise CliError(f"the run ended but its status could not be read: {exc}") from None
     _print_summary(status, volume_root, failed is not None)
     return EXIT_OK if failed is None else EXIT_ERROR
 
@@ -215,6 +219,7 @@ def _leg_ref(run: TrainingRun, leg: int) -> Any:
 
 async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -> None:
     """Redraw a one-line progress bar from get_status until the workflow ends."""
+    from temporalio.client import WorkflowQueryFailedError
     from temporalio.service import RPCError
 
     tty = sys.stderr.isatty()
@@ -223,8 +228,8 @@ async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -
         finished = result_task.done()  # one more draw after the end, so the bar shows the final state
         try:
             status = await handle.query("get_status", result_type=_status_type())
-        except RPCError:
-            status = None
+        except (RPCError, WorkflowQueryFailedError):
+            status = None  # a transient miss (worker busy, server restarting): the next tick tries again
         if status is not None and show:
             line = _fmt_status_line(status)
             legs_seen = len(status.legs)
