@@ -36,7 +36,10 @@ def test_checkpoint_holds_the_full_training_state(reference: Path) -> None:
     names = {entry.path for entry in info.files}
     assert names == {
         "model.safetensors",
-        "optimizer.safetensors",
+        "optimizer.exp_avg.safetensors",
+        "optimizer.exp_avg_sq.safetensors",
+        "optimizer.step.safetensors",
+        "optimizer.json",
         "rng.json",
         "trainer_state.json",
         "config.json",
@@ -50,11 +53,10 @@ def test_checkpoint_holds_the_full_training_state(reference: Path) -> None:
     assert state["step"] == 6 and state["scheduler"]["last_epoch"] == 6 and state["seed"] == 7
     rng = json.loads((info.path / "rng.json").read_text())
     assert set(rng) == {"python", "numpy", "torch_cpu", "cuda"} and len(rng["torch_cpu"]) > 1000
-    with safe_open(str(info.path / "optimizer.safetensors"), "pt") as handle:
-        keys = list(handle.keys())
-        moments = [k for k in keys if k.endswith(".exp_avg_sq")]
-        assert moments and all(str(handle.get_tensor(k).dtype) == "torch.float32" for k in moments)
-        groups = json.loads(handle.metadata()["param_groups"])
+    with safe_open(str(info.path / "optimizer.exp_avg_sq.safetensors"), "pt") as handle:  # one per parameter
+        moments = list(handle.keys())
+        assert len(moments) == 41 and all(str(handle.get_tensor(k).dtype) == "torch.float32" for k in moments)
+    groups = json.loads((info.path / "optimizer.json").read_text())["param_groups"]
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0]
     assert abs(groups[0]["lr"] - info.metrics["learning_rate"]) < 1e-12
 
@@ -70,7 +72,7 @@ def test_bad_checkpoints_quarantined_and_previous_used(
     content = bytearray(corrupt.read_bytes())
     content[-10] ^= 0x01
     corrupt.write_bytes(bytes(content))
-    truncated = checkpoints / "step-000000009" / "optimizer.safetensors"
+    truncated = checkpoints / "step-000000009" / "optimizer.exp_avg.safetensors"
     truncated.write_bytes(truncated.read_bytes()[:1000])
     (checkpoints / "step-000000006" / "manifest.json").unlink()
     capsys.readouterr()
@@ -82,7 +84,7 @@ def test_bad_checkpoints_quarantined_and_previous_used(
         assert f"checkpoint step {step} quarantined to " in log
     reasons = {q.step: q.reason for q in list_quarantined(RunLayout(run_dir).quarantine_dir)}
     assert "model.safetensors: sha256 does not match manifest (corrupt)" in reasons[12]
-    assert "optimizer.safetensors: size 1000 !=" in reasons[9]
+    assert "optimizer.exp_avg.safetensors: size 1000 !=" in reasons[9]
     assert "manifest.json: missing" in reasons[6]
     assert read_progress(RunLayout(run_dir))["resumed_from_step"] == 3
     # Resumed from step 3, the run retrained steps 4..12 to the same weights.

@@ -3,8 +3,9 @@
 A checkpoint folder `checkpoints/step-<9 digits>/` holds::
 
     model.safetensors       the model's state_dict (full precision)
-    optimizer.safetensors   every optimizer state tensor as `state.<param>.<key>`; param groups and
-                            non-tensor state as JSON in the safetensors metadata
+    optimizer.<key>.safetensors  one file per optimizer state key (AdamW: exp_avg, exp_avg_sq, step), one
+                            tensor per parameter index; files of similar size hash in parallel
+    optimizer.json          param groups and non-tensor optimizer state
     rng.json                python `random`, numpy, torch CPU and every CUDA device's RNG state
     trainer_state.json      data position (epoch, batch_in_epoch, step), LR scheduler state, loss sums,
                             thread count, device, snapshot hash; what the data order is derived from
@@ -24,6 +25,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import threading
@@ -35,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
 
 from trainer.volume import (
     TMP_PREFIX,
@@ -52,7 +54,8 @@ from trainer.volume import (
 log = logging.getLogger("trainer")
 
 MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
+OPTIMIZER_META_FILE = "optimizer.json"
+_OPTIMIZER_FILE = re.compile(r"^optimizer\.([A-Za-z0-9_]+)\.safetensors$")
 RNG_FILE = "rng.json"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
@@ -71,8 +74,8 @@ class HostState:
     step: int
     epoch: int
     model: dict[str, torch.Tensor]
-    optimizer_tensors: dict[str, torch.Tensor]
-    optimizer_meta: dict[str, str]
+    optimizer_tensors: dict[str, dict[str, torch.Tensor]]  # state key -> parameter index -> tensor
+    optimizer_meta: dict[str, Any]
     rng: dict[str, Any]
     trainer_state: dict[str, Any]
     config_json: str
@@ -83,8 +86,24 @@ class HostState:
     emergency: bool = False
 
 
-def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", copy=True).contiguous()
+class HostBuffers:
+    """Host tensors reused from one checkpoint to the next: copying into memory that is already mapped costs a
+    plain memcpy, where fresh allocations would also pay a page fault per page (the larger part of the stall).
+
+    Safe because a capture only happens once the previous write has finished (AsyncCheckpointWriter).
+    """
+
+    def __init__(self) -> None:
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, source: torch.Tensor) -> torch.Tensor:
+        source = source.detach()
+        target = self._tensors.get(key)
+        if target is None or target.shape != source.shape or target.dtype != source.dtype:
+            target = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
+            self._tensors[key] = target
+        target.copy_(source, non_blocking=source.is_cuda)
+        return target
 
 
 def capture_rng() -> dict[str, Any]:
@@ -121,19 +140,25 @@ def capture(
     metrics: dict[str, float],
     extra: dict[str, Any],
     emergency: bool = False,
+    buffers: HostBuffers | None = None,
 ) -> HostState:
     """Copy the live state into host memory (the only part of a checkpoint on the training thread)."""
-    model_tensors = {name: _host_copy(t) for name, t in model.state_dict().items()}
+    buffers = buffers or HostBuffers()
+    model_tensors = {name: buffers.copy(f"model/{name}", t) for name, t in model.state_dict().items()}
     opt_state = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, entries in opt_state["state"].items():
         for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{param_id}.{key}"] = _host_copy(value)
+            if isinstance(value, torch.Tensor) and re.fullmatch(r"[A-Za-z0-9_]+", key):
+                tensors.setdefault(key, {})[str(param_id)] = buffers.copy(f"optimizer/{key}/{param_id}", value)
+            elif isinstance(value, torch.Tensor):
+                raise ValueError(f"optimizer state key {key!r} cannot name a checkpoint file")
             else:
                 scalars.setdefault(str(param_id), {})[key] = value
-    meta = {"param_groups": json.dumps(opt_state["param_groups"]), "scalars": json.dumps(scalars)}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking device-to-host copies are complete
+    meta = {"param_groups": opt_state["param_groups"], "scalars": scalars}
     full_state = {**trainer_state, "scheduler": scheduler.state_dict()}
     model_config = getattr(model, "config", None)
     return HostState(
@@ -236,8 +261,11 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
     if os.environ.get(KILL_IN_WRITE_ENV) == str(state.step):
         log.info("test hook %s: SIGKILL inside the write of step %d", KILL_IN_WRITE_ENV, state.step)
         os.kill(os.getpid(), signal.SIGKILL)
-    hashes[OPTIMIZER_FILE] = write_safetensors(tmp / OPTIMIZER_FILE, state.optimizer_tensors, state.optimizer_meta)
+    for key, tensors in sorted(state.optimizer_tensors.items()):
+        name = f"optimizer.{key}.safetensors"
+        hashes[name] = write_safetensors(tmp / name, tensors)
     for name, document in (
+        (OPTIMIZER_META_FILE, json.dumps(state.optimizer_meta)),
         (RNG_FILE, json.dumps(state.rng)),
         (STATE_FILE, json.dumps(state.trainer_state, indent=2, sort_keys=True)),
         (CONFIG_FILE, state.config_json),
@@ -296,29 +324,23 @@ class LoadedCheckpoint:
 def load_checkpoint(info: CheckpointInfo) -> LoadedCheckpoint:
     """Read a verified checkpoint's files into memory (tensors on CPU)."""
     folder = info.path
-    model_state = load_safetensors_bytes((folder / MODEL_FILE).read_bytes())
-    raw = (folder / OPTIMIZER_FILE).read_bytes()
-    tensors = load_safetensors_bytes(raw)
-    meta = _safetensors_metadata(raw)
+    model_state = load_file(str(folder / MODEL_FILE))
+    meta = json.loads((folder / OPTIMIZER_META_FILE).read_text(encoding="utf-8"))
     state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        _, param_id, name = key.split(".", 2)
-        state.setdefault(int(param_id), {})[name] = value
-    for param_id, entries in json.loads(meta["scalars"]).items():
+    for entry in info.files:
+        match = _OPTIMIZER_FILE.match(entry.path)
+        if match:
+            for param_id, tensor in load_file(str(folder / entry.path)).items():
+                state.setdefault(int(param_id), {})[match.group(1)] = tensor
+    for param_id, entries in meta["scalars"].items():
         state.setdefault(int(param_id), {}).update(entries)
-    groups = json.loads(meta["param_groups"])
+    groups = meta["param_groups"]
     for group in groups:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
     rng = json.loads((folder / RNG_FILE).read_text(encoding="utf-8"))
     trainer_state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
     return LoadedCheckpoint(info, model_state, {"state": state, "param_groups": groups}, rng, trainer_state)
-
-
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + header_len])
-    return dict(header.get("__metadata__", {}))
 
 
 @dataclass
@@ -340,6 +362,7 @@ class AsyncCheckpointWriter:
         self._pending: Future[CheckpointInfo] | None = None
         self.last_saved: CheckpointInfo | None = None
         self.stats = WriterStats()
+        self.buffers = HostBuffers()  # reused by every capture; free again once `wait` returned
         self.on_saved: list[Any] = []
 
     def _write(self, state: HostState) -> CheckpointInfo:

@@ -388,6 +388,7 @@ def _run(
                 )
             }
             | {"emergency": emergency},
+            buffers=writer.buffers,
         )
 
     def note_saved(info: CheckpointInfo | None, stall: float | None = None) -> None:
