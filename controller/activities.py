@@ -288,10 +288,14 @@ class RelayActivities:
     async def snapshot_dataset(self, request: SnapshotRequest) -> SnapshotResult:
         from controller import snapshot  # datasets/pyarrow: imported only where used
 
+        work = asyncio.ensure_future(
+            asyncio.to_thread(snapshot.snapshot_dataset, self.volume_root, request.dataset, request.num_labels)
+        )
+        while not work.done():  # heartbeats: a lost worker is noticed in a minute, not after the 6 h timeout
+            activity.heartbeat()
+            await asyncio.wait({work}, timeout=5.0)
         try:
-            info, reused = await asyncio.to_thread(
-                snapshot.snapshot_dataset, self.volume_root, request.dataset, request.num_labels
-            )
+            info, reused = work.result()
         except snapshot.InvalidDataset as exc:
             raise ApplicationError(str(exc), type=INVALID_DATASET, non_retryable=True) from None
         return SnapshotResult(

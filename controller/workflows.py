@@ -116,6 +116,7 @@ class CheckpointedBertTrainingWorkflow:
     def __init__(self) -> None:
         self._state: WorkflowState | None = None
         self._events: list[RunEvent] = []
+        self._published: RunStatus | None = None
 
     # ------------------------------------------------------------ queries and signals
 
@@ -195,7 +196,7 @@ class CheckpointedBertTrainingWorkflow:
                     SnapshotRequest(**ref, dataset=spec.dataset, num_labels=spec.training.num_labels),
                     result_type=SnapshotResult,
                     start_to_close_timeout=timedelta(hours=6),
-                    heartbeat_timeout=None,
+                    heartbeat_timeout=timedelta(minutes=1),
                     retry_policy=RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(minutes=2)),
                 )
             except ActivityError as error:
@@ -522,7 +523,10 @@ class CheckpointedBertTrainingWorkflow:
     async def _publish(self) -> None:
         """Hand status and new events to the StatusSink; a failing sink never fails the run."""
         state = self._require_state()
+        if not self._events and self._published == state.status:
+            return  # nothing new: no activity, no history events
         events, self._events = self._events, []
+        self._published = state.status.model_copy(deep=True)
         try:
             await workflow.execute_activity(
                 "publish_status",
