@@ -95,3 +95,21 @@ def test_the_trainer_dockerfile_runs_as_the_job_user() -> None:
     users = [line.split()[1] for line in final if line.upper().startswith("USER ")]
     assert users, "the trainer image sets no USER"
     assert users[-1] == f"{NON_ROOT_UID}:{NON_ROOT_UID}", "the Job's runAsUser/fsGroup and the image must agree"
+
+
+def test_versions_agree_across_package_chart_images_and_examples() -> None:
+    """`make image-*` tags with the chart's appVersion; the chart and the TrainingRun default must name those tags."""
+    from controller.spec import TrainingRunSpec
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    chart = yaml.safe_load((REPO / "helm" / "relay" / "Chart.yaml").read_text(encoding="utf-8"))
+    assert chart["appVersion"] == version
+    assert TrainingRunSpec.model_fields["image"].default == f"ghcr.io/relay-ml/relay-trainer:{version}"
+    values = yaml.safe_load((REPO / "helm" / "relay" / "values.yaml").read_text(encoding="utf-8"))
+    assert values["image"]["repository"] == "ghcr.io/relay-ml/relay-controller" and values["image"]["tag"] == ""
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    assert "-t $(IMAGE_REGISTRY)/relay-trainer:$(IMAGE_TAG)" in makefile
+    assert "-t $(IMAGE_REGISTRY)/relay-controller:$(IMAGE_TAG)" in makefile
+    for example in sorted((REPO / "manifests" / "examples").glob("*.yaml")):
+        image = yaml.safe_load(example.read_text(encoding="utf-8"))["spec"].get("image")
+        assert image in (None, f"ghcr.io/relay-ml/relay-trainer:{version}"), f"{example.name}: image {image}"
