@@ -363,7 +363,6 @@ class AsyncCheckpointWriter:
         self.last_saved: CheckpointInfo | None = None
         self.stats = WriterStats()
         self.buffers = HostBuffers()  # reused by every capture; free again once `wait` returned
-        self.on_saved: list[Any] = []
 
     def _write(self, state: HostState) -> CheckpointInfo:
         started = time.perf_counter()
@@ -371,8 +370,12 @@ class AsyncCheckpointWriter:
         self.stats.write_seconds.append(time.perf_counter() - started)
         self.stats.saves += 1
         deleted = apply_retention(self.checkpoints_dir, self.keep_last)
-        for callback in self.on_saved:
-            callback(info, state, deleted)
+        if deleted:
+            log.info(
+                "retention: removed checkpoint step %s (keeping the last %d, the best and the newest)",
+                ", ".join(map(str, deleted)),
+                self.keep_last,
+            )
         return info
 
     def submit(self, state: HostState) -> None:

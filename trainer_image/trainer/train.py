@@ -414,7 +414,7 @@ def _run(
     try:
         if stop.requested:
             raise Preempted(f"{stop.signal_name} during start-up; no step taken in this leg, none lost")
-        while step < total_steps:
+        while step < total_steps and not stop.requested:
             step_started = time.perf_counter()
             epoch = step // steps_per_epoch
             if epoch != order_epoch:
@@ -461,13 +461,11 @@ def _run(
             )
             if due and step < total_steps:
                 stall_started = time.perf_counter()
-                reporter.update(state="checkpointing")
                 note_saved(writer.wait())  # at most one write in flight
-                writer.submit(checkpoint_now(step))
+                writer.submit(checkpoint_now(step))  # the state is copied here; the files are written off-thread
                 stall = time.perf_counter() - stall_started
                 stats.stall_seconds.append(stall)
                 reporter.stalls[step] = stall
-                reporter.update(state="running")
                 last_checkpoint_time = time.monotonic()
                 last_saved_step = step
 
