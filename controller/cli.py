@@ -171,6 +171,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
                     name=name,
                     spec=run.spec,
                     preempt_at_steps=sorted(set(args.preempt_at_step)),
+                    legs_per_run=20,
                     await_window_s=2.0,
                     poll_interval_s=0.5,
                     heartbeat_timeout_s=10.0,
@@ -338,9 +339,9 @@ async def _cmd_predict(args: argparse.Namespace) -> int:
                     result_type=PredictResult,
                 )
             except WorkflowFailureError as exc:
-                cause = exc.cause
+                cause: BaseException | None = exc.cause
                 while getattr(cause, "cause", None) is not None:
-                    cause = cause.cause
+                    cause = getattr(cause, "cause", None)
                 raise CliError(f"predict: {getattr(cause, 'message', cause)}") from None
     if args.json:
         print(json.dumps(result.model_dump(), indent=2))
