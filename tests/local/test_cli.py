@@ -107,6 +107,7 @@ def test_unreachable_temporal_is_one_line(tmp_path: Path, command: list[str]):
     assert result.stderr.strip() == expected
 
 
+@pytest.mark.slow
 def test_relay_run_end_to_end_with_the_embedded_server(tmp_path: Path):
     volume = tmp_path / "volume"
     address = f"127.0.0.1:{_free_port()}"

@@ -94,6 +94,7 @@ def _train_uninterrupted(volume: Path, snapshot: str, config: Path) -> Path:
     return run_dir / "final/model.safetensors"
 
 
+@pytest.mark.slow
 async def test_preempted_twice_resumes_to_identical_weights(
     temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
 ):
@@ -124,6 +125,7 @@ async def test_preempted_twice_resumes_to_identical_weights(
     assert _sha256(run_dir / "final/model.safetensors") == _sha256(reference)
 
 
+@pytest.mark.slow
 async def test_worker_killed_mid_leg_is_replaced_without_a_duplicate_leg(
     temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
 ):
