@@ -3,10 +3,13 @@ nothing started; `relay run` starts and stops its embedded Temporal server, show
 
 from __future__ import annotations
 
+import json
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +152,32 @@ def test_relay_run_end_to_end_with_the_embedded_server(tmp_path: Path):
     assert missing.returncode == 1 and "no such model folder" in missing.stderr
     _no_traceback(missing)
     assert not reachable(address)
+
+
+@pytest.mark.slow
+def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
+    volume = tmp_path / "volume"
+    address = f"127.0.0.1:{_free_port()}"
+    file = _write(tmp_path / "run.yaml", TINY.replace("maxSteps: 120", "maxSteps: 600"), name="ctrl-c")
+    command = [sys.executable, "-m", "controller.cli", "run", str(file), "--volume", str(volume), "--address", address]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    progress = volume / "runs/default/ctrl-c/progress.json"
+    deadline = time.monotonic() + 120
+    while not (
+        progress.exists() and '"step": ' in progress.read_text() and json.loads(progress.read_text())["step"] >= 20
+    ):
+        assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "interrupted: stopping the running leg (it checkpoints); `relay run` again resumes" in stderr
+    assert "Traceback" not in stderr
+    assert json.loads((volume / "runs/default/ctrl-c/legs/0.exit.json").read_text())["exit_code"] == 75
+    assert not reachable(address)
+    again = relay("run", str(file), "--volume", str(volume), "--address", address, "--no-progress", timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Succeeded: finished" in again.stdout
+    legs = [line.split() for line in again.stdout.splitlines() if line.strip().startswith("leg ")]
+    assert legs[0][1:3] == ["0:", "steps"] and legs[0][6] == "preempted"
+    assert int(legs[1][3]) >= 20 and legs[1][6] == "completed"  # leg 1 resumed from leg 0's checkpoint
