@@ -21,6 +21,9 @@ RESUME_SETTINGS = {"epochs": 3, "gradientAccumulationSteps": 2, "checkpointEvery
 TOTAL_STEPS = 30
 SEED = 20261129  # the random kill points derive from it; printed on failure via the assertion messages
 COMPARED_METRICS = ("accuracy", "f1_macro", "loss", "train_loss", "steps", "epochs")
+# Every interrupted leg copies its checkpoints' tensors slowly (on the writer thread, while the next step's
+# forward/backward run): each checkpoint must still hold exactly its own step's state.
+SLOW_COPY = {"RELAY_TEST_CHECKPOINT_COPY_DELAY_S": "0.05"}
 
 
 def newest_step(run_dir: Path) -> int | None:
@@ -54,7 +57,7 @@ def test_killed_and_resumed_run_ends_bit_identical(uninterrupted: Path, snapshot
 
     # Leg 1: SIGKILL right after a random early step.
     kill_1 = rng.randint(2, 7)
-    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_AFTER_STEP=str(kill_1))
+    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_AFTER_STEP=str(kill_1), **SLOW_COPY)
     assert leg.returncode == -signal.SIGKILL, leg.stderr
     assert started_from(leg.stderr) is None
     legs.append(f"SIGKILL after step {kill_1}")
@@ -62,7 +65,7 @@ def test_killed_and_resumed_run_ends_bit_identical(uninterrupted: Path, snapshot
     # Leg 2: SIGKILL inside the write of the next checkpoint, after its first file, before its manifest.
     resume = newest_step(run_dir)
     in_write = ((resume or 0) // 4 + 2) * 4
-    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_IN_CHECKPOINT_WRITE=str(in_write))
+    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_IN_CHECKPOINT_WRITE=str(in_write), **SLOW_COPY)
     assert leg.returncode == -signal.SIGKILL, leg.stderr
     assert started_from(leg.stderr) == resume, legs
     assert any(p.name.startswith(".tmp-step-") for p in RunLayout(run_dir).checkpoints_dir.iterdir())
@@ -71,7 +74,7 @@ def test_killed_and_resumed_run_ends_bit_identical(uninterrupted: Path, snapshot
 
     # Leg 3: SIGKILL from outside at a random instant while it trains (steps slowed to 30 ms).
     resume = newest_step(run_dir)
-    process = start_train(run_dir, snapshot, config, RELAY_TEST_STEP_SLEEP_S="0.03")
+    process = start_train(run_dir, snapshot, config, RELAY_TEST_STEP_SLEEP_S="0.03", **SLOW_COPY)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         progress = read_progress(RunLayout(run_dir)) or {}
@@ -88,7 +91,7 @@ def test_killed_and_resumed_run_ends_bit_identical(uninterrupted: Path, snapshot
     # Leg 4: SIGKILL after another random step, beyond the resume point.
     resume = newest_step(run_dir) or 0
     kill_4 = rng.randint(resume + 1, min(resume + 8, TOTAL_STEPS - 6))
-    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_AFTER_STEP=str(kill_4))
+    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_AFTER_STEP=str(kill_4), **SLOW_COPY)
     assert leg.returncode == -signal.SIGKILL, leg.stderr
     assert started_from(leg.stderr) == resume
     legs.append(f"SIGKILL after step {kill_4}")
@@ -96,7 +99,7 @@ def test_killed_and_resumed_run_ends_bit_identical(uninterrupted: Path, snapshot
     # Leg 5: SIGTERM lands in the middle of a step: the step is finished and saved, exit 75.
     resume = newest_step(run_dir) or 0
     term_step = rng.randint(resume + 1, TOTAL_STEPS - 1)
-    leg = run_train(run_dir, snapshot, config, RELAY_TEST_SIGTERM_DURING_STEP=str(term_step))
+    leg = run_train(run_dir, snapshot, config, RELAY_TEST_SIGTERM_DURING_STEP=str(term_step), **SLOW_COPY)
     assert leg.returncode == ExitCode.PREEMPTED, leg.stderr
     assert started_from(leg.stderr) == resume
     assert newest_step(run_dir) == term_step, "the emergency checkpoint holds the step that was under way"
@@ -105,7 +108,7 @@ def test_killed_and_resumed_run_ends_bit_identical(uninterrupted: Path, snapshot
     legs.append(f"SIGTERM during step {term_step}")
 
     # Leg 6: carries on to the end.
-    leg = run_train(run_dir, snapshot, config)
+    leg = run_train(run_dir, snapshot, config, **SLOW_COPY)
     assert leg.returncode == ExitCode.COMPLETE, leg.stderr
     assert started_from(leg.stderr) == term_step
 

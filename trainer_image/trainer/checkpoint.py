@@ -1,4 +1,4 @@
-"""Checkpoints: copy the training state to host memory, write it off the training thread, load it back.
+"""Checkpoints: take the training state into host memory, write it off the training thread, load it back.
 
 A checkpoint folder `checkpoints/step-<9 digits>/` holds::
 
@@ -65,6 +65,8 @@ RETENTION_METRIC = "loss"  # the interval's mean training loss; lower is better
 # Test-only hook (documented in trainer_image/README.md): SIGKILL this process inside the writer of the
 # checkpoint for this step, after its first file is on disk and before its manifest exists.
 KILL_IN_WRITE_ENV = "RELAY_TEST_KILL_IN_CHECKPOINT_WRITE"
+# Test-only hook: sleep this long on the writer thread before copying a checkpoint's tensors.
+COPY_DELAY_ENV = "RELAY_TEST_CHECKPOINT_COPY_DELAY_S"
 
 
 @dataclass
@@ -84,6 +86,8 @@ class HostState:
     metrics: dict[str, float]
     extra: dict[str, Any]
     emergency: bool = False
+    # (host target, live source) pairs still to copy; see finish_copies
+    deferred: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
 
 class HostBuffers:
@@ -96,14 +100,34 @@ class HostBuffers:
     def __init__(self) -> None:
         self._tensors: dict[str, torch.Tensor] = {}
 
-    def copy(self, key: str, source: torch.Tensor) -> torch.Tensor:
-        source = source.detach()
+    def target(self, key: str, source: torch.Tensor) -> torch.Tensor:
+        """The host tensor that holds `source`'s copy (allocated on first use or when the shape changed)."""
         target = self._tensors.get(key)
         if target is None or target.shape != source.shape or target.dtype != source.dtype:
             target = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
             self._tensors[key] = target
-        target.copy_(source, non_blocking=source.is_cuda)
         return target
+
+    def copy(self, key: str, source: torch.Tensor) -> torch.Tensor:
+        target = self.target(key, source)
+        target.copy_(source.detach(), non_blocking=source.is_cuda)
+        return target
+
+
+def finish_copies(state: HostState) -> None:
+    """Copy the deferred tensors (parameters and optimizer state) into host memory. Runs on the writer thread
+    while the next step's forward and backward passes only read them; the training thread waits for it
+    before the next optimizer.step(), the first thing that changes them."""
+    if not state.deferred:
+        return
+    delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
+    if delay:
+        time.sleep(delay)  # test hook: a slow copy must still hold the state of its own step
+    for target, source in state.deferred:
+        target.copy_(source, non_blocking=source.is_cuda)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the non-blocking device-to-host copies are complete
+    state.deferred = []
 
 
 def capture_rng() -> dict[str, Any]:
@@ -142,22 +166,32 @@ def capture(
     emergency: bool = False,
     buffers: HostBuffers | None = None,
 ) -> HostState:
-    """Copy the live state into host memory (the only part of a checkpoint on the training thread)."""
+    """Take the state of this step boundary: RNGs, scheduler, counters and module buffers now; parameters and
+    optimizer tensors are only referenced here (`deferred`) and copied by `finish_copies` on the writer
+    thread, since nothing changes them before the next optimizer.step()."""
     buffers = buffers or HostBuffers()
-    model_tensors = {name: buffers.copy(f"model/{name}", t) for name, t in model.state_dict().items()}
+    parameter_names = {name for name, _ in model.named_parameters()}
+    deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model_tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        if name in parameter_names:
+            model_tensors[name] = buffers.target(f"model/{name}", tensor)
+            deferred.append((model_tensors[name], tensor.detach()))
+        else:  # module buffers (e.g. running statistics) can change in a forward pass: copy them now
+            model_tensors[name] = buffers.copy(f"model/{name}", tensor)
     opt_state = optimizer.state_dict()
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, entries in opt_state["state"].items():
         for key, value in entries.items():
             if isinstance(value, torch.Tensor) and re.fullmatch(r"[A-Za-z0-9_]+", key):
-                tensors.setdefault(key, {})[str(param_id)] = buffers.copy(f"optimizer/{key}/{param_id}", value)
+                target = buffers.target(f"optimizer/{key}/{param_id}", value)
+                tensors.setdefault(key, {})[str(param_id)] = target
+                deferred.append((target, value.detach()))
             elif isinstance(value, torch.Tensor):
                 raise ValueError(f"optimizer state key {key!r} cannot name a checkpoint file")
             else:
                 scalars.setdefault(str(param_id), {})[key] = value
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # the non-blocking device-to-host copies are complete
     meta = {"param_groups": opt_state["param_groups"], "scalars": scalars}
     full_state = {**trainer_state, "scheduler": scheduler.state_dict()}
     model_config = getattr(model, "config", None)
@@ -175,6 +209,7 @@ def capture(
         metrics=dict(metrics),
         extra=dict(extra),
         emergency=emergency,
+        deferred=deferred,
     )
 
 
@@ -251,6 +286,7 @@ def _write_durable(path: Path, payload: bytes) -> str:
 
 def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
     """Serialize `state` into a temp folder, fsync, write the manifest last, rename into place."""
+    finish_copies(state)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / checkpoint_dir_name(state.step)
     tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{threading.get_ident()}"
@@ -363,9 +399,15 @@ class AsyncCheckpointWriter:
         self.last_saved: CheckpointInfo | None = None
         self.stats = WriterStats()
         self.buffers = HostBuffers()  # reused by every capture; free again once `wait` returned
+        self._copied = threading.Event()
+        self._copied.set()
 
     def _write(self, state: HostState) -> CheckpointInfo:
         started = time.perf_counter()
+        try:
+            finish_copies(state)
+        finally:
+            self._copied.set()
         info = write_checkpoint(state, self.checkpoints_dir)
         self.stats.write_seconds.append(time.perf_counter() - started)
         self.stats.saves += 1
@@ -380,7 +422,17 @@ class AsyncCheckpointWriter:
 
     def submit(self, state: HostState) -> None:
         self.wait()
+        self._copied.clear()
         self._pending = self._pool.submit(self._write, state)
+
+    def wait_copied(self) -> float:
+        """Block until the last submitted checkpoint's tensors are copied (call before optimizer.step());
+        returns the seconds waited."""
+        if self._copied.is_set():
+            return 0.0
+        started = time.perf_counter()
+        self._copied.wait()
+        return time.perf_counter() - started
 
     def save_now(self, state: HostState) -> CheckpointInfo:
         self.submit(state)

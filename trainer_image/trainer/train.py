@@ -437,6 +437,11 @@ def _run(
                 if step + 1 == sigterm_during and micro == first_micro:
                     os.kill(os.getpid(), signal.SIGTERM)  # test hook: the signal lands mid-step
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            waited = writer.wait_copied()  # a checkpoint's copy of the weights must finish before they change
+            if waited and stats.stall_seconds:
+                stats.stall_seconds[-1] += waited
+                if last_saved_step in reporter.stalls:
+                    reporter.stalls[last_saved_step] = stats.stall_seconds[-1]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
