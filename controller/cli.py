@@ -182,6 +182,8 @@ async def _cmd_run(args: argparse.Namespace) -> int:
             )
             _note(f"TrainingRun {namespace}/{name}: workflow {wf_id} (volume {volume_root})")
             _note(f"  status as JSON:  {_query_hint(wf_id, args.address)}")
+            _note(f"  (legacy tctl:    tctl --address {args.address} workflow query --workflow_id {wf_id} "
+                  "--query_type get_status)")  # fmt: skip
             ui = f"http://{args.address.rpartition(':')[0]}:{int(args.address.rpartition(':')[2]) + 1000}"
             _note(f"  Web UI:          {ui}/namespaces/default/workflows/{wf_id}")
             result_task = asyncio.ensure_future(handle.result())
