@@ -367,7 +367,10 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
-    from controller.kubernetes.main import main as operator_main  # kubernetes/kopf only when asked for
+    try:
+        from controller.kubernetes.main import main as operator_main  # kubernetes/kopf only when asked for
+    except ImportError as exc:
+        raise CliError(f"the Kubernetes operator cannot start: {exc} (install the [kubernetes] extra)") from None
 
     return int(operator_main(list(args.operator_args)))
 
@@ -460,7 +463,12 @@ def _setup_logging() -> None:
 
 def run_command(argv: list[str] | None = None) -> int:
     """Parse and run one command; returns the exit code (expected errors printed as one line)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["controller"]:  # everything after it, --help included, belongs to the operator
+        argv = ["controller", "--", *argv[1:]]
     args = build_parser().parse_args(argv)
+    if args.command == "controller" and args.operator_args[:1] == ["--"]:
+        args.operator_args = args.operator_args[1:]
     _setup_logging()
     try:
         result = args.func(args)

@@ -43,3 +43,16 @@ def test_cli_imports_neither_torch_nor_kubernetes():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_relay_controller_hands_every_argument_to_the_operator(monkeypatch):
+    import types
+
+    from controller.cli import run_command
+
+    seen: list[list[str]] = []
+    operator = types.ModuleType("controller.kubernetes.main")
+    operator.main = lambda argv: seen.append(argv) or 7  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "controller.kubernetes.main", operator)
+    assert run_command(["controller", "--help", "--namespace", "ml"]) == 7
+    assert seen == [["--help", "--namespace", "ml"]]
