@@ -276,13 +276,17 @@ class LocalBackend:
 
     async def cleanup(self, namespace: str, name: str) -> None:
         legs_dir = self._layout(namespace, name).legs_dir
+        killed = []
         for path in legs_dir.glob("*.pid.json") if legs_dir.is_dir() else []:
             record = _read(path)
             if _alive(record):
                 assert record is not None
                 self._kill_group(record)
-        await asyncio.sleep(0)
-        self._reap()
+                killed.append(record)
+        deadline = time.monotonic() + 5.0
+        while any(_alive(record) for record in killed) and time.monotonic() < deadline:
+            await asyncio.sleep(_POLL_S)  # SIGKILL is delivered asynchronously; wait until they are gone
+            self._reap()
 
     def log_tail(self, leg: LegSpec) -> str:
         return last_log_line(self._files(leg)["log"])
