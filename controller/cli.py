@@ -84,7 +84,10 @@ async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -
         raise CliError(str(exc), EXIT_BAD_INPUT) from None
     if not reachable:
         if not (embedded and volume_root is not None and devserver.is_local(address)):
-            raise CliError(f"cannot reach Temporal at {address} (is the server running? `relay run` starts one)")
+            hint = "is the server running? `relay run` starts one"
+            if embedded and volume_root is not None:
+                hint = "the embedded server is started only for a local address"
+            raise CliError(f"cannot reach Temporal at {address} ({hint})")
         server = devserver.DevServer(address, volume_root / "temporal.db", log_file=volume_root / "temporal-server.log")
         try:
             await asyncio.to_thread(server.start)

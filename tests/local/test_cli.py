@@ -184,3 +184,13 @@ def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
     legs = [line.split() for line in again.stdout.splitlines() if line.strip().startswith("leg ")]
     assert legs[0][1:3] == ["0:", "steps"] and legs[0][6] == "preempted"
     assert int(legs[1][3]) >= 20 and legs[1][6] == "completed"  # leg 1 resumed from leg 0's checkpoint
+
+
+def test_run_against_an_unreachable_remote_server_starts_nothing(tmp_path: Path):
+    address = f"127.0.0.2:{_free_port()}"  # not a local name: no embedded server is started for it
+    volume = tmp_path / "volume"
+    result = relay("run", str(_write(tmp_path / "run.yaml", TINY)), "--volume", str(volume), "--address", address)
+    assert result.returncode == 1
+    expected = f"relay: cannot reach Temporal at {address} (the embedded server is started only for a local address)"
+    assert result.stderr.strip() == expected
+    assert not (volume / "temporal.db").exists()
