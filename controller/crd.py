@@ -203,7 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path.relative_to(REPO_ROOT)}")
     if drifted:
         for path in drifted:
-            print(f"{path.relative_to(REPO_ROOT)}: differs from the models; run `python -m controller.crd`", file=sys.stderr)
+            print(
+                f"{path.relative_to(REPO_ROOT)}: differs from the models; run `python -m controller.crd`",
+                file=sys.stderr,
+            )
         return 1
     return 0
 

@@ -6,18 +6,20 @@ run says so loudly (a warning and a line in the terminal summary), so a green ru
 
 from __future__ import annotations
 
+import os
 import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import pytest
+from k8s_envtest import ControlPlane, assets_dir, missing_binaries
+from k8s_kubelet import ProcessKubelet
 from kubernetes.client.rest import ApiException
 
 from controller.crd import crd_manifest
-from k8s_envtest import ControlPlane, assets_dir, missing_binaries
-from k8s_kubelet import ProcessKubelet
 
 _MISSING = missing_binaries()
 _SKIP_REASON = (
@@ -87,10 +89,34 @@ def volume_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def kubelet(
     control_plane: ControlPlane, volume_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProcessKubelet]:
-    harness = ProcessKubelet(control_plane.api_client(), volume_root, tmp_path_factory.mktemp("kubelet"))
+    here = str(Path(__file__).resolve().parent)
+    pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
+    harness = ProcessKubelet(
+        control_plane.api_client(),
+        volume_root,
+        tmp_path_factory.mktemp("kubelet"),
+        extra_env={"PYTHONPATH": pythonpath},
+    )
     harness.start()
     yield harness
     harness.stop()
+
+
+@pytest.fixture
+def standin_kubelet(kubelet: ProcessKubelet) -> Iterator[ProcessKubelet]:
+    """The kubelet, running the light stand-in trainer instead of `python -m trainer`."""
+    kubelet.module_map = {"trainer": "standin_trainer"}
+    yield kubelet
+    kubelet.module_map = {}
+
+
+def make_training_run(kube: kubernetes.client.ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> str:
+    """Create a TrainingRun object (the operator need not run); return its uid."""
+    body = {"apiVersion": "relay.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name}, "spec": spec}
+    created = kubernetes.client.CustomObjectsApi(kube).create_namespaced_custom_object(
+        "relay.dev", "v1alpha1", namespace, "trainingruns", body
+    )
+    return str(created["metadata"]["uid"])
 
 
 def create_bound_claim(kube: kubernetes.client.ApiClient, namespace: str, claim: str = "relay-shared") -> None:
@@ -117,7 +143,8 @@ def create_bound_claim(kube: kubernetes.client.ApiClient, namespace: str, claim:
         {
             "apiVersion": "v1",
             "kind": "PersistentVolumeClaim",
-            "metadata": {"name": claim},
+            # Pre-bound, as the PV controller would leave it (its periodic sync takes up to 15 s here).
+            "metadata": {"name": claim, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
             "spec": {
                 "accessModes": ["ReadWriteMany"],
                 "storageClassName": "",
@@ -137,15 +164,12 @@ def namespace(kube: kubernetes.client.ApiClient) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     create_bound_claim(kube, name)
-    # Pods are refused until the ServiceAccount controller made "default"; the scheduler backs off (seconds)
-    # from a pod whose claim is not bound yet. Wait for both.
+    # Pods are refused until the ServiceAccount controller has made "default".
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
             core.read_namespaced_service_account("default", name)
-            if core.read_namespaced_persistent_volume_claim("relay-shared", name).status.phase == "Bound":
-                break
+            break
         except ApiException:
-            pass
-        time.sleep(0.1)
+            time.sleep(0.1)
     yield name

@@ -1,0 +1,262 @@
+"""KubernetesBackend: each training leg is one batch/v1 Job; its state is read from a watch-fed cache.
+
+Implements `controller.backends.base.Backend`. `launch` creates `<run>-leg-<n>` or adopts it when it
+already exists (a restarted controller, a retried activity), and waits for, then refuses, a different leg
+of the same run that is still alive. `observe` and `wait_for_change` judge the Job and its pods
+(`controller.kubernetes.legs.judge_leg`) from the cache and carry out the verdict: halt the Job so the 1.20
+Job controller starts no replacement pod, record the termination on the Job. API calls run in a thread
+pool and transient errors (connection, 429, 5xx) are retried with backoff, never reported as a leg outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+from urllib3.exceptions import HTTPError
+
+from controller.backends.base import LegHandle, LegObservation, LegSpec, LegState
+from controller.kubernetes.informer import NamespaceCache
+from controller.kubernetes.jobs import ANNOTATION_TERMINATION, LABEL_LEG, LABEL_RUN, build_leg_job, job_name
+from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
+from controller.spec import API_GROUP, API_VERSION, PLURAL
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+TRANSIENT_STATUS = frozenset({0, 408, 429, 500, 502, 503, 504})
+
+
+class LegConflict(RuntimeError):
+    """Another leg of the same run is still alive; launching this one would put two trainers on one folder."""
+
+
+class KubernetesUnavailable(RuntimeError):
+    """The API server kept failing with transient errors; the caller retries later (not a leg failure)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, ApiException):
+        return (exc.status or 0) in TRANSIENT_STATUS
+    return isinstance(exc, HTTPError | OSError)
+
+
+class KubernetesBackend:
+    def __init__(
+        self,
+        api_client: kubernetes.client.ApiClient,
+        *,
+        api_retry_s: float = 60.0,
+        conflict_wait_s: float = 60.0,
+        max_threads: int = 16,
+    ) -> None:
+        self._api_client = api_client
+        self._batch = kubernetes.client.BatchV1Api(api_client)
+        self._core = kubernetes.client.CoreV1Api(api_client)
+        self._custom = kubernetes.client.CustomObjectsApi(api_client)
+        self._pool = ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="k8s-api")
+        self._caches: dict[str, NamespaceCache] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._generation: dict[tuple[str, str], int] = {}
+        self._seen: dict[tuple[str, str], int] = {}
+        self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
+        self.api_retry_s = api_retry_s
+        self.conflict_wait_s = conflict_wait_s
+        self.api_calls = 0
+
+    # ------------------------------------------------------------ plumbing
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking client call in the pool; retry transient failures with exponential backoff."""
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + self.api_retry_s
+        delay = 0.2
+        while True:
+            self.api_calls += 1
+            try:
+                return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise KubernetesUnavailable(f"Kubernetes API kept failing: {exc}") from exc
+                log.warning("Kubernetes API call %s failed (%s); retrying in %.1fs", fn.__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    def _wake(self, namespace: str, job: str) -> None:
+        key = (namespace, job)
+        self._generation[key] = self._generation.get(key, 0) + 1
+        event = self._wakeups.get(key)
+        if event is not None:
+            event.set()
+
+    def _notify_threadsafe(self, namespace: str, job: str) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake, namespace, job)
+
+    async def cache(self, namespace: str) -> NamespaceCache:
+        """The namespace's Job/pod cache, started (and synced) on first use."""
+        self._loop = asyncio.get_running_loop()
+        cache = self._caches.get(namespace)
+        if cache is None:
+            cache = NamespaceCache(self._api_client, namespace, self._notify_threadsafe).start()
+            self._caches[namespace] = cache
+        await cache.wait_synced()
+        return cache
+
+    @property
+    def watch_requests(self) -> int:
+        return sum(c.requests for c in self._caches.values())
+
+    async def close(self) -> None:
+        for cache in self._caches.values():
+            cache.stop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ Backend protocol
+
+    async def launch(self, leg: LegSpec) -> LegHandle:
+        cache = await self.cache(leg.namespace)
+        name = job_name(leg.name, leg.leg)
+        existing = cache.job(name) or await self._read_job(leg.namespace, name)
+        if existing is not None:
+            return self._handle(leg, existing, adopted=True)
+        await self._wait_other_legs_gone(cache, leg)
+        owner_uid = leg.owner_uid or await self._owner_uid(leg.namespace, leg.name)
+        manifest = build_leg_job(leg.model_copy(update={"owner_uid": owner_uid}))
+        try:
+            created = await self._call(self._batch.create_namespaced_job, leg.namespace, manifest)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            adopted = await self._read_job(leg.namespace, name)
+            if adopted is None:
+                raise
+            return self._handle(leg, adopted, adopted=True)
+        log.info("leg %s/%s: created Job %s", leg.namespace, leg.name, name)
+        return self._handle(leg, self._api_client.sanitize_for_serialization(created), adopted=False)
+
+    async def observe(self, leg: LegSpec) -> LegObservation:
+        cache = await self.cache(leg.namespace)
+        name = job_name(leg.name, leg.leg)
+        self._seen[(leg.namespace, name)] = self._generation.get((leg.namespace, name), 0)
+        job = cache.job(name)
+        pods, vanished = cache.pods_of(name)
+        verdict = judge_leg(job, pods, vanished, now=time.time(), stuck_after_s=leg.spec.retries.stuck_after_seconds)
+        if job is not None:
+            await self._carry_out(leg.namespace, job, verdict)
+        return verdict.observation
+
+    async def wait_for_change(self, leg: LegSpec, timeout_s: float) -> LegObservation:
+        await self.cache(leg.namespace)
+        key = (leg.namespace, job_name(leg.name, leg.leg))
+        if self._generation.get(key, 0) == self._seen.get(key, -1):
+            event = self._wakeups.setdefault(key, asyncio.Event())
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), timeout_s)
+            except TimeoutError:
+                pass
+            finally:
+                self._wakeups.pop(key, None)
+        return await self.observe(leg)
+
+    async def stop(self, leg: LegSpec, grace_s: float) -> LegObservation:
+        cache = await self.cache(leg.namespace)
+        name = job_name(leg.name, leg.leg)
+        pods, _ = cache.pods_of(name)
+        for pod in pods:
+            await self._delete_pod(leg.namespace, pod["metadata"]["name"], grace_s)
+        if cache.job(name) is not None:
+            await self._patch_job(leg.namespace, name, {"spec": {"parallelism": 0}})
+        deadline = time.monotonic() + grace_s + 15
+        observation = await self.observe(leg)
+        while observation.state in (LegState.RUNNING, LegState.PENDING) and time.monotonic() < deadline:
+            observation = await self.wait_for_change(leg, max(0.1, deadline - time.monotonic()))
+        return observation
+
+    async def cleanup(self, namespace: str, name: str) -> None:
+        await self._call(
+            self._batch.delete_collection_namespaced_job,
+            namespace,
+            label_selector=f"{LABEL_RUN}={name}",
+            propagation_policy="Background",
+        )
+
+    # ------------------------------------------------------------ helpers
+
+    def _handle(self, leg: LegSpec, job: dict[str, Any], adopted: bool) -> LegHandle:
+        created = parse_time(job["metadata"].get("creationTimestamp")) or time.time()
+        return LegHandle(leg=leg.leg, backend_id=job["metadata"]["name"], started_at=created, adopted=adopted)
+
+    async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            job = await self._call(self._batch.read_namespaced_job, name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self._api_client.sanitize_for_serialization(job)  # type: ignore[no-any-return]
+
+    async def _owner_uid(self, namespace: str, name: str) -> str:
+        run = await self._call(
+            self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
+        )
+        return str(run["metadata"]["uid"])
+
+    async def _wait_other_legs_gone(self, cache: NamespaceCache, leg: LegSpec) -> None:
+        deadline = time.monotonic() + self.conflict_wait_s
+        while True:
+            alive = []
+            for job in cache.jobs_with(LABEL_RUN, leg.name):
+                other = job["metadata"]["name"]
+                if (job["metadata"].get("labels") or {}).get(LABEL_LEG) == str(leg.leg):
+                    continue
+                if job_alive(job, cache.pods_of(other)[0]):
+                    alive.append(other)
+            if not alive:
+                return
+            if time.monotonic() > deadline:
+                raise LegConflict(
+                    f"{leg.namespace}/{leg.name}: leg {leg.leg} not started, Job(s) {', '.join(alive)} still running"
+                )
+            key = (leg.namespace, alive[0])
+            event = self._wakeups.setdefault(key, asyncio.Event())
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(2.0, max(0.05, deadline - time.monotonic())))
+
+    async def _carry_out(self, namespace: str, job: dict[str, Any], verdict: LegVerdict) -> None:
+        patch: dict[str, Any] = {}
+        if verdict.halt and job.get("spec", {}).get("parallelism") != 0:
+            patch["spec"] = {"parallelism": 0}
+        annotations = job["metadata"].get("annotations") or {}
+        termination = verdict.observation.termination
+        if verdict.record and termination is not None and ANNOTATION_TERMINATION not in annotations:
+            patch["metadata"] = {"annotations": {ANNOTATION_TERMINATION: json.dumps(termination.model_dump())}}
+        if patch:
+            await self._patch_job(namespace, job["metadata"]["name"], patch)
+
+    async def _patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        try:
+            await self._call(self._batch.patch_namespaced_job, name, namespace, patch)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    async def _delete_pod(self, namespace: str, name: str, grace_s: float) -> None:
+        try:
+            await self._call(
+                self._core.delete_namespaced_pod, name, namespace, body={"gracePeriodSeconds": max(0, int(grace_s))}
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

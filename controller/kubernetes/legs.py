@@ -1,0 +1,193 @@
+"""Read a leg's Job and pods (as the API server reports them) into a LegObservation: pure, no API calls.
+
+This is where Kubernetes facts become `LegTermination` facts; `controller.backends.base.classify_termination`
+then decides what they mean. It works from what v1.20 reports (pod deletion, `status.reason` Evicted,
+container exit codes and terminated reasons such as OOMKilled, PodScheduled=False/Unschedulable, image
+pull waiting reasons) and uses the DisruptionTarget pod condition where a newer cluster sets it (1.26+).
+
+The verdict also says what the backend must do to the Job: `halt` (parallelism 0, so the 1.20 Job
+controller does not start a replacement pod next to a terminating one; it also removes a stuck pod) and
+`record` (write the termination onto the Job as an annotation, so a restarted controller reads the same facts).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from controller.backends.base import LegObservation, LegState, LegTermination
+from controller.kubernetes.jobs import ANNOTATION_TERMINATION, TRAINER_CONTAINER
+
+# Pod status.reason values a kubelet or node controller sets when the infrastructure took the pod away.
+DISRUPTION_REASONS = frozenset({"Evicted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated", "Preempting"})
+# Container waiting reasons that do not fix themselves: counted towards "stuck" after the deadline.
+STUCK_WAITING_REASONS = frozenset(
+    {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"}
+)
+
+
+@dataclass(frozen=True)
+class LegVerdict:
+    observation: LegObservation
+    halt: bool = False  # set the Job's parallelism to 0 (no replacement pod; removes a stuck pod)
+    record: bool = False  # write observation.termination onto the Job
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    moment = datetime.fromisoformat(value)
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def _condition(obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    return next((c for c in obj.get("status", {}).get("conditions") or [] if c.get("type") == type_), None)
+
+
+def _trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return next((s for s in statuses if s.get("name") == TRAINER_CONTAINER), statuses[0] if statuses else {})
+
+
+def recorded_termination(job: dict[str, Any]) -> LegTermination | None:
+    raw = (job.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_TERMINATION)
+    return LegTermination.model_validate(json.loads(raw)) if raw else None
+
+
+def _deleted_before_exit(meta: dict[str, Any], terminated: dict[str, Any] | None) -> bool:
+    """Deletion (kubectl delete, the Eviction API, the garbage collector) asked before the trainer exited."""
+    deleted_at = parse_time(meta.get("deletionTimestamp"))
+    if deleted_at is None:
+        return False
+    asked_at = deleted_at - float(meta.get("deletionGracePeriodSeconds") or 0)
+    finished_at = parse_time((terminated or {}).get("finishedAt"))
+    return finished_at is None or finished_at >= asked_at - 1.0
+
+
+def pod_termination(pod: dict[str, Any], vanished: bool = False) -> LegTermination | None:
+    """The facts of a pod that has ended (or vanished), or None while it has not."""
+    meta, status = pod.get("metadata", {}), pod.get("status", {})
+    terminated = (_trainer_status(pod).get("state") or {}).get("terminated")
+    phase = status.get("phase")
+    target = _condition(pod, "DisruptionTarget")
+    disrupted_by = ""
+    if target is not None and target.get("status") == "True":
+        disrupted_by = target.get("reason") or "DisruptionTarget"
+    elif status.get("reason") in DISRUPTION_REASONS:
+        disrupted_by = str(status["reason"])
+    elif _deleted_before_exit(meta, terminated) or (vanished and terminated is None):
+        disrupted_by = "Deleted"
+    if terminated is None and phase not in ("Succeeded", "Failed") and not vanished:
+        return None
+    exit_code = terminated.get("exitCode") if terminated else None
+    container_reason = (terminated or {}).get("reason") or ""
+    if container_reason in ("Completed", "Error"):
+        container_reason = ""
+    reason = container_reason or disrupted_by or ("Completed" if exit_code == 0 else f"ExitCode{exit_code}")
+    parts = [
+        f"pod {meta.get('name')}",
+        f"exit code {exit_code}" if exit_code is not None else "no exit code",
+        status.get("message") or (terminated or {}).get("message") or "",
+        "vanished before reporting an exit" if vanished and terminated is None else "",
+    ]
+    return LegTermination(
+        exit_code=exit_code,
+        reason=reason,
+        message="; ".join(p for p in parts if p),
+        disrupted=bool(disrupted_by),
+    )
+
+
+def _stuck_since(pod: dict[str, Any]) -> tuple[float | None, str]:
+    scheduled = _condition(pod, "PodScheduled")
+    if scheduled is not None and scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(pod["metadata"].get("creationTimestamp"))
+        return since, f"Unschedulable: {scheduled.get('message', '')}".strip()
+    waiting = (_trainer_status(pod).get("state") or {}).get("waiting") or {}
+    if waiting.get("reason") in STUCK_WAITING_REASONS:
+        since = parse_time(pod["metadata"].get("creationTimestamp"))
+        return since, f"{waiting['reason']}: {waiting.get('message', '')}".strip()
+    return None, ""
+
+
+def judge_leg(
+    job: dict[str, Any] | None,
+    pods: list[dict[str, Any]],
+    vanished: list[dict[str, Any]],
+    *,
+    now: float,
+    stuck_after_s: float,
+) -> LegVerdict:
+    """What a leg's Job and pods say. `pods` are the live pods of the Job, `vanished` the ones seen deleted
+    before they reported an exit. The leg's pod is the Job's first; later ones are replacements."""
+    if job is None:
+        return LegVerdict(LegObservation(state=LegState.MISSING, detail="no Job"))
+    recorded = recorded_termination(job)
+    if recorded is not None:
+        return LegVerdict(LegObservation(state=LegState.TERMINATED, termination=recorded, detail="ended"))
+    by_age = sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+    if not by_age and not vanished:
+        for type_, code in (("Complete", 0), ("Failed", None)):
+            cond = _condition(job, type_)
+            if cond is not None and cond.get("status") == "True":
+                termination = LegTermination(
+                    exit_code=code, reason=cond.get("reason") or type_, message=cond.get("message") or ""
+                )
+                return LegVerdict(LegObservation(state=LegState.TERMINATED, termination=termination), record=True)
+        return LegVerdict(LegObservation(state=LegState.PENDING, detail="waiting for the Job's pod"))
+    ended: list[LegTermination] = []
+    live: list[dict[str, Any]] = []
+    for pod in by_age:
+        ending = pod_termination(pod)
+        if ending is None:
+            live.append(pod)
+        else:
+            ended.append(ending)
+    ended.extend(t for t in (pod_termination(p, vanished=True) for p in vanished) if t is not None)
+    if ended and not live:
+        # The trainer's own exit is the most telling fact; a pod that vanished without one comes after.
+        termination = next((t for t in ended if t.exit_code is not None), ended[0])
+        return LegVerdict(
+            LegObservation(state=LegState.TERMINATED, termination=termination, detail="the leg's pods ended"),
+            halt=True,
+            record=True,
+        )
+    pod = live[0]
+    name = pod["metadata"]["name"]
+    if ended or any(p["metadata"].get("deletionTimestamp") for p in live):
+        # A pod is going away (deleted, evicted) or went: on 1.20 the Job controller starts a replacement at
+        # once; halt the Job and wait until every pod of the leg has exited before calling the leg over.
+        return LegVerdict(
+            LegObservation(state=LegState.RUNNING, detail=f"pod {name} terminating, waiting for the leg's exit"),
+            halt=True,
+        )
+    phase = pod.get("status", {}).get("phase") or "Pending"
+    if phase == "Running":
+        node = pod.get("spec", {}).get("nodeName", "")
+        return LegVerdict(LegObservation(state=LegState.RUNNING, detail=f"pod {name} running on {node}"))
+    since, why = _stuck_since(pod)
+    if since is not None and now - since >= stuck_after_s:
+        termination = LegTermination(
+            reason=why.split(":")[0],
+            message=f"pod {name} did not start within {stuck_after_s:.0f}s: {why}",
+            stuck=True,
+        )
+        return LegVerdict(LegObservation(state=LegState.TERMINATED, termination=termination), halt=True, record=True)
+    return LegVerdict(LegObservation(state=LegState.PENDING, detail=f"pod {name} {phase}{': ' + why if why else ''}"))
+
+
+def job_alive(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+    """A leg that may still write to the run's folder: not recorded as ended, or with a pod not yet finished."""
+    if any(p.get("status", {}).get("phase") not in ("Succeeded", "Failed") for p in pods):
+        return True
+    if recorded_termination(job) is not None:
+        return False
+    return (
+        not any(
+            (c.get("type") in ("Complete", "Failed") and c.get("status") == "True")
+            for c in job.get("status", {}).get("conditions") or []
+        )
+        and job.get("spec", {}).get("parallelism") != 0
+    )
