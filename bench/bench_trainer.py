@@ -210,10 +210,10 @@ def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
         dd_write_s / write_s,
         "ratio",
         ">= 0.7",
-        f"MiniLM+AdamW checkpoint of {mb:.0f} MB: best of {REPS} writes (files + sha256 + fsync + manifest + "
-        f"rename) {write_s:.3f} s = {mb / write_s:.0f} MB/s vs dd bs=1M conv=fsync of the same size on the same "
-        f"disk {dd_write_s:.3f} s = {mb / dd_write_s:.0f} MB/s, interleaved (medians {statistics.median(writes):.3f}"
-        f" s vs {statistics.median(dd_writes):.3f} s; {load})",
+        f"MiniLM+AdamW checkpoint of {mb:.0f} MB: best of {REPS} saves (copy to host + files + sha256 + fsync + "
+        f"manifest + rename) {write_s:.3f} s = {mb / write_s:.0f} MB/s vs dd bs=1M conv=fsync of the same size "
+        f"on the same disk {dd_write_s:.3f} s = {mb / dd_write_s:.0f} MB/s, interleaved "
+        f"(medians {statistics.median(writes):.3f} s vs {statistics.median(dd_writes):.3f} s; {load})",
     )
     out["checkpoint_restore_vs_disk"] = entry(
         dd_read_s / restore_s,
@@ -265,9 +265,10 @@ def bench_training(scratch: Path, snapshot: Path, sync_save_s: float, out: dict[
         stall / sync_save_s,
         "fraction",
         "<= 0.2",
-        f"median training-thread stall per checkpoint during MiniLM training (copy into reused host buffers + "
-        f"wait for any write still in flight) {stall:.3f} s over {len(stalls)} checkpoints, divided by one "
-        f"synchronous write of the same checkpoint (files + fsync + manifest + rename, median) {sync_save_s:.3f} s",
+        f"median training-thread stall per checkpoint during MiniLM training (taking the step's state + waiting "
+        f"for the off-thread copy before the next optimizer.step() + for any write still in flight) {stall:.3f} s "
+        f"over {len(stalls)} checkpoints, divided by one synchronous save of the same checkpoint (copy to host + "
+        f"files + sha256 + fsync + manifest + rename, median) {sync_save_s:.3f} s",
     )
 
 
