@@ -70,6 +70,14 @@ def _check_dataset(run: TrainingRun, volume_root: Path) -> None:
             )
 
 
+_UI_ADDRESS: dict[str, str] = {}
+
+
+def _default_ui(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    return f"http://{host}:{int(port) + 1000}"  # the temporal CLI's default for its UI
+
+
 @contextlib.asynccontextmanager
 async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -> AsyncIterator[Any]:
     """A connected client; starts the embedded dev server (db on the volume) when nothing answers locally."""
@@ -94,6 +102,7 @@ async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -
         except devserver.DevServerError as exc:
             raise CliError(str(exc)) from None
         _note(f"started the embedded Temporal dev server at {address} (Web UI {server.ui_address})")
+    _UI_ADDRESS[address] = server.ui_address if server is not None else _default_ui(address)
     try:
         try:
             client = await worker.connect(address)
@@ -187,8 +196,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
             _note(f"  status as JSON:  {_query_hint(wf_id, args.address)}")
             _note(f"  (legacy tctl:    tctl --address {args.address} workflow query --workflow_id {wf_id} "
                   "--query_type get_status)")  # fmt: skip
-            ui = f"http://{args.address.rpartition(':')[0]}:{int(args.address.rpartition(':')[2]) + 1000}"
-            _note(f"  Web UI:          {ui}/namespaces/default/workflows/{wf_id}")
+            _note(f"  Web UI:          {_UI_ADDRESS[args.address]}/namespaces/default/workflows/{wf_id}")
             result_task = asyncio.ensure_future(handle.result())
             try:
                 await _watch(handle, result_task, show=not args.no_progress)

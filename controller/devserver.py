@@ -52,6 +52,20 @@ def reachable(address: str, timeout_s: float = 0.5) -> bool:
         return False
 
 
+def _port_or_free(host: str, preferred: int) -> int:
+    """`preferred` when nothing listens there (the temporal CLI's default UI port), else a free port."""
+    for port in (preferred, 0):
+        if port > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise DevServerError(f"no free port for the Web UI on {host}")
+
+
 def is_local(address: str) -> bool:
     return split_address(address)[0] in LOCAL_HOSTS
 
@@ -63,7 +77,7 @@ class DevServer:
         self.host, self.port = split_address(address)
         self.address = address
         self.db_file = db_file
-        self.ui_port = ui_port if ui_port is not None else self.port + 1000
+        self.ui_port = ui_port if ui_port is not None else _port_or_free(self.host, self.port + 1000)
         self.log_file = log_file
         self.process: subprocess.Popen[bytes] | None = None
 
