@@ -67,6 +67,7 @@ RETENTION_METRIC = "loss"  # the interval's mean training loss; lower is better
 KILL_IN_WRITE_ENV = "RELAY_TEST_KILL_IN_CHECKPOINT_WRITE"
 # Test-only hook: sleep this long on the writer thread before copying a checkpoint's tensors.
 COPY_DELAY_ENV = "RELAY_TEST_CHECKPOINT_COPY_DELAY_S"
+WRITE_DELAY_ENV = "RELAY_TEST_CHECKPOINT_WRITE_DELAY_S"
 
 
 @dataclass
@@ -294,6 +295,9 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
     tmp.mkdir()
     hashes: dict[str, str] = {}
     hashes[MODEL_FILE] = write_safetensors(tmp / MODEL_FILE, state.model, {"format": "pt"})
+    write_delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
+    if write_delay:
+        time.sleep(write_delay)  # test hook: a slow write, so a drill can SIGKILL the trainer inside it
     if os.environ.get(KILL_IN_WRITE_ENV) == str(state.step):
         log.info("test hook %s: SIGKILL inside the write of step %d", KILL_IN_WRITE_ENV, state.step)
         os.kill(os.getpid(), signal.SIGKILL)

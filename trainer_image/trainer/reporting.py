@@ -1,12 +1,16 @@
 """Progress a person reads in `kubectl logs` and the machine-readable `<run-dir>/progress.json`.
 
 Every log line and every checkpoint also rewrites progress.json (small, fsynced, atomic), which the
-controller polls. Keys: state, step, total_steps, epoch, loss, learning_rate, samples_per_s, eta_s,
-last_checkpoint_step, resumed_from_step, pid, message (+ updated_at from volume.write_progress).
+controller polls. Every progress log line (and the final evaluation) also appends one JSON line to
+`<run-dir>/history.jsonl` (not fsynced: a SIGKILL may drop the last lines; a resumed leg appends the steps
+it redoes again, readers keep the newest line per step). progress.json keys: state, step, total_steps, epoch,
+loss, learning_rate, samples_per_s, eta_s, last_checkpoint_step, resumed_from_step, pid, message (+ updated_at
+from volume.write_progress).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -69,6 +73,16 @@ class Reporter:
         self._window_samples = 0
         self._window_loss = 0.0
 
+    def history(self, **entry: Any) -> None:
+        """Append one JSON line to history.jsonl (one write call, so a reader never sees half a line)."""
+        entry.update(time=round(time.time(), 3), pid=os.getpid())
+        line = json.dumps(entry, sort_keys=True) + "\n"
+        fd = os.open(self.layout.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
     def update(self, **changes: Any) -> None:
         if "state" in changes and changes["state"] not in STATES:
             raise ValueError(f"unknown progress state {changes['state']!r}")
@@ -126,6 +140,13 @@ class Reporter:
             samples_per_s,
             fmt_duration(eta),
             f"step {last}" if last is not None else "none",
+        )
+        self.history(
+            step=step,
+            epoch=round(epoch, 4),
+            loss=mean_loss,
+            learning_rate=learning_rate,
+            samples_per_s=round(samples_per_s, 3),
         )
         self.update(
             state="running",

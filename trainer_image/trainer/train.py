@@ -115,7 +115,8 @@ def load_config(path: Path) -> TrainerConfig:
         return TrainerConfig.model_validate_json(text)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "(document)"
+        parts = [str(part) if str(part).isprintable() else json.dumps(str(part)) for part in first["loc"]]
+        where = ".".join(parts) or "(document)"  # a key with a newline is quoted: the message stays one line
         raise InvalidInput(f"config {path}: {where}: {first['msg']}") from exc
 
 
@@ -490,6 +491,12 @@ def _run(
         reporter.update(state="evaluating", message="evaluating on the eval split")
         log.info("evaluating on %d eval rows", eval_data.rows)
         eval_metrics = evaluate(model, eval_data, config, device, autocast, stop)
+        reporter.history(
+            step=total_steps,
+            epoch=round(total_steps / steps_per_epoch, 4),
+            eval_loss=eval_metrics["loss"],
+            eval_accuracy=eval_metrics["accuracy"],
+        )
         metrics = {
             **eval_metrics,
             "train_loss": loss_sum / total_steps,

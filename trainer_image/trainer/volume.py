@@ -75,6 +75,11 @@ class RunLayout:
         return self.run_dir / "progress.json"
 
     @property
+    def history_path(self) -> Path:
+        """One JSON line per progress log line and evaluation, appended by every leg (the plot's loss curve)."""
+        return self.run_dir / "history.jsonl"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
