@@ -43,6 +43,12 @@ def _volume_relative_path(value: str) -> str:
     return value
 
 
+def _run_name_length(value: str) -> str:
+    if len(value) > MAX_RUN_NAME:
+        raise ValueError(f"must be at most {MAX_RUN_NAME} characters (Job and workflow names derive from it)")
+    return value
+
+
 DnsLabel = Annotated[str, AfterValidator(_dns_label)]
 VolumePath = Annotated[str, AfterValidator(_volume_relative_path)]
 Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")]
@@ -52,7 +58,7 @@ class Metadata(CamelModel):
     """The subset of Kubernetes object metadata Relay reads; other keys (labels, uid, ...) pass through."""
 
     model_config = CamelModel.model_config | {"extra": "allow"}
-    name: Annotated[DnsLabel, Field(max_length=MAX_RUN_NAME)]
+    name: Annotated[DnsLabel, AfterValidator(_run_name_length)]
     namespace: DnsLabel = "default"
 
 
