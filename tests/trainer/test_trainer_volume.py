@@ -119,6 +119,22 @@ def test_bad_newer_checkpoints_are_quarantined_and_the_previous_used(tmp_path: P
     assert "size 1 != 70" in moved[20] and "manifest.json: missing" in moved[30]
 
 
+def test_checkpoint_of_another_format_is_quarantined_not_loaded(tmp_path: Path) -> None:
+    """A verified checkpoint lacking a file this trainer's loader needs (written by an older format)."""
+    checkpoints, quarantine = tmp_path / "checkpoints", tmp_path / "quarantine"
+    make_checkpoint(checkpoints, 10)
+    newer = make_checkpoint(checkpoints, 20)
+    (newer / "sub" / "state.json").unlink()
+    write_manifest(newer, step=20, epoch=0, config_hash="abc")  # a complete manifest, in an older layout
+    required = ("model.safetensors", "sub/state.json")
+    latest, rejected = find_latest_checkpoint(
+        checkpoints, verify_hashes=True, quarantine_dir=quarantine, required_files=required
+    )
+    assert latest is not None and latest.step == 10
+    assert [r.step for r in rejected] == [20]
+    assert "sub/state.json: required but not in the manifest" in rejected[0].reason
+
+
 def test_without_quarantine_dir_nothing_moves(tmp_path: Path) -> None:
     """The controller reads a read-only mount: it reports bad checkpoints but never moves them."""
     make_checkpoint(tmp_path, 10)

@@ -60,6 +60,8 @@ RNG_FILE = "rng.json"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "config.json"
 MODEL_CONFIG_FILE = "model_config.json"
+# What load_checkpoint reads besides the optimizer tensors: a checkpoint whose manifest lacks one is invalid.
+REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_META_FILE, RNG_FILE, STATE_FILE)
 RETENTION_METRIC = "loss"  # the interval's mean training loss; lower is better
 
 # Test-only hook (documented in trainer_image/README.md): SIGKILL this process inside the writer of the

@@ -261,7 +261,10 @@ def _run(
     for path in removed:
         log.info("removed half-written %s (left by a killed writer)", path.name)
     latest, rejected = find_latest_checkpoint(
-        layout.checkpoints_dir, verify_hashes=True, quarantine_dir=layout.quarantine_dir
+        layout.checkpoints_dir,
+        verify_hashes=True,
+        quarantine_dir=layout.quarantine_dir,
+        required_files=ckpt.REQUIRED_FILES,
     )
     for bad in rejected:
         log.warning("checkpoint step %d quarantined to %s: %s", bad.step, bad.path, bad.reason)

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,11 +251,13 @@ def write_manifest(
     )
 
 
-def read_checkpoint(folder: Path, *, verify_hashes: bool) -> CheckpointInfo:
+def read_checkpoint(folder: Path, *, verify_hashes: bool, required_files: Collection[str] = ()) -> CheckpointInfo:
     """Parse and check a checkpoint folder; raise CheckpointInvalid naming the file at fault.
 
     Without `verify_hashes` only presence and sizes are checked (cheap: for the controller's
     heartbeats). With it, every file's sha256 is recomputed (before the trainer loads it).
+    `required_files` the manifest must list (the loader's needs): a checkpoint written in another
+    format is then invalid (quarantined, the previous one used) instead of failing every later leg.
     """
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -275,6 +277,10 @@ def read_checkpoint(folder: Path, *, verify_hashes: bool) -> CheckpointInfo:
         raise CheckpointInvalid(f"{manifest_path}: says step {step} but folder is {folder.name}")
     if not files:
         raise CheckpointInvalid(f"{manifest_path}: lists no files")
+    listed = {entry.path for entry in files}
+    for name in required_files:
+        if name not in listed:
+            raise CheckpointInvalid(f"{folder / name}: required but not in the manifest (another checkpoint format?)")
     for entry in files:
         file = folder / entry.path
         if not file.is_file():
@@ -332,6 +338,7 @@ def find_latest_checkpoint(
     *,
     verify_hashes: bool,
     quarantine_dir: Path | None = None,
+    required_files: Collection[str] = (),
 ) -> tuple[CheckpointInfo | None, list[QuarantinedCheckpoint]]:
     """The newest checkpoint that passes verification, newest by parsed step number.
 
@@ -341,7 +348,7 @@ def find_latest_checkpoint(
     rejected: list[QuarantinedCheckpoint] = []
     for step, folder in reversed(list_checkpoint_dirs(checkpoints_dir)):
         try:
-            return read_checkpoint(folder, verify_hashes=verify_hashes), rejected
+            return read_checkpoint(folder, verify_hashes=verify_hashes, required_files=required_files), rejected
         except CheckpointInvalid as exc:
             moved = quarantine(folder, quarantine_dir, str(exc)) if quarantine_dir is not None else folder
             rejected.append(QuarantinedCheckpoint(step, moved, str(exc)))
