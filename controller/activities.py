@@ -447,8 +447,8 @@ class RelayActivities:
             raise ApplicationError(f"modelPath {rel!r}: escapes the volume", type=PREDICT_FAILED, non_retryable=True)
         if not model.is_dir():
             raise ApplicationError(f"{model}: no such model folder", type=MISSING_FINAL_MODEL, non_retryable=True)
-        command = [self.trainer_python, "-m", "trainer", "predict", "--model", str(model), "--json", "--text"]
-        command += request.texts
+        command = [self.trainer_python, "-m", "trainer", "predict", "--model", str(model), "--json"]
+        command += [f"--text={text}" for text in request.texts]  # one argument each: texts may start with "-"
         result = await asyncio.to_thread(
             subprocess.run,
             command,

@@ -110,3 +110,10 @@ def test_corrupt_checkpoint_is_refused(finished: Path, tmp_path: Path, capsys: p
     weights.write_bytes(bytes(content))
     assert main(["predict", "--model", str(weights.parent), "--text", "x"]) == ExitCode.INVALID_INPUT
     assert "model.safetensors: sha256 does not match manifest" in capsys.readouterr().err
+
+
+def test_texts_starting_with_a_dash_are_texts_not_options(finished: Path) -> None:
+    texts = ["-- not an option", "-v", "a plain review"]
+    result = predict("--model", str(finished / "final"), "--json", *[f"--text={t}" for t in texts])
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == texts

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", help="labels and probabilities from a final model or a checkpoint")
     predict.add_argument("--model", required=True, type=Path, help="final/ folder or checkpoints/step-N folder")
     source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text", nargs="+", help="one or more texts")
+    source.add_argument(
+        "--text", nargs="+", action="extend", help="one or more texts (repeatable; --text=-x for one starting with -)"
+    )
     source.add_argument("--file", type=Path, help="a file with one text per line")
     predict.add_argument("--json", action="store_true", help="JSON lines: {text, label, probabilities}")
     predict.add_argument("--batch-size", type=int, default=32)
