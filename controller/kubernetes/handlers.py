@@ -1,0 +1,167 @@
+"""The TrainingRun operator's kopf handlers: thin, each validates, then starts, signals or cancels a workflow.
+
+- create / resume (controller restart): check what the schema cannot (PVC exists, paths stay inside the
+  volume, dataset file present, name length); on bad input set a Failed condition naming the field and
+  start nothing; else start `CheckpointedBertTrainingWorkflow` with id `trainingrun-<ns>-<name>` and
+  conflict policy USE_EXISTING, so a running workflow is adopted, never duplicated.
+- `spec.suspend` changes: signal `pause` / `resume`; other spec changes are reported, not applied.
+- delete: kopf's finalizer holds the object until the workflow is cancelled and the leg Jobs deleted
+  (owner references would remove them too).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.rest import ApiException
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from controller.kubernetes.backend import KubernetesBackend
+from controller.kubernetes.status_sink import CustomResourceStatus
+from controller.spec import API_GROUP, API_VERSION, PLURAL, InvalidTrainingRun, parse_training_run, workflow_id
+from controller.status import Phase, RunStatus, rfc3339
+
+log = logging.getLogger(__name__)
+WORKFLOW = "CheckpointedBertTrainingWorkflow"
+FINISHED_PHASES = {Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value}
+
+
+@dataclass
+class OperatorContext:
+    """What the handlers need, handed in by main (or a test)."""
+
+    temporal: Client
+    api_client: kubernetes.client.ApiClient
+    backend: KubernetesBackend
+    volume_root: Path
+    task_queue: str
+
+
+def check_beyond_schema(document: dict[str, Any], volume_root: Path, core: kubernetes.client.CoreV1Api) -> list[str]:
+    """`field: message` lines for what the CRD schema cannot express; empty when the run may start."""
+    try:
+        run = parse_training_run(document, "TrainingRun")
+    except InvalidTrainingRun as exc:
+        return [f"{field}: {message}" for field, message in exc.errors]
+    errors = []
+    spec, namespace = run.spec, run.metadata.namespace
+    model = PurePosixPath(spec.model)
+    if model.is_absolute() or ".." in model.parts:
+        errors.append(f"spec.model: {spec.model!r} must be 'tiny', a hub id or a path inside the volume")
+    if spec.dataset.path is not None and not (volume_root / spec.dataset.path).is_file():
+        errors.append(f"spec.dataset.path: {spec.dataset.path!r} not found on the volume")
+    try:
+        core.read_namespaced_persistent_volume_claim(spec.storage.claim_name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        errors.append(
+            f"spec.storage.claimName: PersistentVolumeClaim {spec.storage.claim_name!r} not found in {namespace}"
+        )
+    return errors
+
+
+def invalid_status(errors: list[str]) -> dict[str, Any]:
+    now = rfc3339(__import__("time").time())
+    status = RunStatus(phase=Phase.FAILED, message="; ".join(errors), finished_at=now)
+    status.set_condition("Failed", "True", "Invalid", "; ".join(errors), now)
+    status.set_condition("Ready", "False", "Invalid", "the TrainingRun cannot run as written", now)
+    return CustomResourceStatus.from_run_status(status).model_dump(mode="json", by_alias=True)
+
+
+def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    resource = (API_GROUP, API_VERSION, PLURAL)
+    core = kubernetes.client.CoreV1Api(ctx.api_client)
+
+    async def start(body: kopf.Body, patch: kopf.Patch, reason: str) -> None:
+        document = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in body}
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if (body.get("status") or {}).get("phase") in FINISHED_PHASES:
+            return
+        from controller.workflows import TrainingRunInput  # temporalio workflow module: import when needed
+
+        errors = await ctx.backend._call(check_beyond_schema, document, ctx.volume_root, core)
+        if errors:
+            log.warning("%s/%s is invalid: %s", namespace, name, "; ".join(errors))
+            patch.status.update(invalid_status(errors))
+            kopf.warn(body, reason="Invalid", message="; ".join(errors))
+            return
+        run = parse_training_run(document)
+        run_input = TrainingRunInput(
+            namespace=namespace, name=name, spec=run.spec, owner_uid=str(body["metadata"]["uid"])
+        )
+        try:
+            await ctx.temporal.start_workflow(
+                WORKFLOW,
+                run_input,
+                id=workflow_id(namespace, name),
+                task_queue=ctx.task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                # A restarted controller must not re-run a finished workflow; a re-created object may.
+                id_reuse_policy=(
+                    WorkflowIDReusePolicy.ALLOW_DUPLICATE
+                    if reason == "create"
+                    else WorkflowIDReusePolicy.REJECT_DUPLICATE
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            log.info("%s/%s: workflow already ran; not started again", namespace, name)
+            return
+        log.info("%s/%s: workflow %s running", namespace, name, workflow_id(namespace, name))
+
+    @kopf.on.create(*resource, registry=registry)
+    async def on_create(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        await start(body, patch, "create")
+
+    @kopf.on.resume(*resource, registry=registry)
+    async def on_resume(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+        await start(body, patch, "resume")
+
+    @kopf.on.field(*resource, field="spec.suspend", registry=registry)
+    async def on_suspend(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
+        if old is None and not new:
+            return  # creation; the workflow reads spec.suspend from its input
+        from controller.workflows import PauseRequest, ResumeRequest
+
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        handle = ctx.temporal.get_workflow_handle(workflow_id(namespace, name))
+        if new:
+            await handle.signal("pause", PauseRequest(reason="spec.suspend"))
+        else:
+            await handle.signal("resume", ResumeRequest(reason="spec.suspend"))
+        kopf.info(body, reason="Suspended" if new else "Resumed", message=f"spec.suspend set to {bool(new)}")
+
+    @kopf.on.update(*resource, field="spec", registry=registry)
+    async def on_spec_change(body: kopf.Body, diff: kopf.Diff, **_: Any) -> None:
+        changed = sorted({".".join(map(str, d[1])) for d in diff if tuple(d[1][:1]) != ("suspend",)})
+        if changed:
+            kopf.warn(
+                body,
+                reason="SpecChangeIgnored",
+                message=f"spec.{', spec.'.join(changed)} changed; a running TrainingRun only honours spec.suspend",
+            )
+
+    @kopf.on.delete(*resource, registry=registry)
+    async def on_delete(body: kopf.Body, **_: Any) -> None:
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        handle = ctx.temporal.get_workflow_handle(workflow_id(namespace, name))
+        try:
+            description = await handle.describe()
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                await handle.cancel()
+                log.info("%s/%s: deleted; workflow cancelled", namespace, name)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise kopf.TemporaryError(f"cannot cancel the workflow yet: {exc}", delay=5) from exc
+        await ctx.backend.cleanup(namespace, name)
+
+    return registry

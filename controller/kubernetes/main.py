@@ -1,0 +1,188 @@
+"""The controller process: kopf's TrainingRun handlers and the Temporal worker in one asyncio loop.
+
+`relay controller ARGS` calls `main(argv)`. Flags fall back to env vars (RELAY_TEMPORAL_ADDRESS,
+RELAY_TEMPORAL_NAMESPACE, RELAY_VOLUME_ROOT, RELAY_POD_NAMESPACE). The Kubernetes connection is the
+in-cluster service account when present, else KUBECONFIG. The worker runs the same workflows as
+`relay run`, with the KubernetesBackend (one Job per leg) and the KubernetesStatusSink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import kopf
+import kubernetes
+
+from controller.kubernetes.backend import KubernetesBackend
+from controller.kubernetes.handlers import OperatorContext, build_registry
+from controller.kubernetes.status_sink import KubernetesStatusSink
+
+log = logging.getLogger("relay.controller")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from controller.worker import TASK_QUEUE
+
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="relay controller", description=__doc__.split("\n")[0])
+    parser.add_argument("--temporal-address", default=env("RELAY_TEMPORAL_ADDRESS"), help="HOST:PORT")
+    parser.add_argument("--temporal-namespace", default=env("RELAY_TEMPORAL_NAMESPACE", "default"))
+    parser.add_argument("--temporal-tls-cert", type=Path, help="client certificate (mTLS)")
+    parser.add_argument("--temporal-tls-key", type=Path, help="client key (mTLS)")
+    parser.add_argument("--temporal-tls-ca", type=Path, help="CA bundle of the Temporal frontend")
+    parser.add_argument("--volume-root", type=Path, default=Path(env("RELAY_VOLUME_ROOT", "/relay-volume")))
+    parser.add_argument("--watch-namespace", action="append", default=[], help="repeatable")
+    parser.add_argument("--all-namespaces", action="store_true")
+    parser.add_argument("--metrics-port", type=int, default=9090)
+    parser.add_argument("--health-port", type=int, default=8081)
+    parser.add_argument("--task-queue", default=TASK_QUEUE)
+    parser.add_argument("--kubeconfig", default=env("KUBECONFIG"), help=argparse.SUPPRESS)
+    return parser
+
+
+def kube_configuration(kubeconfig: str | None) -> kubernetes.client.Configuration:
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    configuration.connection_pool_maxsize = 32
+    return configuration
+
+
+def kopf_settings(settings: kopf.OperatorSettings) -> None:
+    """No cluster-wide needs: no peering objects, no CRD scanning; progress kept in annotations."""
+    settings.peering.standalone = True
+    settings.scanning.disabled = True
+    settings.persistence.finalizer = "relay.dev/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="relay.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="relay.dev", key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+
+
+def register_login(registry: kopf.OperatorRegistry, configuration: kubernetes.client.Configuration) -> None:
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        auth = configuration.api_key.get("authorization", "") or configuration.api_key.get("BearerToken", "")
+        token = auth.removeprefix("Bearer ").strip() or None
+        return kopf.ConnectionInfo(
+            server=configuration.host,
+            ca_path=configuration.ssl_ca_cert,
+            insecure=not configuration.verify_ssl,
+            token=token,
+            certificate_path=configuration.cert_file,
+            private_key_path=configuration.key_file,
+        )
+
+
+async def run_controller(
+    *,
+    temporal: Any,
+    configuration: kubernetes.client.Configuration,
+    volume_root: Path,
+    namespaces: list[str] | None,
+    task_queue: str,
+    stop: asyncio.Event,
+    ready: Any | None = None,
+) -> None:
+    """Run until `stop` is set. `namespaces=None` watches all namespaces."""
+    from controller.worker import build_worker
+
+    api_client = kubernetes.client.ApiClient(configuration)
+    backend = KubernetesBackend(api_client)
+    sink = KubernetesStatusSink(api_client)
+    worker = build_worker(temporal, backend, volume_root, sink, task_queue)
+    ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue)
+    registry = build_registry(ctx)
+    register_login(registry, configuration)
+    settings = kopf.OperatorSettings()
+    kopf_settings(settings)
+    try:
+        async with worker:
+            await kopf.operator(
+                registry=registry,
+                settings=settings,
+                standalone=True,
+                namespaces=namespaces or [],
+                clusterwide=namespaces is None,
+                stop_flag=stop,
+                ready_flag=ready,
+            )
+    finally:
+        await backend.close()
+        api_client.close()
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    from temporalio.client import Client, TLSConfig
+
+    from controller.worker import DATA_CONVERTER
+
+    if not args.temporal_address:
+        print("relay controller: --temporal-address (or RELAY_TEMPORAL_ADDRESS) is required", file=sys.stderr)
+        return 2
+    namespaces: list[str] | None
+    if args.all_namespaces:
+        namespaces = None
+    else:
+        namespaces = args.watch_namespace or [os.environ.get("RELAY_POD_NAMESPACE", "")]
+        if not namespaces[0]:
+            print("relay controller: give --watch-namespace, --all-namespaces or RELAY_POD_NAMESPACE", file=sys.stderr)
+            return 2
+    tls: TLSConfig | bool = False
+    if args.temporal_tls_ca or args.temporal_tls_cert:
+        tls = TLSConfig(
+            server_root_ca_cert=args.temporal_tls_ca.read_bytes() if args.temporal_tls_ca else None,
+            client_cert=args.temporal_tls_cert.read_bytes() if args.temporal_tls_cert else None,
+            client_private_key=args.temporal_tls_key.read_bytes() if args.temporal_tls_key else None,
+        )
+    configuration = kube_configuration(args.kubeconfig)
+    temporal = await Client.connect(
+        args.temporal_address, namespace=args.temporal_namespace, tls=tls, data_converter=DATA_CONVERTER
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    observability = None
+    try:
+        from controller.observability import start_observability_server
+
+        observability = start_observability_server(args.health_port, args.metrics_port)
+        observability.set_ready(True)
+    except ImportError:
+        log.warning("controller.observability not available: no health/metrics server")
+    try:
+        await run_controller(
+            temporal=temporal,
+            configuration=configuration,
+            volume_root=args.volume_root,
+            namespaces=namespaces,
+            task_queue=args.task_queue,
+            stop=stop,
+        )
+    finally:
+        if observability is not None:
+            observability.close()
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_amain(args))
+    except (OSError, kubernetes.config.ConfigException) as exc:
+        print(f"relay controller: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,247 @@
+"""End to end on the envtest control plane: the operator + Temporal worker (one loop) drive TrainingRuns.
+
+Legs run the stand-in trainer through the process kubelet; the Temporal dev server is the session's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import hashlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+from k8s_kubelet import ProcessKubelet
+
+from controller.kubernetes.main import run_controller
+from controller.spec import workflow_id
+from trainer import volume
+
+pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
+CONTROLLERS: list[ControllerProcess] = []
+STEPS = 30
+
+
+def run_spec(**overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "dataset": {"source": "demo", "maxRows": 40},
+        "training": {"maxSteps": STEPS, "checkpointEverySteps": 5},
+        "resources": {"cpu": "1", "memory": "1Gi", "gpus": 1},
+        "terminationGracePeriodSeconds": 5,
+        "retries": {"backoffSeconds": 0.5},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def expected_weights(steps: int) -> str:
+    state = "seed"
+    for step in range(1, steps + 1):
+        state = hashlib.sha256(f"{state}:{step}".encode()).hexdigest()
+    return state
+
+
+class Cluster:
+    def __init__(self, kube: kubernetes.client.ApiClient, namespace: str) -> None:
+        self.namespace = namespace
+        self.custom = kubernetes.client.CustomObjectsApi(kube)
+        self.core = kubernetes.client.CoreV1Api(kube)
+        self.batch = kubernetes.client.BatchV1Api(kube)
+
+    async def apply(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {"apiVersion": "relay.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name}, "spec": spec}
+        return await asyncio.to_thread(
+            self.custom.create_namespaced_custom_object, "relay.dev", "v1alpha1", self.namespace, "trainingruns", body
+        )
+
+    async def get(self, name: str) -> dict[str, Any] | None:
+        try:
+            return await asyncio.to_thread(
+                self.custom.get_namespaced_custom_object, "relay.dev", "v1alpha1", self.namespace, "trainingruns", name
+            )
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def until(self, name: str, check: Callable[[dict[str, Any]], bool], timeout_s: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        run = await self.get(name)
+        while not (run is not None and check(run)):
+            assert_controller_alive()
+            assert time.monotonic() < deadline, f"timed out; status: {(run or {}).get('status')}"
+            await asyncio.sleep(0.2)
+            run = await self.get(name)
+        return run
+
+    async def events(self, name: str) -> list[str]:
+        items = await asyncio.to_thread(
+            self.core.list_namespaced_event, self.namespace, field_selector=f"involvedObject.name={name}"
+        )
+        return [e.reason for e in items.items]
+
+    async def pods(self, job: str) -> list[Any]:
+        result = await asyncio.to_thread(self.core.list_namespaced_pod, self.namespace, label_selector=f"job-name={job}")
+        return list(result.items)
+
+
+class ControllerProcess:
+    """The controller's loop (kopf + Temporal worker) on its own thread and event loop, like its own process:
+    kopf owns the loop it runs in (it cancels tasks it did not start), so it must not share the test's."""
+
+    def __init__(self, target_host: str, configuration: Any, volume_root: Path, namespace: str, task_queue: str):
+        self.args = (target_host, configuration, volume_root, namespace, task_queue)
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_flag: asyncio.Event | None = None
+        self.error: BaseException | None = None
+
+    async def _main(self) -> None:
+        from temporalio.client import Client
+
+        from controller.worker import DATA_CONVERTER
+
+        target_host, configuration, volume_root, namespace, task_queue = self.args
+        self.loop, self.stop_flag = asyncio.get_running_loop(), asyncio.Event()
+        temporal = await Client.connect(target_host, data_converter=DATA_CONVERTER)
+        await run_controller(
+            temporal=temporal,
+            configuration=configuration,
+            volume_root=volume_root,
+            namespaces=[namespace],
+            task_queue=task_queue,
+            stop=self.stop_flag,
+        )
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to the test
+            self.error = exc
+
+    def start(self) -> ControllerProcess:
+        self.thread = threading.Thread(target=self._run, name="relay-controller", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.loop is not None and self.stop_flag is not None:
+            self.loop.call_soon_threadsafe(self.stop_flag.set)
+        if self.thread is not None:
+            self.thread.join(60)
+            assert not self.thread.is_alive(), "the controller did not stop within 60 s"
+
+
+def assert_controller_alive() -> None:
+    for process in CONTROLLERS:
+        if process.error is not None:
+            raise AssertionError(f"the controller crashed: {process.error!r}")
+
+
+@pytest.fixture
+async def controller(
+    temporal_env: Any, control_plane: Any, crd_installed: Any, namespace: str, volume_root: Path, task_queue: str
+) -> AsyncIterator[Callable[[], ControllerProcess]]:
+    """Starts the controller on this test's namespace; call the fixture's value to start another one."""
+    configuration = control_plane.api_client().configuration
+    target_host = temporal_env.client.service_client.config.target_host
+
+    def start() -> ControllerProcess:
+        process = ControllerProcess(target_host, configuration, volume_root, namespace, task_queue).start()
+        CONTROLLERS.append(process)
+        return process
+
+    start()
+    yield start
+    while CONTROLLERS:
+        await asyncio.to_thread(CONTROLLERS.pop().stop)
+
+
+def phase(value: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda run: (run.get("status") or {}).get("phase") == value
+
+
+async def test_evicted_leg_resumes_from_its_checkpoint_and_the_run_succeeds_with_the_same_weights(
+    controller: Any, kube: Any, namespace: str, standin_kubelet: ProcessKubelet, volume_root: Path
+) -> None:
+    standin_kubelet.extra_env.update({"RELAY_STANDIN_STEPS": str(STEPS), "RELAY_STANDIN_STEP_S": "0.2"})
+    cluster = Cluster(kube, namespace)
+    name = f"evict-{uuid.uuid4().hex[:6]}"
+    await cluster.apply(name, run_spec())
+    checkpoints = volume_root / f"runs/{namespace}/{name}/checkpoints"
+    deadline = time.monotonic() + 90
+    while not volume.list_checkpoint_dirs(checkpoints):
+        assert_controller_alive()
+        assert time.monotonic() < deadline, "no checkpoint from leg 0"
+        await asyncio.sleep(0.1)
+    (pod,) = await cluster.pods(f"{name}-leg-0")
+    eviction = {"apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {"name": pod.metadata.name}}
+    await asyncio.to_thread(cluster.core.create_namespaced_pod_eviction, pod.metadata.name, namespace, eviction)
+    run = await cluster.until(name, phase("Succeeded"), timeout_s=90)
+    status = run["status"]
+    assert status["preemptions"] == 1 and status["failures"] == 0
+    assert [leg["outcome"] for leg in status["legs"]] == ["preempted", "completed"]
+    assert status["legs"][1]["startStep"] >= 5
+    assert status["legCount"] == 2 and status["progressText"] == "100%"
+    final = volume_root / f"runs/{namespace}/{name}/final"
+    volume.read_checkpoint(final, verify_hashes=True)
+    assert (final / "weights.txt").read_text() == expected_weights(STEPS)
+    legs = sorted(p.split("/")[1].rsplit("-", 1)[0] for p in standin_kubelet.started if f"/{name}-" in p)
+    assert legs == [f"{name}-leg-0", f"{name}-leg-1"], "one pod per leg, no replacement pod ran"
+    reasons = await cluster.events(name)
+    assert {"LegStarted", "Preempted"} <= set(reasons), reasons
+
+
+async def test_missing_claim_fails_the_run_naming_the_field_and_starts_no_job(
+    controller: Any, kube: Any, namespace: str, temporal_env: Any
+) -> None:
+    cluster = Cluster(kube, namespace)
+    name = f"noclaim-{uuid.uuid4().hex[:6]}"
+    await cluster.apply(name, run_spec(storage={"claimName": "no-such-claim"}))
+    run = await cluster.until(name, phase("Failed"))
+    failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "Invalid"
+    assert "spec.storage.claimName" in failed["message"] and "no-such-claim" in failed["message"]
+    jobs = await asyncio.to_thread(cluster.batch.list_namespaced_job, namespace)
+    assert jobs.items == []
+    with pytest.raises(Exception, match="not found"):
+        await temporal_env.client.get_workflow_handle(workflow_id(namespace, name)).describe()
+
+
+async def test_schema_invalid_run_is_refused_by_the_api_server_naming_the_fields(kube: Any, crd_installed: Any, namespace: str) -> None:
+    cluster = Cluster(kube, namespace)
+    bad = run_spec(resources={"cpu": "lots", "gpus": -1}, training={"learningRate": 0})
+    with pytest.raises(kubernetes.client.ApiException) as raised:
+        await cluster.apply("bad", bad)
+    assert raised.value.status == 422
+    for field in ("spec.resources.cpu", "spec.resources.gpus", "spec.training.learningRate"):
+        assert field in raised.value.body
+
+
+async def test_delete_cancels_the_workflow_and_removes_the_jobs(
+    controller: Any, kube: Any, namespace: str, standin_kubelet: ProcessKubelet, temporal_env: Any
+) -> None:
+    standin_kubelet.extra_env.update({"RELAY_STANDIN_STEPS": "100000", "RELAY_STANDIN_STEP_S": "0.1"})
+    cluster = Cluster(kube, namespace)
+    name = f"delete-{uuid.uuid4().hex[:6]}"
+    await cluster.apply(name, run_spec())
+    await cluster.until(name, phase("Running"), timeout_s=90)
+    await cluster.until(name, lambda r: bool(r.get("status", {}).get("legs")), timeout_s=30)
+    await asyncio.to_thread(
+        cluster.custom.delete_namespaced_custom_object, "relay.dev", "v1alpha1", namespace, "trainingruns", name
+    )
+    deadline = time.monotonic() + 60
+    while await cluster.get(name) is not None:
+        assert time.monotonic() < deadline, "TrainingRun not removed (finalizer stuck?)"
+        await asyncio.sleep(0.2)
+    description = await temporal_env.client.get_workflow_handle(workflow_id(namespace, name)).describe()
+    assert description.status.name in ("CANCELED", "COMPLETED", "TERMINATED")
+    while (await asyncio.to_thread(cluster.batch.list_namespaced_job, namespace)).items:
+        assert time.monotonic() < deadline, "leg Jobs not removed"
+        await asyncio.sleep(0.2)
+    assert f"{namespace}/" not in " ".join(standin_kubelet.running())
