@@ -377,6 +377,25 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_drill(args: argparse.Namespace) -> int:
+    from controller.drill import ALL_FAULTS, run_drill  # imported only for `relay drill`
+
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else ALL_FAULTS
+    return run_drill(args.seed, args.faults, args.volume, kinds)[0]
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from controller.plot import PlotError, plot_run  # matplotlib only for `relay plot`
+
+    run_dir = Path(args.volume).expanduser() / "runs" / args.namespace / args.name
+    try:
+        plot_run(run_dir, Path(args.output))
+    except PlotError as exc:
+        raise CliError(str(exc), EXIT_BAD_INPUT) from None
+    _note(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def _cmd_controller(args: argparse.Namespace) -> int:
     try:
         from controller.kubernetes.main import main as operator_main  # kubernetes/kopf only when asked for
@@ -450,6 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("controller", help="run the Kubernetes operator (arguments go to it)")
     p.add_argument("operator_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_controller)
+
+    p = sub.add_parser(
+        "drill", help="a tiny local run under a seeded sequence of faults; exit 0 only if nothing is lost"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--faults", type=int, default=5)
+    p.add_argument("--volume", default=None, help="an empty folder for the drill (default: a new temporary one)")
+    p.add_argument("--kinds", default=None, help="comma-separated fault kinds to draw from (default: all)")
+    p.set_defaults(func=_cmd_drill)
+
+    p = sub.add_parser("plot", help="draw a run's story (loss, legs, preemptions, checkpoints) from its run folder")
+    p.add_argument("name")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--volume", default=DEFAULT_VOLUME, help="the volume folder holding runs/<namespace>/<name>")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.set_defaults(func=_cmd_plot)
     return parser
 
 
