@@ -20,6 +20,11 @@
 
 Health and metrics may share a port (then one server answers all three paths). Port 0 binds a free
 port; the handle's `health_port`/`metrics_port` tell which. Nothing here touches Kubernetes or Temporal.
+
+`MetricsStatusSink(sink, metrics)` wraps the operator's status sink and derives the run metrics from the
+RunStatus the workflow publishes (phase, legs with outcomes and times, newest checkpoint), so the metrics
+say what `.status` says. Legs a restarted controller finds already started or ended are its baseline,
+not counted again.
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from controller.status import RunEvent, RunStatus
 
 # Preemption to the next leg running: seconds for a local process, minutes for a spot node to come back.
 RECOVERY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
@@ -144,6 +154,78 @@ class RelayMetrics:
     def exposition(self) -> bytes:
         """The Prometheus text exposition of every metric, as `/metrics` serves it."""
         return generate_latest(self.registry)
+
+
+class _StatusSink(Protocol):
+    async def publish(self, namespace: str, name: str, status: RunStatus, events: list[RunEvent]) -> None: ...
+
+
+def _unix_time(rfc3339: str | None) -> float | None:
+    if not rfc3339:
+        return None
+    try:
+        return datetime.fromisoformat(rfc3339).timestamp()
+    except ValueError:
+        return None
+
+
+class MetricsStatusSink:
+    """A status sink that records RelayMetrics from each published RunStatus, then hands it to `inner`."""
+
+    _FAILURE_OUTCOMES = frozenset({"failed", "stuck", "invalid"})
+
+    def __init__(self, inner: _StatusSink, metrics: RelayMetrics) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._started: dict[tuple[str, str], set[int]] = {}  # legs whose start was seen, per run
+        self._ended: dict[tuple[str, str], set[int]] = {}  # legs whose end was seen, per run
+
+    def record(self, namespace: str, name: str, status: RunStatus) -> None:
+        """Update the metrics from one published status (idempotent: a repeated status counts nothing twice)."""
+        key = (namespace, name)
+        self.metrics.set_run_phase(namespace, name, str(status.phase))
+        checkpoint = status.latest_checkpoint
+        created_at = _unix_time(checkpoint.created_at) if checkpoint is not None else None
+        if created_at is not None:
+            self.metrics.set_latest_checkpoint(namespace, name, created_at)
+        with self._lock:
+            first_sight = key not in self._started
+            started = self._started.setdefault(key, set())
+            ended = self._ended.setdefault(key, set())
+            # A controller (re)starting mid-run counts nothing it did not see happen, except the first leg of a
+            # run whose first published status already shows it running.
+            legs = status.legs
+            fresh_run = first_sight and len(legs) == 1 and legs[0].leg == 0 and legs[0].outcome is None
+            counting = not first_sight or fresh_run
+            preempted_at = {leg.leg: _unix_time(leg.ended_at) for leg in legs if leg.outcome == "preempted"}
+            for leg in legs:
+                if leg.leg not in started:
+                    started.add(leg.leg)
+                    if counting:
+                        self.metrics.leg_started(namespace)
+                        lost_at, began_at = preempted_at.get(leg.leg - 1), _unix_time(leg.started_at)
+                        if lost_at is not None and began_at is not None:
+                            self.metrics.recovered(namespace, max(0.0, began_at - lost_at))
+                if leg.outcome is not None and leg.leg not in ended:
+                    ended.add(leg.leg)
+                    if not counting:
+                        continue
+                    if leg.outcome == "preempted":
+                        self.metrics.preempted(namespace)
+                    elif leg.outcome in self._FAILURE_OUTCOMES:
+                        self.metrics.failed(namespace)
+
+    def forget_run(self, namespace: str, name: str) -> None:
+        """The TrainingRun was deleted: drop its series and bookkeeping."""
+        with self._lock:
+            self._started.pop((namespace, name), None)
+            self._ended.pop((namespace, name), None)
+        self.metrics.forget_run(namespace, name)
+
+    async def publish(self, namespace: str, name: str, status: RunStatus, events: list[RunEvent]) -> None:
+        self.record(namespace, name, status)
+        await self.inner.publish(namespace, name, status, events)
 
 
 class _State:

@@ -6,11 +6,13 @@ import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.observability import ObservabilityServer, RelayMetrics, start_observability_server
+from controller.observability import MetricsStatusSink, ObservabilityServer, RelayMetrics, start_observability_server
+from controller.status import CheckpointStatus, LegStatus, Phase, RunEvent, RunStatus
 
 
 def _get(port: int, path: str) -> tuple[int, str, str]:
@@ -155,3 +157,85 @@ def test_a_taken_port_fails_with_the_address() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(OSError, match=f"cannot serve health/metrics on 127.0.0.1 ports {port}/0"):
             start_observability_server(port, 0, host="127.0.0.1")
+
+
+# ------------------------------------------------------------------ metrics derived from the published status
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, str, list[str]]] = []
+
+    async def publish(self, namespace: str, name: str, status: RunStatus, events: list[RunEvent]) -> None:
+        self.published.append((namespace, name, str(status.phase), [e.reason for e in events]))
+
+
+def _status(phase: Phase, legs: list[LegStatus], checkpoint_at: str | None = None) -> RunStatus:
+    checkpoint = CheckpointStatus(step=10, path="runs/ns/r/checkpoints/step-000000010", created_at=checkpoint_at)
+    return RunStatus(phase=phase, legs=legs, latest_checkpoint=checkpoint if checkpoint_at else None)
+
+
+def _leg(n: int, started: str, ended: str | None = None, outcome: str | None = None) -> LegStatus:
+    return LegStatus(leg=n, started_at=started, ended_at=ended, outcome=outcome)  # type: ignore[arg-type]
+
+
+def _counts(metrics: RelayMetrics) -> dict[str, float]:
+    samples = {
+        s.name: s.value
+        for family in text_string_to_metric_families(metrics.exposition().decode())
+        for s in family.samples
+        if s.labels.get("namespace") == "ns" and not s.name.endswith("_created")
+    }
+    return {k: v for k, v in samples.items() if not k.endswith("_bucket")}
+
+
+@pytest.mark.anyio
+async def test_the_status_sink_wrapper_counts_legs_preemptions_failures_and_recovery_once() -> None:
+    inner, metrics = RecordingSink(), RelayMetrics(clock=lambda: 2_000_000_100.0)
+    sink = MetricsStatusSink(inner, metrics)
+    t = "2033-05-18T03:33:{:02d}Z".format
+    history = [
+        _status(Phase.PENDING, []),
+        _status(Phase.RUNNING, [_leg(0, t(0))]),
+        _status(Phase.RUNNING, [_leg(0, t(0), t(10), "preempted")], checkpoint_at=t(9)),
+        _status(Phase.RUNNING, [_leg(0, t(0), t(10), "preempted"), _leg(1, t(40))], checkpoint_at=t(9)),
+        _status(Phase.RUNNING, [_leg(0, t(0), t(10), "preempted"), _leg(1, t(40), t(45), "failed"), _leg(2, t(50))]),
+        _status(
+            Phase.SUCCEEDED,
+            [_leg(0, t(0), t(10), "preempted"), _leg(1, t(40), t(45), "failed"), _leg(2, t(50), t(59), "completed")],
+            checkpoint_at=t(58),
+        ),
+    ]
+    for status in history:
+        for _ in range(2):  # a status published twice counts once
+            await sink.publish("ns", "r", status, [RunEvent(reason="Whatever")])
+    assert len(inner.published) == 12 and inner.published[-1] == ("ns", "r", "Succeeded", ["Whatever"])
+    counts = _counts(metrics)
+    assert counts["relay_legs_started_total"] == 3
+    assert counts["relay_preemptions_total"] == 1
+    assert counts["relay_failures_total"] == 1
+    assert counts["relay_time_to_recover_seconds_count"] == 1
+    assert counts["relay_time_to_recover_seconds_sum"] == 30  # preempted at :10, next leg running at :40
+    assert counts["relay_trainingruns"] == 1
+    assert datetime.fromisoformat(t(58)).timestamp() == 2_000_000_038
+    assert counts["relay_checkpoint_age_seconds"] == 62  # now (2_000_000_100) minus the checkpoint's time
+
+    sink.forget_run("ns", "r")
+    assert "relay_trainingruns" not in _counts(metrics)
+
+
+@pytest.mark.anyio
+async def test_a_restarted_controller_counts_only_what_it_sees_happen() -> None:
+    metrics = RelayMetrics()
+    sink = MetricsStatusSink(RecordingSink(), metrics)
+    t = "2033-05-18T03:33:{:02d}Z".format
+    before = [_leg(0, t(0), t(10), "preempted"), _leg(1, t(20))]
+    await sink.publish("ns", "r", _status(Phase.RUNNING, before), [])
+    assert "relay_legs_started_total" not in _counts(metrics)
+    await sink.publish("ns", "r", _status(Phase.RUNNING, [*before[:1], _leg(1, t(20), t(30), "preempted")]), [])
+    after = [before[0], _leg(1, t(20), t(30), "preempted"), _leg(2, t(35))]
+    await sink.publish("ns", "r", _status(Phase.RUNNING, after), [])
+    counts = _counts(metrics)
+    assert counts["relay_legs_started_total"] == 1
+    assert counts["relay_preemptions_total"] == 1
+    assert counts["relay_time_to_recover_seconds_sum"] == 5
