@@ -45,6 +45,12 @@ envtest:
 	  ln -sf $(abspath $(VENV)/bin/kubectl) $(ENVTEST_DIR)/kubectl; \
 	  else echo "envtest binaries not found: the cluster tier will be SKIPPED"; fi
 
+## The long fault drill: 25 seeded faults on a tiny local run; exit 0 only when nothing was lost (~6 minutes).
+DRILL_SEED ?= 1
+DRILL_FAULTS ?= 25
+drill: install
+	$(VENV)/bin/relay drill --seed $(DRILL_SEED) --faults $(DRILL_FAULTS)
+
 clean:
 	rm -rf relay-volume .pytest_cache .ruff_cache .mypy_cache
 

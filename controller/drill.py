@@ -369,7 +369,8 @@ class Drill:
         fault.at_step = int(self.progress().get("step") or fault.at_step)
         await self.wait_for("the trainer to die", lambda: not _alive(pid), 10)
         left = tmp.exists() and not (tmp / "manifest.json").exists()
-        fault.detail = f"leg {leg}: killed inside the write of {tmp.name.split('.')[1]}" + (
+        step = parse_step(tmp.name.split(".")[1].removeprefix("tmp-"))
+        fault.detail = f"leg {leg}: killed inside the write of step {step}" + (
             " (half-written folder left)" if left else " (write had finished: NOT inside it)"
         )
         if not left:
@@ -409,12 +410,17 @@ class Drill:
         filler = self.volume / "drill-filler"
         with open(filler, "wb") as handle:
             os.posix_fallocate(handle.fileno(), 0, max(0, free - margin))
-        try:
-            await self.wait_for("the leg to fail on the full volume", lambda: not _alive(pid), 60, poll_s=0.05)
+        log = self.layout.legs_dir / f"{leg}.log"
+
+        def failed() -> bool:
+            return not _alive(pid) or "No space left on device" in log.read_text(errors="replace")
+
+        try:  # free the space as soon as the save failed, so the leg can still record how it ended
+            await self.wait_for("a save to fail on the full volume", failed, 60, poll_s=0.02)
         finally:
             filler.unlink()
+        await self.wait_for("the failed leg to exit", lambda: not _alive(pid), 60)
         fault.at_step = int(self.progress().get("step") or fault.at_step)
-        log = self.layout.legs_dir / f"{leg}.log"
         saw = "No space left on device" in log.read_text(errors="replace") if log.exists() else False
         ended = await self.wait_for(
             "the leg's exit record", lambda: _read_json(self.layout.legs_dir / f"{leg}.exit.json"), 30

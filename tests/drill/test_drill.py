@@ -1,0 +1,102 @@
+"""`relay drill` end to end: a short seeded drill (5 real faults) through the real CLI passes all its checks.
+
+The drill's own checks are the assertions a user relies on (Succeeded, same weights as an uninterrupted
+run, no overlapping legs, no orphans, quarantines reported); this test also checks the table matches the
+seed's plan, every fault recovered and each fault kind left its own evidence.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from controller.drill import ALL_FAULTS, Check, DrillResult, FaultRecord, format_result, plan
+
+SEED, FAULTS = 20, 5  # plans enospc, sigkill-in-write, corrupt-newest, server-restart, sigterm
+
+
+def drilled(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
+    """Run the drill once per session (tests/plot reuses the same folder): exit code, output, run folder."""
+    folder = tmp_path_factory.getbasetemp() / f"relay-drill-seed-{SEED}"
+    out = folder.parent / f"{folder.name}.out"
+    if not out.exists():
+        result = subprocess.run(
+            [sys.executable, "-m", "controller.cli", "drill", "--seed", str(SEED), "--faults", str(FAULTS),
+             "--volume", str(folder)],
+            capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        out.write_text(f"{result.returncode}\n{result.stdout}\n{result.stderr}")
+    code, text = out.read_text().split("\n", 1)
+    copied = folder / "result/runs/default/drill"
+    return int(code), text, copied if copied.is_dir() else folder / "volume/runs/default/drill"
+
+
+@pytest.fixture(scope="session")
+def drill_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
+    return drilled(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_short_drill_passes_every_check(drill_run: tuple[int, str, Path]) -> None:
+    code, text, run_dir = drill_run
+    assert code == 0, text[-4000:]
+    kinds = ALL_FAULTS if "enospc not injected" not in text else tuple(k for k in ALL_FAULTS if k != "enospc")
+    expected = [f.kind for f in plan(SEED, FAULTS, kinds)]
+    rows = [
+        line.split() for line in text.splitlines() if line[:2].strip().isdigit() and line[4:].split()[0] in ALL_FAULTS
+    ]
+    assert [row[1] for row in rows] == expected, text
+    for row in rows:
+        assert row[4] != "FAILED" and row[4].endswith("s"), row  # recovered, with a recovery time
+        assert 0 <= int(row[5]) <= 20, row  # never more than two checkpoint intervals lost
+    by_kind = {line.split()[1]: line for line in text.splitlines() if line[:2].strip().isdigit()}
+    assert "half-written folder left" in by_kind["sigkill-in-write"]
+    assert "then SIGKILL" in by_kind["corrupt-newest"]
+    assert "worker reconnected" in by_kind["server-restart"]
+    assert by_kind["sigterm"].split()[5] == "0"  # a SIGTERM loses no completed step
+    if "enospc" in kinds:
+        assert "failed with ENOSPC" in by_kind["enospc"]
+    for check in ("run Succeeded", "final weights == uninterrupted run", "legs never overlapped",
+                  "trainer processes never overlapped", "no orphaned processes",
+                  "every quarantined checkpoint in status and events"):  # fmt: skip
+        assert f"PASS  {check}" in text, text
+    assert "FAIL " not in text and "drill PASSED" in text
+    assert any((run_dir / "quarantine").iterdir())  # the corrupted checkpoint was set aside
+
+
+def test_the_plan_is_reproducible_from_the_seed() -> None:
+    assert [(f.kind, f.target_step) for f in plan(7, 25, ALL_FAULTS)] == [
+        (f.kind, f.target_step) for f in plan(7, 25, ALL_FAULTS)
+    ]
+    assert plan(7, 25, ALL_FAULTS) != plan(8, 25, ALL_FAULTS)
+    assert {f.kind for f in plan(1, 25, ALL_FAULTS)} == set(ALL_FAULTS)
+    targets = [f.target_step for f in plan(3, 10, ALL_FAULTS)]
+    assert targets == sorted(targets) and min(b - a for a, b in itertools.pairwise(targets)) >= 21
+
+
+def test_a_failed_check_or_an_unrecovered_fault_fails_the_drill() -> None:
+    good = FaultRecord("sigkill", 25, 25, 4.2, 5, "leg 0")
+    passing = DrillResult([good], [Check("run Succeeded", True, "ok")])
+    assert passing.passed and "drill PASSED" in format_result(passing)
+    failing = DrillResult([good], [Check("final weights == uninterrupted run", False, "sha256 a vs b")])
+    assert not failing.passed
+    assert "FAIL  final weights == uninterrupted run: sha256 a vs b" in format_result(failing)
+    unrecovered = DrillResult([FaultRecord("sigkill", 25, 25)], [Check("run Succeeded", True, "ok")])
+    assert not unrecovered.passed and "FAILED" in format_result(unrecovered)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["--faults", "0"], "--faults: must be at least 1"), (["--kinds", "sigkill,meteor"], "unknown fault 'meteor'")],
+)
+def test_bad_arguments_are_one_line_and_exit_2(args: list[str], words: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "drill", "--volume", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "volume").exists()
