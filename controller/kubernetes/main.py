@@ -67,7 +67,6 @@ def kopf_settings(settings: kopf.OperatorSettings) -> None:
         prefix="relay.dev", key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
-    settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
 
 
@@ -84,6 +83,9 @@ def register_login(registry: kopf.OperatorRegistry, configuration: kubernetes.cl
             certificate_path=configuration.cert_file,
             private_key_path=configuration.key_file,
         )
+
+
+_operator = kopf.operator
 
 
 async def run_controller(
@@ -110,7 +112,7 @@ async def run_controller(
     kopf_settings(settings)
     try:
         async with worker:
-            await kopf.operator(
+            await _operator(
                 registry=registry,
                 settings=settings,
                 standalone=True,
@@ -119,6 +121,7 @@ async def run_controller(
                 stop_flag=stop,
                 ready_flag=ready,
             )
+            log.info("operator stopped; shutting the Temporal worker down")
     finally:
         await backend.close()
         api_client.close()
