@@ -459,12 +459,17 @@ class Drill:
                 namespace=NAMESPACE,
                 name=RUN_NAME,
                 spec=spec,
+                legs_per_run=20,
                 await_window_s=1.0,
                 poll_interval_s=0.1,
                 heartbeat_timeout_s=5.0,
             ),
             id=f"trainingrun-{NAMESPACE}-{RUN_NAME}",
             task_queue=self.task_queue,
+        )
+        # Without a run id: queries and the result follow the run across continue-as-new (every 20 legs).
+        self.handle = self.client.get_workflow_handle_for(
+            CheckpointedBertTrainingWorkflow.run, f"trainingrun-{NAMESPACE}-{RUN_NAME}"
         )
         for fault in faults:
             await self.inject(fault)
@@ -501,7 +506,7 @@ class Drill:
 
     def _check_no_overlap(self) -> list[Check]:
         legs = self.layout.legs_dir
-        spans = []
+        spans: list[tuple[int, Any, Any]] = []
         for path in sorted(legs.glob("*.pid.json"), key=lambda p: int(p.name.split(".")[0])):
             number = int(path.name.split(".")[0])
             launched = (_read_json(path) or {}).get("started_at")

@@ -192,7 +192,8 @@ def _draw_loss(ax: Any, run: RunHistory) -> None:
                           marker="*", s=90, zorder=5, label="eval accuracy")  # fmt: skip
             right.set_ylim(0, 1.05)
             right.set_ylabel("eval accuracy")
-    handles, labels = [], []
+    handles: list[Any] = []
+    labels: list[str] = []
     for axis in ax.figure.axes:
         if axis.bbox.bounds == ax.bbox.bounds:  # the loss axes and its twin
             more = axis.get_legend_handles_labels()
