@@ -228,7 +228,7 @@ def install_and_train(
                 pytest.fail(f"the run failed: {status.get('message')}\n{controller_log()}")
             return status if status.get("phase") == "Succeeded" else None
 
-        status = wait_until("the TrainingRun to succeed", finished, 240, controller_log)
+        status = wait_until("the TrainingRun to succeed", finished, 150, controller_log)
         assert status["step"] == status["totalSteps"] > 0
         final = volume_root / "runs" / namespace / "tiny-cpu" / "final" / "manifest.json"
         assert final.is_file(), f"no final model at {final}"
