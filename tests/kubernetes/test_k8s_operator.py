@@ -6,8 +6,8 @@ Legs run the stand-in trainer through the process kubelet; the Temporal dev serv
 from __future__ import annotations
 
 import asyncio
-import threading
 import hashlib
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -86,7 +86,9 @@ class Cluster:
         return [e.reason for e in items.items]
 
     async def pods(self, job: str) -> list[Any]:
-        result = await asyncio.to_thread(self.core.list_namespaced_pod, self.namespace, label_selector=f"job-name={job}")
+        result = await asyncio.to_thread(
+            self.core.list_namespaced_pod, self.namespace, label_selector=f"job-name={job}"
+        )
         return list(result.items)
 
 
@@ -214,7 +216,9 @@ async def test_missing_claim_fails_the_run_naming_the_field_and_starts_no_job(
         await temporal_env.client.get_workflow_handle(workflow_id(namespace, name)).describe()
 
 
-async def test_schema_invalid_run_is_refused_by_the_api_server_naming_the_fields(kube: Any, crd_installed: Any, namespace: str) -> None:
+async def test_schema_invalid_run_is_refused_by_the_api_server_naming_the_fields(
+    kube: Any, crd_installed: Any, namespace: str
+) -> None:
     cluster = Cluster(kube, namespace)
     bad = run_spec(resources={"cpu": "lots", "gpus": -1}, training={"learningRate": 0})
     with pytest.raises(kubernetes.client.ApiException) as raised:
@@ -246,3 +250,34 @@ async def test_delete_cancels_the_workflow_and_removes_the_jobs(
         assert time.monotonic() < deadline, "leg Jobs not removed"
         await asyncio.sleep(0.2)
     assert f"{namespace}/" not in " ".join(standin_kubelet.running())
+
+
+async def test_suspend_pauses_the_run_without_a_pod_and_resume_finishes_it(
+    controller: Any, kube: Any, namespace: str, standin_kubelet: ProcessKubelet, volume_root: Path
+) -> None:
+    standin_kubelet.extra_env.update({"RELAY_STANDIN_STEPS": str(STEPS), "RELAY_STANDIN_STEP_S": "0.2"})
+    cluster = Cluster(kube, namespace)
+    name = f"suspend-{uuid.uuid4().hex[:6]}"
+    await cluster.apply(name, run_spec())
+    checkpoints = volume_root / f"runs/{namespace}/{name}/checkpoints"
+    deadline = time.monotonic() + 90
+    while not volume.list_checkpoint_dirs(checkpoints):
+        assert_controller_alive()
+        assert time.monotonic() < deadline, "no checkpoint from leg 0"
+        await asyncio.sleep(0.1)
+
+    async def set_suspend(value: bool) -> None:
+        await asyncio.to_thread(
+            cluster.custom.patch_namespaced_custom_object,
+            "relay.dev", "v1alpha1", namespace, "trainingruns", name, {"spec": {"suspend": value}},
+        )  # fmt: skip
+
+    await set_suspend(True)
+    paused = await cluster.until(name, phase("Paused"), timeout_s=60)
+    assert any(c["type"] == "Suspended" and c["status"] == "True" for c in paused["status"]["conditions"])
+    assert not [p for p in standin_kubelet.running() if p.startswith(f"{namespace}/{name}-")]
+    await set_suspend(False)
+    run = await cluster.until(name, phase("Succeeded"), timeout_s=90)
+    assert run["status"]["preemptions"] == 0 and run["status"]["failures"] == 0
+    final = volume_root / f"runs/{namespace}/{name}/final"
+    assert (final / "weights.txt").read_text() == expected_weights(STEPS)

@@ -1,0 +1,189 @@
+"""Pure parts of the Kubernetes tier, no cluster: the Job builder, leg verdicts, the generated CRD."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from controller.backends.base import LegOutcomeKind, LegSpec, LegState, classify_termination
+from controller.crd import OUTPUTS, crd_manifest
+from controller.kubernetes.jobs import ANNOTATION_TERMINATION, build_leg_job, job_name
+from controller.kubernetes.legs import judge_leg
+from controller.spec import MAX_RUN_NAME, TrainingRunSpec
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def leg(**spec: Any) -> LegSpec:
+    return LegSpec(
+        namespace="ml",
+        name="bert-sst2",
+        leg=3,
+        run_path="runs/ml/bert-sst2",
+        snapshot_path="snapshots/abc",
+        spec=TrainingRunSpec.model_validate({"dataset": {"source": "demo"}, **spec}),
+        owner_uid="uid-1",
+    )
+
+
+def test_job_is_one_try_non_root_and_mounts_the_run_folder_and_snapshot() -> None:
+    job = build_leg_job(leg(resources={"gpus": 2, "cpu": "4", "memory": "16Gi"}, terminationGracePeriodSeconds=90))
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert job["metadata"]["name"] == "bert-sst2-leg-3"
+    assert job["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    assert (
+        job["metadata"]["ownerReferences"][0] | {"uid": "uid-1", "kind": "TrainingRun", "controller": True}
+        == (job["metadata"]["ownerReferences"][0])
+    )
+    assert container["command"] == [
+        "python", "-m", "trainer", "train",
+        "--run-dir", "/relay-volume/runs/ml/bert-sst2",
+        "--snapshot", "/relay-volume/snapshots/abc",
+        "--config", "/relay-volume/runs/ml/bert-sst2/config.json",
+    ]  # fmt: skip
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}
+    assert pod["terminationGracePeriodSeconds"] == 90
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/relay-volume/snapshots/abc"]["readOnly"] is True
+    assert mounts["/relay-volume/runs/ml/bert-sst2"]["subPath"] == "runs/ml/bert-sst2"
+    assert "/tmp" in mounts
+    assert {"OMP_NUM_THREADS": "4"}.items() <= {e["name"]: e["value"] for e in container["env"]}.items()
+    labels = job["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "relay-controller" and labels["relay.dev/leg"] == "3"
+
+
+def test_cpu_only_leg_asks_for_no_gpu_and_fallback_profile_and_kueue_label_apply() -> None:
+    spec = {
+        "scheduling": {
+            "nodeSelector": {"pool": "spot"},
+            "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+            "kueueQueue": "team-a",
+            "fallback": {"nodeSelector": {"pool": "on-demand"}, "priorityClassName": "high"},
+            "fallbackAfterPreemptions": 2,
+        }
+    }
+    normal = build_leg_job(leg(**spec))
+    fallback = build_leg_job(leg(**spec).model_copy(update={"use_fallback_profile": True}))
+    container = normal["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    assert normal["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert normal["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "spot"}
+    assert normal["spec"]["template"]["spec"]["tolerations"][0]["key"] == "spot"
+    assert fallback["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "on-demand"}
+    assert fallback["spec"]["template"]["spec"]["priorityClassName"] == "high"
+    assert "tolerations" not in fallback["spec"]["template"]["spec"]
+
+
+def test_job_names_fit_a_dns_label_for_the_longest_run_name() -> None:
+    assert len(job_name("a" * MAX_RUN_NAME, 10**9)) <= 63
+    with pytest.raises(ValueError, match=r"metadata\.name"):
+        job_name("a" * 60, 1)
+
+
+def _pod(name: str, created: str, **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "creationTimestamp": created}, "spec": {}, "status": status}
+
+
+JOB: dict[str, Any] = {"metadata": {"name": "r-leg-0", "annotations": {}}, "spec": {"parallelism": 1}, "status": {}}
+
+
+def test_oom_killed_container_is_a_preemption_and_a_crash_is_a_failure() -> None:
+    oom = _pod(
+        "p", "2026-01-01T00:00:00Z", phase="Failed",
+        containerStatuses=[{"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}],
+    )  # fmt: skip
+    crash = _pod(
+        "p", "2026-01-01T00:00:00Z", phase="Failed",
+        containerStatuses=[{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}],
+    )  # fmt: skip
+    verdict = judge_leg(JOB, [oom], [], now=0, stuck_after_s=60)
+    assert verdict.observation.termination.reason == "OOMKilled" and verdict.halt and verdict.record
+    assert classify_termination(verdict.observation.termination) == LegOutcomeKind.PREEMPTED
+    failed = judge_leg(JOB, [crash], [], now=0, stuck_after_s=60).observation.termination
+    assert classify_termination(failed) == LegOutcomeKind.FAILED
+
+
+def test_disruption_target_condition_marks_a_newer_clusters_preemption() -> None:
+    pod = _pod(
+        "p", "2026-01-01T00:00:00Z", phase="Failed",
+        conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}],
+        containerStatuses=[{"name": "trainer", "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}],
+    )  # fmt: skip
+    termination = judge_leg(JOB, [pod], [], now=0, stuck_after_s=60).observation.termination
+    assert termination.disrupted and termination.reason == "PreemptionByScheduler"
+    assert classify_termination(termination) == LegOutcomeKind.PREEMPTED
+
+
+def test_image_pull_backoff_is_pending_until_the_deadline_then_stuck() -> None:
+    pod = _pod(
+        "p", "2026-01-01T00:00:00Z", phase="Pending",
+        containerStatuses=[{"name": "trainer", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "x"}}}],
+    )  # fmt: skip
+    created = 1767225600.0  # 2026-01-01T00:00:00Z
+    early = judge_leg(JOB, [pod], [], now=created + 10, stuck_after_s=60)
+    late = judge_leg(JOB, [pod], [], now=created + 61, stuck_after_s=60)
+    assert early.observation.state == LegState.PENDING and "ImagePullBackOff" in early.observation.detail
+    assert late.observation.termination.stuck and late.halt
+    assert classify_termination(late.observation.termination) == LegOutcomeKind.STUCK
+
+
+def test_terminating_pod_keeps_the_leg_running_and_halts_the_job() -> None:
+    pod = _pod("p", "2026-01-01T00:00:00Z", phase="Running")
+    pod["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    replacement = _pod("q", "2026-01-01T00:00:30Z", phase="Pending")
+    verdict = judge_leg(JOB, [pod, replacement], [], now=0, stuck_after_s=60)
+    assert verdict.observation.state == LegState.RUNNING and verdict.halt and not verdict.record
+
+
+def test_recorded_termination_outlives_the_pods() -> None:
+    job = json.loads(json.dumps(JOB))
+    job["metadata"]["annotations"][ANNOTATION_TERMINATION] = json.dumps({"exit_code": 75, "disrupted": True})
+    observation = judge_leg(job, [], [], now=0, stuck_after_s=60).observation
+    assert observation.state == LegState.TERMINATED and observation.termination.exit_code == 75
+    assert judge_leg(None, [], [], now=0, stuck_after_s=60).observation.state == LegState.MISSING
+
+
+def test_crd_schema_carries_validation_printer_columns_and_short_name() -> None:
+    crd = crd_manifest()
+    version = crd["spec"]["versions"][0]
+    spec = version["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert crd["spec"]["names"]["shortNames"] == ["tr"] and version["subresources"] == {"status": {}}
+    assert (
+        spec["properties"]["resources"]["properties"]["gpus"] | {"minimum": 0, "maximum": 16}
+        == (spec["properties"]["resources"]["properties"]["gpus"])
+    )
+    assert spec["properties"]["dataset"]["properties"]["source"]["enum"] == ["demo", "csv", "jsonl", "parquet", "hub"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:7] == [
+        "Phase", "Progress", "Step", "Legs", "Preemptions", "Checkpoint age", "Age",
+    ]  # fmt: skip
+    assert "$ref" not in json.dumps(crd) and "anyOf" not in json.dumps(crd)
+
+
+def test_committed_crd_files_match_the_models() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.crd", "--check"], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(path.is_file() for path in OUTPUTS)
+
+
+def test_drift_check_fails_naming_the_stale_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import controller.crd as crd
+
+    stale = tmp_path / "manifests" / "trainingruns.relay.dev.yaml"
+    stale.parent.mkdir()
+    stale.write_text("# hand-edited\n")
+    monkeypatch.setattr(crd, "OUTPUTS", (stale,))
+    monkeypatch.setattr(crd, "REPO_ROOT", tmp_path)
+    assert crd.main(["--check"]) == 1
+    assert crd.main([]) == 0 and crd.main(["--check"]) == 0
