@@ -40,6 +40,7 @@ class RunHistory:
     evals: list[dict[str, float]]
     legs: list[dict[str, Any]]
     checkpoints: list[int]
+    saved: list[int]
     quarantined: list[int]
     final_metrics: dict[str, Any]
 
@@ -57,6 +58,7 @@ def read_run(run_dir: Path) -> RunHistory:
         raise PlotError(f"{run_dir}: no such run folder")
     latest: dict[int, tuple[float, float]] = {}  # step -> (time, loss); a redone step keeps its newest line
     processes: dict[int, dict[str, float]] = {}  # trainer pid -> first/last time and step it logged
+    saved: set[int] = set()  # every checkpoint written, also those retention removed later
     evals: list[dict[str, float]] = []
     history = run_dir / "history.jsonl"
     if history.is_file():
@@ -69,10 +71,15 @@ def read_run(run_dir: Path) -> RunHistory:
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a SIGKILL: skip it
             if isinstance(entry.get("pid"), int):
-                span = processes.setdefault(entry["pid"], {"t0": at, "t1": at, "first": step, "last": step})
+                span = processes.setdefault(entry["pid"], {"t0": at, "t1": at, "first": step + 1, "last": step})
                 span["t0"], span["t1"] = min(span["t0"], at), max(span["t1"], at)
-                span["first"], span["last"] = min(span["first"], step), max(span["last"], step)
-            if "eval_loss" in entry:
+                if entry.get("event") == "start":
+                    span["from"] = step  # the step this trainer resumed from (0 on a fresh start)
+                else:
+                    span["first"], span["last"] = min(span["first"], step), max(span["last"], step)
+            if entry.get("event") == "checkpoint":
+                saved.add(step)
+            elif "eval_loss" in entry:
                 evals.append({"step": step, "loss": float(entry["eval_loss"]), "accuracy": entry.get("eval_accuracy")})
             elif entry.get("loss") is not None and (step not in latest or at >= latest[step][0]):
                 latest[step] = (at, float(entry["loss"]))
@@ -101,7 +108,8 @@ def read_run(run_dir: Path) -> RunHistory:
     if not latest and not legs:
         raise PlotError(f"{run_dir}: nothing to draw (no history.jsonl lines and no legs/<n>.json records)")
     steps = sorted(latest)
-    return RunHistory(steps, [latest[s][1] for s in steps], evals, legs, checkpoints, quarantined, final_metrics)
+    losses = [latest[s][1] for s in steps]
+    return RunHistory(steps, losses, evals, legs, checkpoints, sorted(saved), quarantined, final_metrics)
 
 
 def _epoch_s(stamp: Any) -> float | None:
@@ -125,7 +133,8 @@ def _attach_trained_steps(legs: list[dict[str, Any]], processes: dict[int, dict[
         end = _epoch_s(leg.get("endedAt")) if leg.get("endedAt") else None
         for span in processes.values():
             if start is not None and start - 1 <= span["t0"] and (end is None or span["t0"] <= end + 1):
-                leg["ranFrom"], leg["ranTo"] = int(span["first"]) - 1, int(span["last"])
+                leg["ranFrom"] = int(span.get("from", span["first"] - 1))
+                leg["ranTo"] = max(int(span["last"]), leg["ranFrom"])
                 break
 
 
@@ -206,7 +215,8 @@ def _draw_loss(ax: Any, run: RunHistory) -> None:
     ax.set_ylabel("loss")
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
-    ax.legend(handles, labels, loc="center", bbox_to_anchor=(0.62, 0.72), fontsize=8, ncol=3)
+    ax.legend(handles, labels, loc="best", fontsize=8, ncol=3)
+    ax.set_xlim(left=0)
 
 
 def _draw_legs(ax: Any, run: RunHistory) -> None:
@@ -219,18 +229,24 @@ def _draw_legs(ax: Any, run: RunHistory) -> None:
         outcome = str(leg.get("outcome") or "running")
         colour = OUTCOME_COLOURS.get(outcome, "#757575")
         kept = min(end, reached) if end is not None else reached
+        if row + 1 < lanes:  # the next leg resumed from here: anything after it was redone
+            kept = min(kept, run.legs[row + 1].get("ranFrom", run.legs[row + 1]["startStep"]))
+        kept = max(kept, start)
         ax.barh(y, max(kept - start, 0.5), left=start, height=0.6, color=colour, alpha=0.85)
-        if reached > kept:  # trained past its last checkpoint, then killed: these steps were redone
-            lost = "steps redone (after the last checkpoint)" if not lost_labelled else None
+        if reached > kept:  # trained past the step the next leg resumed from: these steps were redone
+            lost = "steps redone by the next leg" if not lost_labelled else None
             ax.barh(
                 y, reached - kept, left=kept, height=0.6, color="none", edgecolor="#c62828", hatch="////", label=lost
             )
             lost_labelled = True
         label = f"leg {leg.get('leg', row)}: {outcome}"
         if outcome != "completed" and reached is not None:
-            label += f" at step {reached}" + (f", kept {end}" if end is not None and end != reached else "")
+            label += f" at step {reached}" + (f", {reached - kept} steps redone" if reached > kept else "")
         ax.text(start, y + 0.38, label, fontsize=7, va="bottom")
-    ax.plot(run.checkpoints, [0] * len(run.checkpoints), "|", color="#37474f", markersize=12,
+    removed = [step for step in run.saved if step not in run.checkpoints and step not in run.quarantined]
+    if removed:
+        ax.plot(removed, [0] * len(removed), "|", color="#b0bec5", markersize=8, label="checkpoints (since removed)")
+    ax.plot(run.checkpoints, [0] * len(run.checkpoints), "|", color="#263238", markersize=13, mew=1.5,
             label="checkpoints on the volume")  # fmt: skip
     if run.quarantined:
         ax.plot(run.quarantined, [0] * len(run.quarantined), "x", color="#c62828", markersize=10, mew=2,

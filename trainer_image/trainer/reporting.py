@@ -1,11 +1,12 @@
 """Progress a person reads in `kubectl logs` and the machine-readable `<run-dir>/progress.json`.
 
 Every log line and every checkpoint also rewrites progress.json (small, fsynced, atomic), which the
-controller polls. Every progress log line (and the final evaluation) also appends one JSON line to
-`<run-dir>/history.jsonl` (not fsynced: a SIGKILL may drop the last lines; a resumed leg appends the steps
-it redoes again, readers keep the newest line per step). progress.json keys: state, step, total_steps, epoch,
-loss, learning_rate, samples_per_s, eta_s, last_checkpoint_step, resumed_from_step, pid, message (+ updated_at
-from volume.write_progress).
+controller polls. `<run-dir>/history.jsonl` gets one JSON line per progress log line, one for the final
+evaluation, an `"event": "start"` line (with `resumed_from`) when a leg begins and an `"event": "checkpoint"`
+line per checkpoint saved. It is not fsynced (a SIGKILL may drop the last lines); a resumed leg appends the
+steps it redoes again, readers keep the newest line per step. progress.json keys: state, step, total_steps,
+epoch, loss, learning_rate, samples_per_s, eta_s, last_checkpoint_step, resumed_from_step, pid, message
+(+ updated_at from volume.write_progress).
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class Reporter:
         self.log_every = log_every
         self._window_started = time.perf_counter()
         how = f"resumed from step {resumed_from}" if resumed_from is not None else "fresh start"
+        self.history(step=step, event="start", resumed_from=resumed_from, total_steps=total_steps)
         self.update(
             state="running",
             step=step,
@@ -170,4 +172,5 @@ class Reporter:
             info.metrics.get("loss", float("nan")),
             f" | training stalled {fmt_duration(stall)}" if stall is not None else "",
         )
+        self.history(step=info.step, event="checkpoint")
         self.update(last_checkpoint_step=info.step)
