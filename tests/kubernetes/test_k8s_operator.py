@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -281,3 +283,47 @@ async def test_suspend_pauses_the_run_without_a_pod_and_resume_finishes_it(
     assert run["status"]["preemptions"] == 0 and run["status"]["failures"] == 0
     final = volume_root / f"runs/{namespace}/{name}/final"
     assert (final / "weights.txt").read_text() == expected_weights(STEPS)
+
+
+def controller_subprocess(control_plane: Any, temporal_env: Any, volume_root: Path, namespace: str, task_queue: str):
+    """`relay controller` as its own OS process (so that it can be SIGKILLed), through main()."""
+    target = temporal_env.client.service_client.config.target_host
+    argv = [
+        sys.executable, "-c", "import sys; from controller.kubernetes.main import main; sys.exit(main(sys.argv[1:]))",
+        "--temporal-address", target, "--watch-namespace", namespace, "--volume-root", str(volume_root),
+        "--task-queue", task_queue, "--kubeconfig", str(control_plane.kubeconfig),
+        "--health-port", "0", "--metrics-port", "0",
+    ]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def test_controller_killed_mid_leg_is_replaced_and_the_new_one_adopts_the_running_job(
+    control_plane: Any,
+    temporal_env: Any,
+    crd_installed: Any,
+    kube: Any,
+    namespace: str,
+    standin_kubelet: ProcessKubelet,
+    volume_root: Path,
+    task_queue: str,
+) -> None:
+    standin_kubelet.extra_env.update({"RELAY_STANDIN_STEPS": "100", "RELAY_STANDIN_STEP_S": "0.2"})
+    cluster = Cluster(kube, namespace)
+    name = f"adopt-{uuid.uuid4().hex[:6]}"
+    first = controller_subprocess(control_plane, temporal_env, volume_root, namespace, task_queue)
+    second = None
+    try:
+        await cluster.apply(name, run_spec(training={"maxSteps": 100, "checkpointEverySteps": 5}))
+        await cluster.until(name, lambda r: bool((r.get("status") or {}).get("legs")), timeout_s=90)
+        first.kill()  # SIGKILL mid-leg: no shutdown, no cleanup
+        first.wait()
+        second = controller_subprocess(control_plane, temporal_env, volume_root, namespace, task_queue)
+        run = await cluster.until(name, phase("Succeeded"), timeout_s=150)
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
+    assert run["status"]["preemptions"] == 0 and run["status"]["legCount"] == 1
+    pods = [p for p in standin_kubelet.started if p.startswith(f"{namespace}/{name}-")]
+    assert len(pods) == 1, f"the restarted controller started a second pod: {pods}"
