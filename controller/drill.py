@@ -18,6 +18,12 @@ Pass = the run reaches Succeeded; its final weights' sha256 equals an uninterrup
 snapshot, trained after the drill by `python -m trainer train` into a separate folder); no two legs overlapped
 (leg launch/exit records and the trainer pids' time spans in history.jsonl); no process of the run is
 left; every quarantined checkpoint is in the status and in a CheckpointQuarantined event (the worker's log).
+
+The table: "at step" is the last step the trainer logged when the fault landed; "recovery" runs from the
+fault to a new trainer training again (leg faults) or to the workflow answering a status query again
+(worker and server faults, where the leg itself keeps running); "lost" is that step minus the step the
+next trainer resumed from (0 when the leg was not disturbed). Every leg sleeps RELAY_TEST_STEP_SLEEP_S per
+step so faults land at the planned steps; that hook and the write-delay hook change no computed value.
 """
 
 from __future__ import annotations
