@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -70,7 +71,7 @@ def check_beyond_schema(document: dict[str, Any], volume_root: Path, core: kuber
 
 
 def invalid_status(errors: list[str]) -> dict[str, Any]:
-    now = rfc3339(__import__("time").time())
+    now = rfc3339(time.time())
     status = RunStatus(phase=Phase.FAILED, message="; ".join(errors), finished_at=now)
     status.set_condition("Failed", "True", "Invalid", "; ".join(errors), now)
     status.set_condition("Ready", "False", "Invalid", "the TrainingRun cannot run as written", now)
