@@ -57,7 +57,10 @@ RUN_NAME = "drill"
 STEP_SLEEP_S = 0.04  # RELAY_TEST_STEP_SLEEP_S for every leg: room to aim faults at steps
 WRITE_DELAY_S = 0.25  # RELAY_TEST_CHECKPOINT_WRITE_DELAY_S: a checkpoint write stays open this long
 CHECKPOINT_EVERY = 10
-SPACING = 30  # steps between two faults
+GAP = (2 * CHECKPOINT_EVERY + 1, 2 * CHECKPOINT_EVERY + 10)  # steps from one recovery to the next fault
+# Steps the leg trains on its own while the worker or the server is being restarted (it keeps running);
+# the run is made this much longer per such fault so that every planned fault still finds it training.
+DRIFT_ALLOWANCE = {"worker-restart": 450, "server-restart": 200}
 TMPFS_SIZE = "256m"
 
 
@@ -68,7 +71,8 @@ class DrillError(RuntimeError):
 @dataclass
 class FaultRecord:
     kind: str
-    target_step: int
+    gap: int  # the fault lands this many steps after the run recovered from the previous one
+    target_step: int = -1
     at_step: int = -1
     recovery_s: float | None = None
     steps_lost: int | None = None
@@ -96,12 +100,15 @@ class DrillResult:
 
 
 def plan(seed: int, faults: int, kinds: tuple[str, ...]) -> list[FaultRecord]:
-    """The fault sequence for a seed: kind and the step it is aimed at (reproducible)."""
+    """The fault sequence for a seed: kinds and gaps in steps (reproducible; each gap spans two checkpoints,
+    so a corrupted newest checkpoint always has a valid one before it)."""
     rng = random.Random(seed)
-    return [
-        FaultRecord(kind=rng.choice(kinds), target_step=2 * CHECKPOINT_EVERY + SPACING * i + rng.randint(0, 9))
-        for i in range(faults)
-    ]
+    return [FaultRecord(kind=rng.choice(kinds), gap=rng.randint(*GAP)) for _ in range(faults)]
+
+
+def steps_for(faults: list[FaultRecord]) -> int:
+    """maxSteps of the drill's run: every gap at its longest, the drift allowances, and a tail."""
+    return sum(GAP[1] + 2 + DRIFT_ALLOWANCE.get(f.kind, 0) for f in faults) + 2 * CHECKPOINT_EVERY
 
 
 def _free_port() -> int:
@@ -310,6 +317,7 @@ class Drill:
     # ---------------------------------------------------------------- faults
 
     async def inject(self, fault: FaultRecord) -> None:
+        fault.target_step = int(self.progress().get("step") or 0) + fault.gap
         leg, pid = await self._training_at(fault.target_step)
         fault.at_step = int(self.progress().get("step") or 0)
         started = time.monotonic()
@@ -446,7 +454,7 @@ class Drill:
         began = time.monotonic()
         self._mount_volume()
         faults = plan(self.seed, self.n_faults, self.kinds)
-        total_steps = 2 * CHECKPOINT_EVERY + SPACING * self.n_faults + 40
+        total_steps = steps_for(faults)
         for kind, why in self.excluded.items():
             self.say(f"fault {kind} left out of the mix: {why}")
         self.say(
