@@ -69,6 +69,7 @@ class ProcessKubelet:
         self.module_map = module_map or {}
         self.pods: dict[str, LocalPod] = {}  # by uid
         self.started: list[str] = []  # "<ns>/<name>" in start order
+        self.exited_at: dict[str, float] = {}  # "<ns>/<name>" -> time.time() when its process ended
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -226,6 +227,7 @@ class ProcessKubelet:
             },
         )
         code = pod.process.wait()
+        self.exited_at[f"{pod.namespace}/{pod.name}"] = time.time()
         log.close()
         self._finish(pod, code, obj)
 

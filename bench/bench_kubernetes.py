@@ -1,0 +1,425 @@
+"""Kubernetes benchmarks: preemption detection latency, and one controller process driving many concurrent runs.
+
+`run(out)` adds `{"value", "unit", "target", "method"}` entries; `python -m bench.bench_kubernetes` prints them
+as JSON. It starts its own real control plane (the envtest binaries: etcd, kube-apiserver, controller-manager,
+scheduler), the process kubelet running the light stand-in trainer (it writes real checkpoints), the Temporal
+dev server, and `relay controller` as its own OS process through `controller.kubernetes.main.main`. The
+control plane and kubelet come from the test tier (`tests/kubernetes/k8s_envtest.py`, `k8s_kubelet.py`,
+`standin_trainer.py`), imported by path: they are the project's only copy of that harness. The API server
+writes an audit log of the controller's own user only, so the controller's requests are counted exactly.
+About 5-10 minutes on 2 cores; scratch files go to $RELAY_BENCH_DIR (default: the system temp folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = REPO / "tests" / "kubernetes"
+sys.path.insert(0, str(HARNESS))
+
+from k8s_envtest import ControlPlane, free_port, missing_binaries, write_kubeconfig  # noqa: E402
+from k8s_kubelet import ProcessKubelet  # noqa: E402
+
+CONTROLLER_USER = "relay-controller"
+CONTROLLER_MAIN = "import sys; from controller.kubernetes.main import main; sys.exit(main(sys.argv[1:]))"
+LEVELS = tuple(
+    int(n) for n in os.environ.get("RELAY_BENCH_K8S_LEVELS", "50,100,200").split(",")
+)  # concurrent runs tried in turn while every run of the previous level progressed
+BUDGET_S = 600.0  # the whole benchmark, set-up included, stays under the issue's 12 minutes
+STANDIN_STEPS = 20
+STANDIN_STEP_S = 0.5
+AUDIT_POLICY = f"""\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived", "ResponseStarted"]
+rules:
+- level: Metadata
+  users: ["{CONTROLLER_USER}"]
+- level: None
+"""
+
+
+def entry(value: float, unit: str, target: str, method: str) -> dict[str, Any]:
+    return {"value": round(float(value), 4), "unit": unit, "target": target, "method": method}
+
+
+class AuditedControlPlane(ControlPlane):
+    """The test tier's control plane plus a token for the controller's own user and an audit log of its requests."""
+
+    controller_token: str = "relay-controller-bench-token"
+
+    @property
+    def audit_log(self) -> Path:
+        return self.root / "audit.log"
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        if name == "kube-apiserver":
+            with open(self.root / "tokens.csv", "a", encoding="utf-8") as tokens:
+                tokens.write(f"{self.controller_token},{CONTROLLER_USER},{CONTROLLER_USER},system:masters\n")
+            (self.root / "audit-policy.yaml").write_text(AUDIT_POLICY, encoding="utf-8")
+            args = [
+                *args,
+                f"--audit-policy-file={self.root / 'audit-policy.yaml'}",
+                f"--audit-log-path={self.audit_log}",
+            ]
+        super()._spawn(name, args)
+
+    def audit_lines(self) -> int:
+        if not self.audit_log.exists():
+            return 0
+        with open(self.audit_log, "rb") as handle:
+            return sum(1 for _ in handle)
+
+
+class JobWatcher:
+    """Records when each Job is first seen (a watch, so the delay is the API server's fan-out, milliseconds)."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self.batch = kubernetes.client.BatchV1Api(api_client)
+        self.first_seen: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="job-watcher", daemon=True)
+
+    def start(self) -> JobWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(Exception):
+                for event in kubernetes.watch.Watch().stream(
+                    self.batch.list_job_for_all_namespaces, timeout_seconds=5, deserialize=False
+                ):
+                    meta = event["object"]["metadata"]
+                    self.first_seen.setdefault(f"{meta['namespace']}/{meta['name']}", time.time())
+                    if self._stop.is_set():
+                        return
+
+
+class Bench:
+    """Control plane, CRD, kubelet, Temporal and one controller process, for the whole benchmark."""
+
+    def __init__(self, scratch: Path, namespaces: list[str]) -> None:
+        from controller.devserver import DevServer
+
+        self.scratch = scratch
+        self.namespaces = namespaces
+        self.volume = scratch / "volume"
+        self.volume.mkdir()
+        self.plane = AuditedControlPlane(scratch / "envtest")
+        self.plane.root.mkdir()
+        self.temporal = DevServer(f"127.0.0.1:{free_port()}", None, log_file=scratch / "temporal.log")
+        self.kube: kubernetes.client.ApiClient | None = None
+        self.kubelet: ProcessKubelet | None = None
+        self.controller: subprocess.Popen[bytes] | None = None
+        self.jobs: JobWatcher | None = None
+
+    def start(self) -> Bench:
+        from controller.crd import crd_manifest
+        from controller.snapshot import write_rows_file
+
+        self.temporal.start()
+        self.plane.start()
+        self.kube = self.plane.api_client()
+        extensions = kubernetes.client.ApiextensionsV1Api(self.kube)
+        manifest = crd_manifest()
+        extensions.create_custom_resource_definition(manifest)
+        until(lambda: _established(extensions, manifest["metadata"]["name"]), 30, "CRD not Established")  # type: ignore[index]
+        for namespace in self.namespaces:
+            make_namespace(self.kube, namespace)
+        texts = [f"review {i} was {'great' if i % 2 else 'dull'}" for i in range(40)]
+        write_rows_file(self.volume / "data/bench.csv", texts, [i % 2 for i in range(40)])
+        pythonpath = os.pathsep.join(p for p in (str(HARNESS), os.environ.get("PYTHONPATH", "")) if p)
+        self.kubelet = ProcessKubelet(
+            self.plane.api_client(),
+            self.volume,
+            self.scratch / "kubelet",
+            gpus=1000,
+            extra_env={"PYTHONPATH": pythonpath, "RELAY_STANDIN_STEPS": str(STANDIN_STEPS)},
+            module_map={"trainer": "standin_trainer"},
+        ).start()
+        self.jobs = JobWatcher(self.plane.api_client()).start()
+        kubeconfig = self.scratch / "controller.kubeconfig"
+        write_kubeconfig(
+            kubeconfig, self.plane.server, self.plane.controller_token, self.plane.ca_cert, CONTROLLER_USER
+        )
+        argv = [
+            sys.executable, "-c", CONTROLLER_MAIN,
+            "--temporal-address", self.temporal.address, "--volume-root", str(self.volume),
+            "--task-queue", "bench-kubernetes", "--kubeconfig", str(kubeconfig),
+            "--health-port", "0", "--metrics-port", "0",
+        ]  # fmt: skip
+        for namespace in self.namespaces:
+            argv += ["--watch-namespace", namespace]
+        log = open(self.scratch / "controller.log", "wb")  # noqa: SIM115 - lives as long as the process
+        self.controller = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        return self
+
+    def stop(self) -> None:
+        if self.controller is not None and self.controller.poll() is None:
+            self.controller.send_signal(signal.SIGTERM)
+            try:
+                self.controller.wait(10)
+            except subprocess.TimeoutExpired:
+                self.controller.kill()
+                self.controller.wait()
+        if self.jobs is not None:
+            self.jobs.stop()
+        if self.kubelet is not None:
+            self.kubelet.stop()
+        self.plane.stop()
+        self.temporal.stop()
+
+    def peak_rss_mb(self) -> float:
+        assert self.controller is not None
+        for line in Path(f"/proc/{self.controller.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc status")
+
+    def assert_controller_alive(self) -> None:
+        assert self.controller is not None
+        if self.controller.poll() is not None:
+            tail = (self.scratch / "controller.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the controller exited with {self.controller.returncode}:\n{tail}")
+
+    # ------------------------------------------------------------ cluster helpers
+
+    @property
+    def custom(self) -> kubernetes.client.CustomObjectsApi:
+        return kubernetes.client.CustomObjectsApi(self.kube)
+
+    def apply(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        body = {"apiVersion": "relay.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name}, "spec": spec}
+        self.custom.create_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingruns", body)
+
+    def statuses(self, namespace: str) -> dict[str, dict[str, Any]]:
+        items = self.custom.list_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingruns")["items"]
+        return {item["metadata"]["name"]: item.get("status") or {} for item in items}
+
+    def pod_of(self, namespace: str, job: str) -> str | None:
+        pods = kubernetes.client.CoreV1Api(self.kube).list_namespaced_pod(namespace, label_selector=f"job-name={job}")
+        return pods.items[0].metadata.name if pods.items else None
+
+
+def _established(api: kubernetes.client.ApiextensionsV1Api, name: str) -> bool:
+    crd = api.read_custom_resource_definition(name)
+    return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+
+def until(check: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with contextlib.suppress(ApiException):
+            value = check()
+            if value:
+                return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(interval_s)
+
+
+def make_namespace(kube: kubernetes.client.ApiClient, namespace: str) -> None:
+    """A namespace with a `relay-shared` claim pre-bound to a PV, and its default ServiceAccount."""
+    core = kubernetes.client.CoreV1Api(kube)
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    pv = f"pv-{namespace}"
+    core.create_persistent_volume(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": pv},
+            "spec": {
+                "capacity": {"storage": "10Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": f"/tmp/{pv}"},
+                "claimRef": {"namespace": namespace, "name": "relay-shared"},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": "relay-shared", "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
+    until(lambda: core.read_namespaced_service_account("default", namespace), 30, "no default ServiceAccount")
+
+
+def run_spec(max_steps: int) -> dict[str, Any]:
+    return {
+        "dataset": {"source": "csv", "path": "data/bench.csv"},
+        "training": {"maxSteps": max_steps, "checkpointEverySteps": 5},
+        "resources": {"cpu": "100m", "memory": "64Mi", "gpus": 1},
+        "terminationGracePeriodSeconds": 5,
+        "retries": {"backoffSeconds": 0.5, "maxPreemptions": 100},
+    }
+
+
+# ---------------------------------------------------------------- detection latency
+
+
+def detection_latency(bench: Bench, namespace: str, evictions: int = 7) -> dict[str, Any]:
+    """Evict the running leg's pod `evictions` times; each time, time from its process exit to the next Job."""
+    assert bench.kubelet is not None and bench.jobs is not None
+    bench.kubelet.extra_env["RELAY_STANDIN_STEP_S"] = "0.05"
+    bench.kubelet.extra_env["RELAY_STANDIN_STEPS"] = "100000"
+    core = kubernetes.client.CoreV1Api(bench.kube)
+    name = "detect"
+    bench.apply(namespace, name, run_spec(100_000))
+    latencies = []
+    for leg in range(evictions):
+        job = f"{name}-leg-{leg}"
+        pod = until(lambda job=job: bench.pod_of(namespace, job), 120, f"no pod for {job}", 0.1)
+        until(lambda pod=pod: f"{namespace}/{pod}" in bench.kubelet.running(), 60, f"{pod} never ran")  # type: ignore[union-attr]
+        time.sleep(0.5)  # a little training, as a real preemption finds it
+        bench.assert_controller_alive()
+        eviction = {"apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {"name": pod}}
+        core.create_namespaced_pod_eviction(pod, namespace, eviction)
+        nxt = f"{namespace}/{name}-leg-{leg + 1}"
+        until(lambda nxt=nxt: nxt in bench.jobs.first_seen, 60, f"{nxt} never created")  # type: ignore[union-attr]
+        exited = until(lambda pod=pod: bench.kubelet.exited_at.get(f"{namespace}/{pod}"), 10, "no exit time")  # type: ignore[union-attr]
+        latencies.append(bench.jobs.first_seen[nxt] - exited)
+    bench.custom.patch_namespaced_custom_object(
+        "relay.dev", "v1alpha1", namespace, "trainingruns", name, {"spec": {"suspend": True}}
+    )  # out of the way of the scale test
+    median = statistics.median(latencies)
+    return entry(
+        median,
+        "s",
+        "<= 2 s median",
+        f"median over {len(latencies)} legs (min {min(latencies):.2f}, max {max(latencies):.2f} s): a running "
+        "stand-in leg's pod evicted (policy/v1beta1 Eviction), time from its process exit (SIGTERM -> checkpoint "
+        "-> exit 75, seen by the process kubelet) to the next leg's Job first seen by a watch",
+    )
+
+
+# ---------------------------------------------------------------- scale
+
+
+def drive(bench: Bench, namespace: str, count: int, timeout_s: float) -> dict[str, Any]:
+    """`count` runs applied at once; returns how many progressed and succeeded, and the controller's requests."""
+    assert bench.kubelet is not None
+    bench.kubelet.extra_env["RELAY_STANDIN_STEP_S"] = str(STANDIN_STEP_S)
+    bench.kubelet.extra_env["RELAY_STANDIN_STEPS"] = str(STANDIN_STEPS)
+    requests_before = bench.plane.audit_lines()
+    started = time.monotonic()
+    names = [f"run-{i:03d}" for i in range(count)]
+    for name in names:
+        bench.apply(namespace, name, run_spec(STANDIN_STEPS))
+    progressed: set[str] = set()
+    succeeded: set[str] = set()
+    max_running = 0
+    while time.monotonic() - started < timeout_s and len(succeeded) < count:
+        bench.assert_controller_alive()
+        statuses = bench.statuses(namespace)
+        progressed |= {n for n, s in statuses.items() if (s.get("step") or 0) > 0 or s.get("phase") == "Succeeded"}
+        succeeded |= {n for n, s in statuses.items() if s.get("phase") == "Succeeded"}
+        max_running = max(max_running, sum(1 for p in bench.kubelet.running() if p.startswith(f"{namespace}/")))
+        time.sleep(1.0)
+    elapsed = time.monotonic() - started
+    requests = bench.plane.audit_lines() - requests_before
+    return {
+        "count": count,
+        "progressed": len(progressed),
+        "succeeded": len(succeeded),
+        "elapsed_s": elapsed,
+        "max_running_pods": max_running,
+        "requests": requests,
+        "requests_per_run_per_min": requests / count / (elapsed / 60),
+    }
+
+
+def run(out: dict[str, Any]) -> None:
+    missing = missing_binaries()
+    if missing:
+        raise RuntimeError(f"envtest binaries missing ({', '.join(missing)}): run `make envtest`")
+    began = time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix="relay-bench-k8s-", dir=os.environ.get("RELAY_BENCH_DIR")))
+    namespaces = ["detect", *(f"scale-{n}" for n in LEVELS)]
+    bench = Bench(scratch, namespaces)
+    levels: list[dict[str, Any]] = []
+    try:
+        bench.start()
+        out["detection_latency_s"] = detection_latency(bench, "detect")
+        print(json.dumps({"detection_latency_s": out["detection_latency_s"]}), flush=True)
+        for count in LEVELS:
+            left = BUDGET_S - (time.monotonic() - began)
+            if left < 120:
+                break
+            level = drive(bench, f"scale-{count}", count, timeout_s=min(left - 30, 60 + 1.5 * count))
+            level["peak_rss_mb"] = bench.peak_rss_mb()
+            print(json.dumps(level), flush=True)
+            levels.append(level)
+            if level["progressed"] < count:
+                break
+        peak = bench.peak_rss_mb()
+    finally:
+        bench.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+    full = [lv for lv in levels if lv["progressed"] == lv["count"]]
+    best = full[-1] if full else levels[-1]
+    tried = ", ".join(
+        f"{lv['count']} applied: {lv['progressed']} progressed, "
+        f"{lv['succeeded']} succeeded in {lv['elapsed_s']:.0f} s, "
+        f"{lv['max_running_pods']} leg pods at once, {lv['requests_per_run_per_min']:.1f} API requests/run/min"
+        for lv in levels
+    )
+    out["controller_concurrent_runs"] = entry(
+        best["progressed"] if full else 0,
+        "runs",
+        "500 (every run progresses)",
+        f"one `relay controller` process (main()), envtest API server + Temporal dev server, legs of the light "
+        f"stand-in trainer ({STANDIN_STEPS} steps x {STANDIN_STEP_S} s, checkpoints every 5) on the process kubelet; "
+        f"levels tried: {tried}. API requests counted from the API server's audit log of the controller's own user; "
+        "2-core machine shared with other work, so 500 was not attempted",
+    )
+    out["controller_peak_rss_mb"] = entry(
+        peak,
+        "MB",
+        "<= 500 MB",
+        f"VmHWM of the controller process from /proc after driving up to {levels[-1]['count']} concurrent runs "
+        "(plus the detection run)",
+    )
+    out["controller_api_requests_per_run_min"] = entry(
+        best["requests_per_run_per_min"],
+        "requests/run/min",
+        "reported",
+        f"controller's own API requests (audit log, ResponseComplete) during the {best['count']}-run level, "
+        "divided by runs and by minutes",
+    )
+
+
+if __name__ == "__main__":
+    results: dict[str, Any] = {}
+    run(results)
+    print(json.dumps(results, indent=2))
