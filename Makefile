@@ -45,7 +45,7 @@ envtest:
 	  ln -sf $(abspath $(VENV)/bin/kubectl) $(ENVTEST_DIR)/kubectl; \
 	  else echo "envtest binaries not found: the cluster tier will be SKIPPED"; fi
 
-## The long fault drill: 25 seeded faults on a tiny local run; exit 0 only when nothing was lost (~6 minutes).
+## The long fault drill: 25 seeded faults on a tiny local run; exit 0 only when nothing was lost (~8 minutes on 2 busy cores).
 DRILL_SEED ?= 1
 DRILL_FAULTS ?= 25
 drill: install

@@ -126,15 +126,18 @@ def _attach_trained_steps(legs: list[dict[str, Any]], processes: dict[int, dict[
 
     A leg's record holds the checkpoints it started and ended at; the steps it trained past its last
     checkpoint before a SIGKILL (lost, redone by the next leg) are only in the history. A trainer process
-    belongs to the leg whose start/end times (whole seconds) contain its first logged line.
+    belongs to the leg whose start/end times (whole seconds) contain its first logged line; legs take the
+    earliest such process not taken by an earlier leg (a trainer logs its first line seconds after launch).
     """
+    unused = sorted(processes.values(), key=lambda span: span["t0"])
     for leg in legs:
         start = _epoch_s(leg.get("startedAt"))
         end = _epoch_s(leg.get("endedAt")) if leg.get("endedAt") else None
-        for span in processes.values():
+        for span in unused:
             if start is not None and start - 1 <= span["t0"] and (end is None or span["t0"] <= end + 1):
                 leg["ranFrom"] = int(span.get("from", span["first"] - 1))
                 leg["ranTo"] = max(int(span["last"]), leg["ranFrom"])
+                unused.remove(span)
                 break
 
 
@@ -173,7 +176,9 @@ def _draw_loss(ax: Any, run: RunHistory) -> None:
         end = leg.get("ranTo", leg.get("endStep") if leg.get("endStep") is not None else start)
         ax.axvspan(start, max(end, start + 0.5), color="#90a4ae", alpha=0.08 + 0.10 * (index % 2))
     ax.plot(run.steps, run.losses, color="#1565c0", linewidth=1.2, label="training loss")
-    for number, (previous, leg) in enumerate(itertools.pairwise(run.legs)):
+    last_label, number = -1e18, 0
+    span = max(run.steps[-1] if run.steps else 1, max((leg.get("ranTo", 0) for leg in run.legs), default=1), 1)
+    for previous, leg in itertools.pairwise(run.legs):
         if previous.get("outcome") in ("preempted", "failed", "stuck"):
             stopped = previous.get("ranTo", previous.get("endStep"))
             if stopped is not None:
@@ -181,6 +186,9 @@ def _draw_loss(ax: Any, run: RunHistory) -> None:
                 ax.axvline(stopped, color=colour, linestyle=":", linewidth=1.2)
             resumed = leg.get("ranFrom", leg["startStep"])
             ax.axvline(resumed, color="#2e7d32", linestyle="--", linewidth=1)
+            if resumed - last_label < span / 25:
+                continue  # too close to the last label to read; the leg bars below say it too
+            last_label, number = resumed, number + 1
             ax.annotate(
                 f"resumed\nfrom {resumed}",
                 (resumed, 1.0),
