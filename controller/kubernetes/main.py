@@ -70,11 +70,18 @@ def kopf_settings(settings: kopf.OperatorSettings) -> None:
     settings.networking.request_timeout = 60
 
 
+def bearer_token(authorization: str) -> str | None:
+    """The token of an Authorization value; in-cluster config writes "bearer <t>", kubeconfigs "Bearer <t>"."""
+    scheme, _, rest = authorization.partition(" ")
+    token = rest if scheme.lower() == "bearer" else authorization
+    return token.strip() or None
+
+
 def register_login(registry: kopf.OperatorRegistry, configuration: kubernetes.client.Configuration) -> None:
     @kopf.on.login(registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         auth = configuration.api_key.get("authorization", "") or configuration.api_key.get("BearerToken", "")
-        token = auth.removeprefix("Bearer ").strip() or None
+        token = bearer_token(auth)
         return kopf.ConnectionInfo(
             server=configuration.host,
             ca_path=configuration.ssl_ca_cert,
@@ -97,13 +104,18 @@ async def run_controller(
     task_queue: str,
     stop: asyncio.Event,
     ready: Any | None = None,
+    metrics: Any | None = None,
 ) -> None:
     """Run until `stop` is set. `namespaces=None` watches all namespaces."""
     from controller.worker import build_worker
 
     api_client = kubernetes.client.ApiClient(configuration)
     backend = KubernetesBackend(api_client)
-    sink = KubernetesStatusSink(api_client)
+    sink: Any = KubernetesStatusSink(api_client)
+    if metrics is not None:
+        from controller.observability import MetricsStatusSink
+
+        sink = MetricsStatusSink(sink, metrics)
     worker = build_worker(temporal, backend, volume_root, sink, task_queue)
     ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue)
     registry = build_registry(ctx)
@@ -174,6 +186,7 @@ async def _amain(args: argparse.Namespace) -> int:
             namespaces=namespaces,
             task_queue=args.task_queue,
             stop=stop,
+            metrics=observability.metrics if observability is not None else None,
         )
     finally:
         if observability is not None:

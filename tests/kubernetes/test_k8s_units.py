@@ -187,3 +187,14 @@ def test_drift_check_fails_naming_the_stale_file(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(crd, "REPO_ROOT", tmp_path)
     assert crd.main(["--check"]) == 1
     assert crd.main([]) == 0 and crd.main(["--check"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("authorization", "token"),
+    [("bearer abc.def", "abc.def"), ("Bearer abc.def", "abc.def"), ("abc.def", "abc.def"), ("", None)],
+)
+def test_login_token_from_in_cluster_and_kubeconfig_forms(authorization: str, token: str | None) -> None:
+    """In-cluster config stores "bearer <token>" (lower case); kopf must get the bare token either way."""
+    from controller.kubernetes.main import bearer_token
+
+    assert bearer_token(authorization) == token
