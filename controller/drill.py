@@ -60,7 +60,7 @@ CHECKPOINT_EVERY = 10
 GAP = (2 * CHECKPOINT_EVERY + 1, 2 * CHECKPOINT_EVERY + 10)  # steps from one recovery to the next fault
 # Steps the leg trains on its own while the worker or the server is being restarted (it keeps running);
 # the run is made this much longer per such fault so that every planned fault still finds it training.
-DRIFT_ALLOWANCE = {"worker-restart": 450, "server-restart": 200}
+DRIFT_ALLOWANCE = {"worker-restart": 450, "server-restart": 150}
 TMPFS_SIZE = "256m"
 
 
