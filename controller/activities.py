@@ -337,7 +337,10 @@ class RelayActivities:
         record = _read_record(record_path)
         start_step = record.start_step if record else 0
         if record is None:
-            latest = read_leg_progress(self.volume_root, leg.namespace, leg.name).latest_checkpoint
+            # Hash-verified, as the trainer will: a corrupt newer checkpoint is not where the leg resumes.
+            # Read-only (no quarantine dir): moving it aside is the trainer's job.
+            checkpoints = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name).checkpoints_dir
+            latest, _ = await asyncio.to_thread(volume.find_latest_checkpoint, checkpoints, verify_hashes=True)
             start_step = latest.step if latest else 0
         handle = await self.backend.launch(leg)
         started_at = rfc3339(handle.started_at)

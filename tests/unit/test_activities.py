@@ -14,6 +14,7 @@ from temporalio.testing import ActivityEnvironment
 from controller.activities import (
     AwaitHeartbeat,
     AwaitLegRequest,
+    LaunchLegRequest,
     LegProgress,
     PrepareRunRequest,
     RelayActivities,
@@ -91,6 +92,20 @@ async def test_await_leg_injects_a_preemption_once_and_reports_progress(tmp_path
     retry.info = dataclasses.replace(retry.info, heartbeat_details=[detail], attempt=2)
     still_running = await retry.run(activities.await_leg, request.model_copy(update={"max_wait_s": 0.1}))
     assert not still_running.terminated and backend.stops == 0 and still_running.injected_preempt_at == 42
+
+
+async def test_launch_records_the_step_the_trainer_will_really_resume_from(tmp_path: Path):
+    """A newer checkpoint that fails its hashes is not the resume point (the trainer will quarantine it)."""
+    activities = RelayActivities(RunningLeg(), tmp_path)
+    _checkpoint(tmp_path, 70)
+    _checkpoint(tmp_path, 80)
+    layout = RunLayout.for_run(tmp_path, "default", "r")
+    (layout.checkpoints_dir / checkpoint_dir_name(80) / "weights.bin").write_bytes(b"x" * 64)  # same size, corrupt
+    launched = await ActivityEnvironment().run(activities.launch_leg, LaunchLegRequest(leg=_leg()))
+    assert launched.start_step == 70
+    record = json.loads(layout.leg_record_path(0).read_text())
+    assert record["startStep"] == 70
+    assert (layout.checkpoints_dir / checkpoint_dir_name(80)).is_dir(), "the controller moves nothing"
 
 
 async def test_snapshot_activity_turns_bad_data_into_a_non_retryable_error(tmp_path: Path):
