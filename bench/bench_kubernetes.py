@@ -7,7 +7,8 @@ dev server, and `relay controller` as its own OS process through `controller.kub
 control plane and kubelet come from the test tier (`tests/kubernetes/k8s_envtest.py`, `k8s_kubelet.py`,
 `standin_trainer.py`), imported by path: they are the project's only copy of that harness. The API server
 writes an audit log of the controller's own user only, so the controller's requests are counted exactly.
-About 5-10 minutes on 2 cores; scratch files go to $RELAY_BENCH_DIR (default: the system temp folder).
+About 9 minutes on 2 cores (levels of 50 then 150 runs; RELAY_BENCH_K8S_LEVELS overrides); scratch files
+go to $RELAY_BENCH_DIR (default: the system temp folder).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from k8s_kubelet import ProcessKubelet  # noqa: E402
 CONTROLLER_USER = "relay-controller"
 CONTROLLER_MAIN = "import sys; from controller.kubernetes.main import main; sys.exit(main(sys.argv[1:]))"
 LEVELS = tuple(
-    int(n) for n in os.environ.get("RELAY_BENCH_K8S_LEVELS", "50,200").split(",")
+    int(n) for n in os.environ.get("RELAY_BENCH_K8S_LEVELS", "50,150").split(",")
 )  # concurrent runs tried in turn while every run of the previous level progressed
 BUDGET_S = 660.0  # the whole benchmark, set-up included, stays under the issue's 12 minutes
 STANDIN_STEP_S = 0.5
@@ -334,7 +335,7 @@ def drive(bench: Bench, namespace: str, count: int, start_rate: float) -> dict[s
     counted over it), then the legs finish and every run must reach Succeeded.
     """
     assert bench.kubelet is not None
-    ramp_s = count / start_rate + 20
+    ramp_s = 1.3 * count / start_rate + 20
     steps = int((ramp_s + WINDOW_S + 10) / STANDIN_STEP_S)
     bench.kubelet.extra_env["RELAY_STANDIN_STEP_S"] = str(STANDIN_STEP_S)
     bench.kubelet.extra_env["RELAY_STANDIN_STEPS"] = str(steps)
@@ -359,9 +360,7 @@ def drive(bench: Bench, namespace: str, count: int, start_rate: float) -> dict[s
     result["ramp_s"] = time.monotonic() - started
     result["start_rate"] = count / result["ramp_s"]
     result["max_running_pods"] = max_running
-    if not result["all_running"]:
-        return result
-
+    # The window runs even when the ramp fell short, so the report says how far the level got.
     before = {n: s.get("step") or 0 for n, s in bench.statuses(namespace).items()}
     requests_before = bench.plane.audit_lines()
     window_start = time.monotonic()
@@ -405,7 +404,7 @@ def run(out: dict[str, Any]) -> None:
         out["detection_latency_s"] = detection_latency(bench, "detect")
         print(json.dumps({"detection_latency_s": out["detection_latency_s"]}), flush=True)
         for count in LEVELS:
-            needed = 2 * (count / rate + 20) + WINDOW_S + 80
+            needed = 2 * (1.3 * count / rate + 20) + WINDOW_S + 80
             if BUDGET_S - (time.monotonic() - began) < needed:
                 print(f"skipping {count} runs: about {needed:.0f} s needed, over the budget", flush=True)
                 break

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from k8s_envtest import assets_dir
 from k8s_kubelet import ProcessKubelet
 from test_k8s_operator import Cluster, assert_controller_alive, phase
 from test_k8s_operator import controller as controller  # the operator fixture, shared
@@ -73,7 +74,7 @@ def train_uninterrupted(volume_root: Path, snapshot: str, config: Path, run_dir:
 
 
 def kubectl() -> str:
-    for candidate in (Path(".envtest/kubectl"), Path(sys.executable).parent / "kubectl"):
+    for candidate in (assets_dir() / "kubectl", Path(sys.executable).parent / "kubectl"):
         if candidate.exists():
             return str(candidate.resolve())
     found = shutil.which("kubectl")
