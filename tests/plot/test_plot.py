@@ -10,29 +10,18 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from controller.plot import DPI, HEIGHT_PX, WIDTH_PX, PlotError, plot_run, read_run
 
-SEED, FAULTS = 20, 4  # the same drill as tests/drill/test_drill.py, so one session runs it once
-
 
 @pytest.fixture(scope="session")
-def drilled_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.getbasetemp() / f"relay-drill-seed-{SEED}"
-    out = folder.parent / f"{folder.name}.out"
-    if not out.exists():
-        result = subprocess.run(
-            [sys.executable, "-m", "controller.cli", "drill", "--seed", str(SEED), "--faults", str(FAULTS),
-             "--volume", str(folder)],
-            capture_output=True, text=True, timeout=400,
-        )  # fmt: skip
-        out.write_text(f"{result.returncode}\n{result.stdout}\n{result.stderr}")
-    copied = folder / "result/runs/default/drill"
-    run_dir = copied if copied.is_dir() else folder / "volume/runs/default/drill"
-    assert (run_dir / "final/metrics.json").is_file(), out.read_text()[-3000:]
-    return run_dir
+def drilled_run_dir(short_drill: Any) -> Path:
+    """The run folder of the session's short drill (tests/conftest.py)."""
+    assert (short_drill.run_dir / "final/metrics.json").is_file(), short_drill.output[-3000:]
+    return short_drill.run_dir
 
 
 def _png_size(path: Path) -> tuple[int, int]:
