@@ -63,7 +63,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- date: {report['date']}",
         f"- machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "
         f"Python {machine['python']}",
-        f"- command: `make bench` ({report['duration_s']:.0f} s)",
+        f"- command: `make bench` (last invocation {report['duration_s']:.0f} s; each figure: its module and time)",
         "",
         "| figure | value | unit | target | method |",
         "|---|---|---|---|---|",
@@ -75,7 +75,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         value = entry["value"]
         shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-        lines.append(f"| {key} | {shown} | {entry['unit']} | {entry['target']} | {entry['method']} |")
+        method = f"{entry['method']} ({entry.get('module', '?')}, {entry.get('measured_at', '?')})"
+        lines.append(f"| {key} | {shown} | {entry['unit']} | {entry['target']} | {method} |")
     for module, error in report["module_errors"].items():
         lines += ["", f"**{module} failed:** `{error}`"]
     return "\n".join(lines) + "\n"
@@ -87,24 +88,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", help="run only these modules (e.g. bench.bench_trainer)")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    out = Path(args.out)
     results: dict[str, Any] = {}
     module_errors: dict[str, str] = {}
+    if args.only and (out / "results.json").is_file():
+        # A partial rerun keeps the other modules' figures (each entry carries its own method and date).
+        previous = json.loads((out / "results.json").read_text())
+        results.update(previous.get("results", {}))
+        module_errors.update({m: e for m, e in previous.get("module_errors", {}).items() if m not in args.only})
     for name in args.only or MODULES:
         print(f"== {name}", flush=True)
         try:
-            importlib.import_module(name).run(results)
+            module_results: dict[str, Any] = {}
+            importlib.import_module(name).run(module_results)
+            measured_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+            results.update(
+                {key: {**entry, "module": name, "measured_at": measured_at} for key, entry in module_results.items()}
+            )
         except Exception as exc:  # report the failure, keep the other figures
             traceback.print_exc()
             module_errors[name] = f"{type(exc).__name__}: {exc}"
     report = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": machine_description(),
-        "duration_s": time.monotonic() - started,
+        "duration_s": time.monotonic() - started,  # of this invocation
         "results": {key: results[key] for key in KEYS if key in results},
         "errors": {key: "not produced" for key in KEYS if key not in results},
         "module_errors": module_errors,
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "results.md").write_text(render_markdown(report))
