@@ -342,8 +342,10 @@ def drive(bench: Bench, namespace: str, count: int, start_rate: float) -> dict[s
     names = [f"run-{i:03d}" for i in range(count)]
     result: dict[str, Any] = {"count": count, "leg_steps": steps, "all_running": False, "window_progressed": 0}
 
+    kubelet = bench.kubelet
+
     def running() -> int:
-        return sum(1 for p in bench.kubelet.running() if p.startswith(f"{namespace}/"))  # type: ignore[union-attr]
+        return len([p for p in kubelet.running() if p.startswith(f"{namespace}/")])
 
     started = time.monotonic()
     for name in names:
