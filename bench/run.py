@@ -32,6 +32,7 @@ KEYS = (
     "resnapshot_s",
     "controller_concurrent_runs",
     "controller_peak_rss_mb",
+    "controller_api_requests_per_run_min",
     "steps_lost_per_sigterm",
 )
 
