@@ -12,7 +12,7 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, Field, ValidationError, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 
 from trainer.config import CamelModel, TrainerConfig, TrainingSettings
 
@@ -57,7 +57,7 @@ Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G
 class Metadata(CamelModel):
     """The subset of Kubernetes object metadata Relay reads; other keys (labels, uid, ...) pass through."""
 
-    model_config = CamelModel.model_config | {"extra": "allow"}
+    model_config = ConfigDict(extra="allow")  # merged with CamelModel's config
     name: Annotated[DnsLabel, AfterValidator(_run_name_length)]
     namespace: DnsLabel = "default"
 
@@ -150,7 +150,7 @@ class TrainingRunSpec(CamelModel):
 class TrainingRun(CamelModel):
     """A whole TrainingRun document as applied with kubectl or passed to `relay run`."""
 
-    model_config = CamelModel.model_config | {"extra": "allow"}  # status, kubectl annotations
+    model_config = ConfigDict(extra="allow")  # merged with CamelModel's; status, kubectl annotations
     api_version: Literal["relay.dev/v1alpha1"]
     kind: Literal["TrainingRun"]
     metadata: Metadata

@@ -12,7 +12,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from trainer.config import CamelModel
 
@@ -25,7 +25,7 @@ MAX_QUARANTINED_IN_CR_STATUS = 10
 class StatusModel(CamelModel):
     """Like CamelModel, but mutable: the workflow updates its status in place."""
 
-    model_config = CamelModel.model_config | {"frozen": False}
+    model_config = ConfigDict(frozen=False)  # merged with CamelModel's config
 
 
 class Phase(enum.StrEnum):

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -210,7 +210,7 @@ class KubernetesBackend:
         run = await self._call(
             self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
         )
-        return str(run["metadata"]["uid"])
+        return str(cast(dict[str, Any], run)["metadata"]["uid"])  # the client types custom objects as object
 
     async def _wait_other_legs_gone(self, cache: NamespaceCache, leg: LegSpec) -> None:
         deadline = time.monotonic() + self.conflict_wait_s
