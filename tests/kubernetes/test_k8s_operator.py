@@ -167,6 +167,15 @@ async def controller(
         await asyncio.to_thread(CONTROLLERS.pop().stop)
 
 
+async def first_checkpoint(checkpoints: Path, timeout_s: float, why: Callable[[], str] = lambda: "") -> None:
+    """Wait until leg 0 has written a checkpoint (the moment the tests preempt or suspend it)."""
+    deadline = time.monotonic() + timeout_s
+    while not volume.list_checkpoint_dirs(checkpoints):
+        assert_controller_alive()
+        assert time.monotonic() < deadline, f"no checkpoint from leg 0 {why()}"
+        await asyncio.sleep(0.05)
+
+
 def phase(value: str) -> Callable[[dict[str, Any]], bool]:
     return lambda run: (run.get("status") or {}).get("phase") == value
 
@@ -179,11 +188,7 @@ async def test_evicted_leg_resumes_from_its_checkpoint_and_the_run_succeeds_with
     name = f"evict-{uuid.uuid4().hex[:6]}"
     await cluster.apply(name, run_spec())
     checkpoints = volume_root / f"runs/{namespace}/{name}/checkpoints"
-    deadline = time.monotonic() + 90
-    while not volume.list_checkpoint_dirs(checkpoints):
-        assert_controller_alive()
-        assert time.monotonic() < deadline, "no checkpoint from leg 0"
-        await asyncio.sleep(0.1)
+    await first_checkpoint(checkpoints, timeout_s=90)
     (pod,) = await cluster.pods(f"{name}-leg-0")
     eviction = {"apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {"name": pod.metadata.name}}
     await asyncio.to_thread(cluster.core.create_namespaced_pod_eviction, pod.metadata.name, namespace, eviction)
@@ -262,11 +267,7 @@ async def test_suspend_pauses_the_run_without_a_pod_and_resume_finishes_it(
     name = f"suspend-{uuid.uuid4().hex[:6]}"
     await cluster.apply(name, run_spec())
     checkpoints = volume_root / f"runs/{namespace}/{name}/checkpoints"
-    deadline = time.monotonic() + 90
-    while not volume.list_checkpoint_dirs(checkpoints):
-        assert_controller_alive()
-        assert time.monotonic() < deadline, "no checkpoint from leg 0"
-        await asyncio.sleep(0.1)
+    await first_checkpoint(checkpoints, timeout_s=90)
 
     async def set_suspend(value: bool) -> None:
         await asyncio.to_thread(

@@ -13,7 +13,6 @@ import random
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +21,10 @@ from typing import Any
 import pytest
 from k8s_envtest import assets_dir
 from k8s_kubelet import ProcessKubelet
-from test_k8s_operator import Cluster, assert_controller_alive, phase
+from test_k8s_operator import Cluster, first_checkpoint, phase
 from test_k8s_operator import controller as controller  # the operator fixture, shared
 
 from controller.snapshot import write_rows_file
-from trainer import volume
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
 STEPS = 16
@@ -112,13 +110,9 @@ async def test_real_trainer_evicted_after_its_first_checkpoint_resumes_to_the_un
     }
     await cluster.apply(name, spec)
     run_dir = volume_root / f"runs/{namespace}/{name}"
-    deadline = time.monotonic() + 40
-    while not volume.list_checkpoint_dirs(run_dir / "checkpoints"):
-        assert_controller_alive()
-        assert time.monotonic() < deadline, "no checkpoint from leg 0: " + real_kubelet.pod_log(
-            namespace, f"{name}-leg-0"
-        )
-        await asyncio.sleep(0.05)
+    await first_checkpoint(
+        run_dir / "checkpoints", timeout_s=40, why=lambda: real_kubelet.pod_log(namespace, f"{name}-leg-0")
+    )
     (pod,) = await cluster.pods(f"{name}-leg-0")
     eviction = {"apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {"name": pod.metadata.name}}
     await asyncio.to_thread(cluster.core.create_namespaced_pod_eviction, pod.metadata.name, namespace, eviction)
