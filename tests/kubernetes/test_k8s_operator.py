@@ -81,6 +81,16 @@ class Cluster:
             run = await self.get(name)
         return run
 
+    async def delete_and_wait_gone(self, name: str, timeout_s: float, why: str) -> None:
+        """Delete the TrainingRun and wait until the finalizer has let it go."""
+        await asyncio.to_thread(
+            self.custom.delete_namespaced_custom_object, "relay.dev", "v1alpha1", self.namespace, "trainingruns", name
+        )
+        deadline = time.monotonic() + timeout_s
+        while await self.get(name) is not None:
+            assert time.monotonic() < deadline, why
+            await asyncio.sleep(0.2)
+
     async def events(self, name: str) -> list[str]:
         items = await asyncio.to_thread(
             self.core.list_namespaced_event, self.namespace, field_selector=f"involvedObject.name={name}"
@@ -244,13 +254,8 @@ async def test_delete_cancels_the_workflow_and_removes_the_jobs(
     await cluster.apply(name, run_spec())
     await cluster.until(name, phase("Running"), timeout_s=90)
     await cluster.until(name, lambda r: bool(r.get("status", {}).get("legs")), timeout_s=30)
-    await asyncio.to_thread(
-        cluster.custom.delete_namespaced_custom_object, "relay.dev", "v1alpha1", namespace, "trainingruns", name
-    )
-    deadline = time.monotonic() + 60
-    while await cluster.get(name) is not None:
-        assert time.monotonic() < deadline, "TrainingRun not removed (finalizer stuck?)"
-        await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 60  # for the run and its Jobs to be gone
+    await cluster.delete_and_wait_gone(name, 60, "TrainingRun not removed (finalizer stuck?)")
     description = await temporal_env.client.get_workflow_handle(workflow_id(namespace, name)).describe()
     assert description.status.name in ("CANCELED", "COMPLETED", "TERMINATED")
     while (await asyncio.to_thread(cluster.batch.list_namespaced_job, namespace)).items:

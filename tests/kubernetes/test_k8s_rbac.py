@@ -70,13 +70,7 @@ async def test_operator_runs_a_training_run_with_only_the_shipped_role(
         run = await cluster.until(name, phase("Succeeded"), timeout_s=90)
         assert run["status"]["legCount"] == 1
         assert process.error is None
-        await asyncio.to_thread(
-            cluster.custom.delete_namespaced_custom_object, "relay.dev", "v1alpha1", namespace, "trainingruns", name
-        )
-        deadline = time.monotonic() + 30
-        while await cluster.get(name) is not None:
-            assert time.monotonic() < deadline, "finalizer not removed with the limited Role"
-            await asyncio.sleep(0.2)
+        await cluster.delete_and_wait_gone(name, 30, "finalizer not removed with the limited Role")
     finally:
         CONTROLLERS.remove(process)
         await asyncio.to_thread(process.stop)
