@@ -4,8 +4,8 @@
 as JSON. It starts its own real control plane (the envtest binaries: etcd, kube-apiserver, controller-manager,
 scheduler), the process kubelet running the light stand-in trainer (it writes real checkpoints), the Temporal
 dev server, and `relay controller` as its own OS process through `controller.kubernetes.main.main`. The
-control plane and kubelet come from the test tier (`tests/kubernetes/k8s_envtest.py`, `k8s_kubelet.py`,
-`standin_trainer.py`), imported by path: they are the project's only copy of that harness. The API server
+control plane and kubelet are `controller.envtest` (the harness the cluster tests and the drill use); the
+stand-in trainer is the test tier's `tests/kubernetes/standin_trainer.py`, put on the pods' path. The API server
 writes an audit log of the controller's own user only, so the controller's requests are counted exactly.
 About 9 minutes on 2 cores (levels of 50 then 150 runs; RELAY_BENCH_K8S_LEVELS overrides); scratch files
 go to $RELAY_BENCH_DIR (default: the system temp folder).
@@ -30,12 +30,11 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-REPO = Path(__file__).resolve().parents[1]
-HARNESS = REPO / "tests" / "kubernetes"
-sys.path.insert(0, str(HARNESS))
+from controller.envtest.control_plane import ControlPlane, free_port, missing_binaries, write_kubeconfig
+from controller.envtest.process_kubelet import ProcessKubelet
 
-from k8s_envtest import ControlPlane, free_port, missing_binaries, write_kubeconfig  # noqa: E402
-from k8s_kubelet import ProcessKubelet  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+HARNESS = REPO / "tests" / "kubernetes"  # standin_trainer.py, run by the pods
 
 CONTROLLER_USER = "relay-controller"
 CONTROLLER_MAIN = "import sys; from controller.kubernetes.main import main; sys.exit(main(sys.argv[1:]))"

@@ -15,11 +15,11 @@ from typing import Any
 
 import kubernetes
 import pytest
-from k8s_envtest import ControlPlane, assets_dir, missing_binaries
-from k8s_kubelet import ProcessKubelet
 from kubernetes.client.rest import ApiException
 
 from controller.crd import crd_manifest
+from controller.envtest.control_plane import ControlPlane, assets_dir, missing_binaries
+from controller.envtest.process_kubelet import ProcessKubelet
 
 _MISSING = missing_binaries()
 _SKIP_REASON = (

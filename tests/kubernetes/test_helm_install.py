@@ -29,10 +29,11 @@ import helm_python as helm
 import kubernetes
 import pytest
 import yaml
-from k8s_envtest import ControlPlane, free_port
-from k8s_kubelet import LocalPod, ProcessKubelet
 from kubernetes.client.rest import ApiException
 from temporalio.testing import WorkflowEnvironment
+
+from controller.envtest.control_plane import ControlPlane, free_port
+from controller.envtest.process_kubelet import LocalPod, ProcessKubelet
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
 

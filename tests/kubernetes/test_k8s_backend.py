@@ -14,9 +14,9 @@ from typing import Any
 import kubernetes
 import pytest
 from conftest import make_training_run
-from k8s_kubelet import ProcessKubelet
 
 from controller.backends.base import LegOutcomeKind, LegSpec, LegState, classify_termination
+from controller.envtest.process_kubelet import ProcessKubelet
 from controller.kubernetes.backend import KubernetesBackend, LegConflict
 from controller.kubernetes.jobs import ANNOTATION_TERMINATION
 from controller.spec import TrainingRunSpec

@@ -18,8 +18,8 @@ from typing import Any
 
 import kubernetes
 import pytest
-from k8s_kubelet import ProcessKubelet
 
+from controller.envtest.process_kubelet import ProcessKubelet
 from controller.kubernetes.main import run_controller
 from controller.spec import workflow_id
 from trainer import volume

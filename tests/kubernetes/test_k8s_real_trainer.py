@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from k8s_envtest import assets_dir
-from k8s_kubelet import ProcessKubelet
 from test_k8s_operator import Cluster, first_checkpoint, phase
 from test_k8s_operator import controller as controller  # the operator fixture, shared
 
+from controller.envtest.control_plane import assets_dir
+from controller.envtest.process_kubelet import ProcessKubelet
 from controller.snapshot import write_rows_file
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]

@@ -1,12 +1,16 @@
 """Start and stop a real Kubernetes control plane (etcd, kube-apiserver, controller-manager, scheduler) on loopback.
 
-The binaries come from KUBEBUILDER_ASSETS (default `<repo>/.envtest`, made by `make envtest`). Everything
-listens on 127.0.0.1 on free ports and lives in one temporary folder; `stop()` kills what `start()` began.
-An admin token (system:masters) is written to a kubeconfig the tests and the controller use.
+The binaries come from KUBEBUILDER_ASSETS (default `.envtest` in the repository, made by `make envtest`).
+Everything listens on 127.0.0.1 on free ports and lives in one folder; `stop()` kills what `start()` began,
+and every process also dies with the one that started it (a parent-death signal), so a test session or
+drill killed outright leaves no control plane behind. An admin token (system:masters) is written to a
+kubeconfig the tests, the drill and the controller use.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import secrets
 import shutil
@@ -27,7 +31,17 @@ REQUIRED = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 
 
 def assets_dir() -> Path:
-    return Path(os.environ.get("KUBEBUILDER_ASSETS", REPO_ROOT / ".envtest"))
+    """KUBEBUILDER_ASSETS, else `.envtest` of the source checkout, else `.envtest` in the working folder."""
+    if os.environ.get("KUBEBUILDER_ASSETS"):
+        return Path(os.environ["KUBEBUILDER_ASSETS"])
+    checkout = REPO_ROOT / ".envtest"
+    return checkout if checkout.is_dir() else Path.cwd() / ".envtest"
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the thread that started it ends (Linux prctl PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def missing_binaries() -> list[str]:
@@ -78,7 +92,11 @@ class ControlPlane:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
         self.processes[name] = subprocess.Popen(
-            [str(assets_dir() / name), *args], stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            [str(assets_dir() / name), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # the signal follows the starting thread: start from one that lives
         )
 
     def _wait_ready(self, timeout_s: float = 60) -> None:

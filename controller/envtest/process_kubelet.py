@@ -1,4 +1,4 @@
-"""A process kubelet for tests: one fake Node whose pods run as local child processes.
+"""A process kubelet for tests and drills: one Node whose pods run as local child processes.
 
 It registers a Ready Node with cpu, memory and `nvidia.com/gpu` capacity, watches the pods the scheduler
 binds to it, runs each pod's first container command locally (PVC mounts mapped to a local folder by
@@ -6,7 +6,8 @@ rewriting the mount paths in the command and env; emptyDirs to per-pod temp fold
 interpreter), and reports phase, container state and exit code through `pods/status`, as a kubelet does.
 A pod marked for deletion (kubectl delete, the Eviction API, the garbage collector) gets SIGTERM, then
 SIGKILL after its grace period, then is removed. `pressure_evict()` plays the kubelet's own node-pressure
-eviction (phase Failed, reason Evicted).
+eviction (phase Failed, reason Evicted). `spans` keeps every pod's process start and end time, so a drill
+can check that no two legs of a run ever ran at once.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
+
+from controller.envtest.control_plane import die_with_parent
 
 
 def _now() -> str:
@@ -70,6 +73,8 @@ class ProcessKubelet:
         self.pods: dict[str, LocalPod] = {}  # by uid
         self.started: list[str] = []  # "<ns>/<name>" in start order
         self.exited_at: dict[str, float] = {}  # "<ns>/<name>" -> time.time() when its process ended
+        self.spans: dict[str, tuple[float, float | None]] = {}  # "<ns>/<name>" -> process (start, end) time.time()
+        self.volume_for_namespace: dict[str, Path] = {}  # PVC mounts of these namespaces map here instead
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -84,7 +89,7 @@ class ProcessKubelet:
             "metadata": {"name": self.node_name, "labels": {"kubernetes.io/hostname": self.node_name}},
         }
         with contextlib.suppress(ApiException):
-            self.core.create_node(node)
+            self.core.create_node(node)  # type: ignore[arg-type]  # the client takes plain dicts
         status = {
             "status": {
                 "capacity": capacity,
@@ -172,7 +177,8 @@ class ProcessKubelet:
         for mount in container.get("volumeMounts", []):
             volume = volumes.get(mount["name"], {})
             if "persistentVolumeClaim" in volume:
-                local = self.volume_root / mount.get("subPath", "")
+                root = self.volume_for_namespace.get(pod.namespace, self.volume_root)
+                local = root / mount.get("subPath", "")
             else:
                 local = pod.workdir / "volumes" / mount["name"]
             local.mkdir(parents=True, exist_ok=True)
@@ -206,9 +212,16 @@ class ProcessKubelet:
                 env[item["name"]] = self._rewrite(str(item.get("value", "")), mapping)
             log = open(pod.workdir / "container.log", "wb")  # noqa: SIM115 - closed when the process ends
             pod.process = subprocess.Popen(
-                argv, cwd=pod.workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                cwd=pod.workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # this thread waits for the process, so it outlives it
             )
             pod.started_at = _now()
+            self.spans[f"{pod.namespace}/{pod.name}"] = (time.time(), None)
             self.started.append(f"{pod.namespace}/{pod.name}")
         self._patch_status(
             pod,
@@ -227,7 +240,9 @@ class ProcessKubelet:
             },
         )
         code = pod.process.wait()
-        self.exited_at[f"{pod.namespace}/{pod.name}"] = time.time()
+        key = f"{pod.namespace}/{pod.name}"
+        self.exited_at[key] = time.time()
+        self.spans[key] = (self.spans[key][0], self.exited_at[key])
         log.close()
         self._finish(pod, code, obj)
 
@@ -274,9 +289,8 @@ class ProcessKubelet:
     def _remove(self, pod: LocalPod) -> None:
         """The kubelet's final delete (grace 0, this pod's uid only); the grace period goes in the body."""
         with contextlib.suppress(Exception):  # gone already, or the control plane is shutting down
-            self.core.delete_namespaced_pod(
-                pod.name, pod.namespace, body={"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}}
-            )
+            body: Any = {"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}}
+            self.core.delete_namespaced_pod(pod.name, pod.namespace, body=body)
 
     def _patch_status(self, pod: LocalPod, status: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
@@ -310,6 +324,14 @@ class ProcessKubelet:
             pod = next(p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name))
             pod.extra_status = {"reason": "Evicted", "message": message}
             self._kill(pod, signal.SIGKILL)
+
+    def pid_of(self, namespace: str, name: str) -> int | None:
+        """The local pid of a running pod's container process."""
+        with self._lock:
+            for pod in self.pods.values():
+                if (pod.namespace, pod.name) == (namespace, name) and pod.process and pod.process.poll() is None:
+                    return pod.process.pid
+        return None
 
     def running(self) -> list[str]:
         with self._lock:
