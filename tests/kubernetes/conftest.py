@@ -15,10 +15,9 @@ from typing import Any
 
 import kubernetes
 import pytest
-from kubernetes.client.rest import ApiException
 
-from controller.crd import crd_manifest
 from controller.envtest.control_plane import ControlPlane, assets_dir, missing_binaries
+from controller.envtest.objects import install_crd, make_namespace
 from controller.envtest.process_kubelet import ProcessKubelet
 
 _MISSING = missing_binaries()
@@ -63,28 +62,9 @@ def kube(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
 
 
 @pytest.fixture(scope="session")
-def crd_installed(kube: kubernetes.client.ApiClient) -> dict[str, object]:
+def crd_installed(kube: kubernetes.client.ApiClient) -> dict[str, Any]:
     """The generated TrainingRun CRD, applied and Established."""
-    import time
-
-    api = kubernetes.client.ApiextensionsV1Api(kube)
-    manifest = crd_manifest()
-    try:
-        api.create_custom_resource_definition(manifest)
-    except ApiException as exc:  # another test (the Helm chart's) installed it first: make it ours
-        if exc.status != 409:
-            raise
-        current = api.read_custom_resource_definition(manifest["metadata"]["name"])  # type: ignore[index]
-        manifest["metadata"]["resourceVersion"] = current.metadata.resource_version  # type: ignore[index]
-        api.replace_custom_resource_definition(manifest["metadata"]["name"], manifest)  # type: ignore[index]
-        del manifest["metadata"]["resourceVersion"]  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        crd = api.read_custom_resource_definition(manifest["metadata"]["name"])  # type: ignore[index]
-        if any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or []):
-            return manifest
-        time.sleep(0.1)
-    raise TimeoutError("TrainingRun CRD not Established")
+    return install_crd(kube)
 
 
 @pytest.fixture(scope="session")
@@ -127,57 +107,9 @@ def make_training_run(kube: kubernetes.client.ApiClient, namespace: str, name: s
     return str(created["metadata"]["uid"])
 
 
-def create_bound_claim(kube: kubernetes.client.ApiClient, namespace: str, claim: str = "relay-shared") -> None:
-    """A PVC bound to a PV (no provisioner here), so the scheduler places pods that mount it."""
-    core = kubernetes.client.CoreV1Api(kube)
-    pv_name = f"pv-{namespace}-{claim}"[:63]
-    core.create_persistent_volume(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": pv_name},
-            "spec": {
-                "capacity": {"storage": "10Gi"},
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "persistentVolumeReclaimPolicy": "Retain",
-                "hostPath": {"path": f"/tmp/{pv_name}"},
-                "claimRef": {"namespace": namespace, "name": claim},
-            },
-        }
-    )
-    core.create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            # Pre-bound, as the PV controller would leave it (its periodic sync takes up to 15 s here).
-            "metadata": {"name": claim, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "volumeName": pv_name,
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
-
-
 @pytest.fixture
-def namespace(kube: kubernetes.client.ApiClient) -> Iterator[str]:
+def namespace(kube: kubernetes.client.ApiClient) -> str:
     """A fresh namespace with a bound `relay-shared` claim and its default ServiceAccount."""
-    import time
-
-    core = kubernetes.client.CoreV1Api(kube)
     name = f"t-{uuid.uuid4().hex[:8]}"
-    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
-    create_bound_claim(kube, name)
-    # Pods are refused until the ServiceAccount controller has made "default".
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            core.read_namespaced_service_account("default", name)
-            break
-        except ApiException:
-            time.sleep(0.1)
-    yield name
+    make_namespace(kube, name)
+    return name
