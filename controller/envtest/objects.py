@@ -18,7 +18,7 @@ from controller.crd import crd_manifest
 
 def install_crd(kube: kubernetes.client.ApiClient, timeout_s: float = 30) -> dict[str, Any]:
     """Create (or replace with this build's) TrainingRun CRD and wait until it is Established."""
-    api = kubernetes.client.ApiextensionsV1Api(kube)
+    api: Any = kubernetes.client.ApiextensionsV1Api(kube)  # plain dicts in and out
     manifest: dict[str, Any] = crd_manifest()
     name = manifest["metadata"]["name"]
     try:
