@@ -155,7 +155,7 @@ def minilm_training_state() -> tuple[Any, Any, Any]:
 def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
     """Write and restore vs dd; returns the median time of writing one checkpoint synchronously (seconds)."""
     from trainer import checkpoint as ckpt
-    from trainer.volume import find_latest_checkpoint
+    from trainer.volume import find_latest_verified
 
     model, optimizer, scheduler = minilm_training_state()
     buffers = ckpt.HostBuffers()
@@ -190,9 +190,9 @@ def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
         dd_reads.append(dd_read_seconds(dd_file))
         evict([dd_file])
         started = time.perf_counter()
-        latest, _ = find_latest_checkpoint(checkpoints, verify_hashes=True)
-        assert latest is not None
-        loaded = ckpt.load_checkpoint(latest)
+        verified, _ = find_latest_verified(checkpoints, quarantine_dir=None, required_files=ckpt.REQUIRED_FILES)
+        assert verified is not None
+        loaded = ckpt.load_checkpoint(verified)
         model.load_state_dict(loaded.model)
         optimizer.load_state_dict(loaded.optimizer)
         scheduler.load_state_dict(loaded.trainer_state["scheduler"])
@@ -219,8 +219,9 @@ def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
         dd_read_s / restore_s,
         "ratio",
         ">= 0.7",
-        f"{mb:.0f} MB, page cache dropped for the files (posix_fadvise DONTNEED): find + sha256-verify every file "
-        f"+ load + apply to model/optimizer/scheduler/RNG, best of {REPS} {restore_s:.3f} s = "
+        f"{mb:.0f} MB, page cache dropped for the files (posix_fadvise DONTNEED): the trainer's resume path, find "
+        f"+ sha256-verify every file + load from the verified bytes + apply to model/optimizer/scheduler/RNG, best "
+        f"of {REPS} {restore_s:.3f} s = "
         f"{mb / restore_s:.0f} MB/s vs cold dd read {dd_read_s:.3f} s = {mb / dd_read_s:.0f} MB/s (medians "
         f"{statistics.median(restores):.3f} s vs {statistics.median(dd_reads):.3f} s; {load})",
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -37,12 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from trainer.volume import (
     TMP_PREFIX,
     CheckpointInfo,
     CheckpointInvalid,
+    FileBytes,
+    VerifiedCheckpoint,
     checkpoint_dir_name,
     fsync_dir,
     list_checkpoint_dirs,
@@ -216,7 +218,7 @@ def capture(
     )
 
 
-_SAFETENSORS_DTYPES = {
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -363,16 +365,60 @@ class LoadedCheckpoint:
     trainer_state: dict[str, Any]
 
 
-def load_checkpoint(info: CheckpointInfo) -> LoadedCheckpoint:
-    """Read a verified checkpoint's files into memory (tensors on CPU)."""
-    folder = info.path
-    model_state = load_file(str(folder / MODEL_FILE))
-    meta = json.loads((folder / OPTIMIZER_META_FILE).read_text(encoding="utf-8"))
+def tensors_from_safetensors(data: FileBytes, where: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in memory, as views of `data` (no copy); ValueError naming `where`.
+
+    `data` is writable (a bytearray, or a private copy-on-write mapping), so the tensors may be changed in
+    place, as the optimizer does with its moments, without touching the file.
+    """
+    buffer = memoryview(data)
+    if len(buffer) < 8:
+        raise ValueError(f"{where}: not a safetensors file ({len(buffer)} bytes)")
+    start = 8 + int.from_bytes(buffer[:8], "little")
+    if start > len(buffer):
+        raise ValueError(f"{where}: not a safetensors file (header longer than the file)")
+    try:
+        header = json.loads(bytes(buffer[8:start]))
+    except ValueError as exc:
+        raise ValueError(f"{where}: unreadable safetensors header ({exc})") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"{where}: not a safetensors file (header is not an object)")
+    header.pop("__metadata__", None)
+    dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, spec in header.items():
+        try:
+            dtype = dtypes[spec["dtype"]]
+            shape = [int(n) for n in spec["shape"]]
+            begin, end = (start + int(n) for n in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where}: tensor {name}: bad header entry {spec!r}") from exc
+        count = math.prod(shape)
+        if not start <= begin <= end <= len(buffer) or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{where}: tensor {name}: data offsets do not fit shape {shape} and dtype {dtype}")
+        if count == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif begin % dtype.itemsize:  # unaligned for its type (not written by this trainer): copy it out
+            tensors[name] = torch.frombuffer(bytearray(buffer[begin:end]), dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=begin).reshape(shape)
+    return tensors
+
+
+def load_checkpoint(verified: VerifiedCheckpoint) -> LoadedCheckpoint:
+    """A verified checkpoint's state, taken from the bytes that were verified (tensors on CPU, no file read)."""
+    info, contents = verified.info, verified.contents
+
+    def document(name: str) -> Any:
+        return json.loads(bytes(contents[name]))
+
+    model_state = tensors_from_safetensors(contents[MODEL_FILE], info.path / MODEL_FILE)
+    meta = document(OPTIMIZER_META_FILE)
     state: dict[int, dict[str, Any]] = {}
     for entry in info.files:
         match = _OPTIMIZER_FILE.match(entry.path)
         if match:
-            for param_id, tensor in load_file(str(folder / entry.path)).items():
+            for param_id, tensor in tensors_from_safetensors(contents[entry.path], info.path / entry.path).items():
                 state.setdefault(int(param_id), {})[match.group(1)] = tensor
     for param_id, entries in meta["scalars"].items():
         state.setdefault(int(param_id), {}).update(entries)
@@ -380,9 +426,9 @@ def load_checkpoint(info: CheckpointInfo) -> LoadedCheckpoint:
     for group in groups:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])
-    rng = json.loads((folder / RNG_FILE).read_text(encoding="utf-8"))
-    trainer_state = json.loads((folder / STATE_FILE).read_text(encoding="utf-8"))
-    return LoadedCheckpoint(info, model_state, {"state": state, "param_groups": groups}, rng, trainer_state)
+    return LoadedCheckpoint(
+        info, model_state, {"state": state, "param_groups": groups}, document(RNG_FILE), document(STATE_FILE)
+    )
 
 
 @dataclass

@@ -36,7 +36,7 @@ from trainer.volume import (
     ExitCode,
     RunLayout,
     atomic_write_json,
-    find_latest_checkpoint,
+    find_latest_verified,
     fsync_dir,
     list_checkpoint_dirs,
     read_checkpoint,
@@ -260,12 +260,11 @@ def _run(
     removed = remove_stale_temp_dirs(layout.checkpoints_dir)
     for path in removed:
         log.info("removed half-written %s (left by a killed writer)", path.name)
-    latest, rejected = find_latest_checkpoint(
-        layout.checkpoints_dir,
-        verify_hashes=True,
-        quarantine_dir=layout.quarantine_dir,
-        required_files=ckpt.REQUIRED_FILES,
+    # Each file is read once: hashed, and loaded below from the very bytes that were hashed.
+    verified, rejected = find_latest_verified(
+        layout.checkpoints_dir, quarantine_dir=layout.quarantine_dir, required_files=ckpt.REQUIRED_FILES
     )
+    latest = verified.info if verified is not None else None
     for bad in rejected:
         log.warning("checkpoint step %d quarantined to %s: %s", bad.step, bad.path, bad.reason)
     if latest is not None and latest.config_hash != config.identity_hash():
@@ -288,12 +287,12 @@ def _run(
     samples_seen = 0
     recent_losses: deque[float] = deque(maxlen=RECENT_LOSS_WINDOW)
     resumed_from: int | None = None
-    if latest is not None:
-        loaded = ckpt.load_checkpoint(latest)
+    if verified is not None:
+        loaded = ckpt.load_checkpoint(verified)
         state = loaded.trainer_state
         if state["total_steps"] != total_steps or state["steps_per_epoch"] != steps_per_epoch:
             raise InvalidInput(
-                f"snapshot {snapshot}: {latest.path} was made for {state['total_steps']} steps of "
+                f"snapshot {snapshot}: {verified.info.path} was made for {state['total_steps']} steps of "
                 f"{state['steps_per_epoch']} per epoch, this data gives {total_steps} of {steps_per_epoch}"
             )
         model.load_state_dict({k: v.to(device) for k, v in loaded.model.items()})
@@ -305,6 +304,7 @@ def _run(
         recent_losses.extend(float(x) for x in state["recent_losses"])
         ckpt.restore_rng(loaded.rng)  # last: nothing draws from the RNGs before the next step
         resumed_from = step
+        del loaded, verified  # the optimizer keeps what it needs; the rest of the bytes can go
 
     config_json = config.to_json_text()
     identity = config.identity_hash()

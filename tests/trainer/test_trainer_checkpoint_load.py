@@ -1,0 +1,109 @@
+"""Loading a checkpoint from the bytes that were verified: safetensors parsed in memory (same tensors as the
+safetensors library reads), nothing unverified loaded, and the file never written through the loaded tensors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainer import checkpoint as ckpt
+from trainer.volume import CheckpointInvalid, find_latest_verified, write_manifest
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "big": torch.randn(600, 512, generator=generator),  # 1.2 MB, first: a view of the mapped file
+        "half": torch.randn(3, 5, generator=generator).to(torch.bfloat16),
+        "counts": torch.arange(7, dtype=torch.int64),
+        "flags": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "odd": torch.arange(3, dtype=torch.int8),  # 3 bytes: "scalar" after it starts unaligned (copied out)
+    }
+
+
+def write_checkpoint_of(folder: Path, step: int, tensors: dict[str, torch.Tensor]) -> None:
+    folder.mkdir(parents=True)
+    ckpt.write_safetensors(folder / ckpt.MODEL_FILE, tensors)
+    (folder / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
+    write_manifest(folder, step=step, epoch=0, config_hash="h")
+
+
+@pytest.mark.parametrize("writer", ["trainer", "safetensors library"])
+def test_tensors_parsed_from_memory_equal_the_library_load(tmp_path: Path, writer: str) -> None:
+    path = tmp_path / "t.safetensors"
+    tensors = sample_tensors()
+    if writer == "trainer":
+        ckpt.write_safetensors(path, tensors, {"format": "pt"})
+    else:
+        save_file(tensors, str(path), {"format": "pt"})
+    parsed = ckpt.tensors_from_safetensors(bytearray(path.read_bytes()), path)
+    expected = load_file(str(path))
+    assert parsed.keys() == expected.keys() == tensors.keys()
+    for name, tensor in expected.items():
+        assert parsed[name].dtype == tensor.dtype and parsed[name].shape == tensor.shape, name
+        assert torch.equal(parsed[name], tensor), name
+
+
+def test_a_malformed_safetensors_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
+        ckpt.tensors_from_safetensors(bytearray(b"\xff" * 16), path)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
+    data = bytearray(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor w: data offsets do not fit shape"):
+        ckpt.tensors_from_safetensors(data, path)
+
+
+def test_resume_loads_the_verified_bytes_and_never_writes_the_file(tmp_path: Path) -> None:
+    checkpoints, quarantine = tmp_path / "checkpoints", tmp_path / "quarantine"
+    tensors = sample_tensors()
+    write_checkpoint_of(checkpoints / "step-000000001", 1, tensors)
+    newer = checkpoints / "step-000000002"
+    write_checkpoint_of(newer, 2, {name: t + 1 if t.is_floating_point() else t for name, t in tensors.items()})
+    weights = bytearray((newer / ckpt.MODEL_FILE).read_bytes())
+    weights[len(weights) // 2] ^= 1  # one flipped bit, same size: only the hash can tell
+    (newer / ckpt.MODEL_FILE).write_bytes(weights)
+
+    verified, rejected = find_latest_verified(
+        checkpoints, quarantine_dir=quarantine, required_files=ckpt.REQUIRED_FILES[:1]
+    )
+    assert verified is not None and verified.info.step == 1
+    assert [r.step for r in rejected] == [2] and "sha256 does not match manifest" in rejected[0].reason
+    path = verified.info.path / ckpt.MODEL_FILE
+    assert isinstance(verified.contents[ckpt.MODEL_FILE], mmap.mmap)  # large files: no copy, no second read
+    on_disk = path.read_bytes()
+    loaded = ckpt.tensors_from_safetensors(verified.contents[ckpt.MODEL_FILE], path)
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+    loaded["big"].add_(1.0)  # the optimizer updates its moments in place: the checkpoint must not change
+    del loaded, verified
+    assert path.read_bytes() == on_disk
+    manifest = json.loads((path.parent / "manifest.json").read_text())
+    entry = next(e for e in manifest["files"] if e["path"] == ckpt.MODEL_FILE)
+    assert hashlib.sha256(on_disk).hexdigest() == entry["sha256"]
+
+
+def test_a_file_changed_while_verified_is_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer changing the file between its hash and its mapping (none should exist): rejected, named."""
+    from trainer import volume
+
+    checkpoints = tmp_path / "checkpoints"
+    write_checkpoint_of(checkpoints / "step-000000001", 1, sample_tensors())
+    real_hash = volume._hash_into
+
+    def hash_then_rewrite(handle, digest):  # type: ignore[no-untyped-def]
+        count = real_hash(handle, digest)
+        with open(handle.name, "ab") as other:  # another writer appends after the hash
+            other.write(b"\0")
+        return count
+
+    monkeypatch.setattr(volume, "_hash_into", hash_then_rewrite)
+    with pytest.raises(CheckpointInvalid, match=r"model\.safetensors: changed while being verified"):
+        volume.open_verified_checkpoint(checkpoints / "step-000000001")
