@@ -5,18 +5,16 @@ a leg Backend (local processes or Kubernetes Jobs), the volume root as this proc
 StatusSink that publishes the run's status (the TrainingRun subresource + Events on Kubernetes, a
 log line locally). One pydantic model in and one out of every activity. The controller only reads
 checkpoints (never quarantines or deletes them) and never imports torch: predictions run the trainer
-in a subprocess.
+through the backend (a local process, or a one-shot Job on Kubernetes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +31,9 @@ from controller.backends.base import (
     LegSpec,
     LegState,
     LegTermination,
+    PredictFailed,
+    Prediction,
+    PredictJob,
     classify_termination,
 )
 from controller.spec import DatasetSpec, TrainingRunSpec, trainer_config
@@ -166,13 +167,7 @@ class EvaluateResult(BaseModel):
 class PredictRequest(RunRef):
     texts: list[str] = Field(min_length=1)
     model_path: str | None = None  # relative to the volume root; default: the run's final model
-    timeout_s: float = 600.0
-
-
-class Prediction(BaseModel):
-    text: str
-    label: int
-    scores: list[float] = Field(default_factory=list)
+    timeout_s: float = 600.0  # for the trainer to finish, pod scheduling and start included
 
 
 class PredictResult(BaseModel):
@@ -261,13 +256,10 @@ class RelayActivities:
         backend: Backend,
         volume_root: Path | str,
         status_sink: StatusSink | None = None,
-        *,
-        trainer_python: str = sys.executable,
     ) -> None:
         self.backend = backend
         self.volume_root = Path(volume_root).resolve()
         self.status_sink: StatusSink = status_sink or LogStatusSink()
-        self.trainer_python = trainer_python
 
     def all(self) -> list[Any]:
         """Every activity callable, for Worker(activities=...)."""
@@ -443,31 +435,46 @@ class RelayActivities:
 
     @activity.defn(name="predict")
     async def predict(self, request: PredictRequest) -> PredictResult:
-        """Run `python -m trainer predict --model <folder> --json --text ...` and parse its JSON."""
+        """Check the model folder, then run `trainer predict` through the backend (heartbeating while it runs)."""
+        from trainer.predict import model_folders  # torch-free: which folders a model needs
+
         rel = request.model_path or f"{run_path(request.namespace, request.name)}/final"
         model = (self.volume_root / rel).resolve()
-        if not model.is_relative_to(self.volume_root):
+        if not model.is_relative_to(self.volume_root) or model == self.volume_root:
             raise ApplicationError(f"modelPath {rel!r}: escapes the volume", type=PREDICT_FAILED, non_retryable=True)
         if not model.is_dir():
             raise ApplicationError(f"{model}: no such model folder", type=MISSING_FINAL_MODEL, non_retryable=True)
-        command = [self.trainer_python, "-m", "trainer", "predict", "--model", str(model), "--json"]
-        command += [f"--text={text}" for text in request.texts]  # one argument each: texts may start with "-"
-        result = await asyncio.to_thread(
-            subprocess.run,
-            command,
-            capture_output=True,
-            text=True,
-            timeout=request.timeout_s,
-            env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+        info = activity.info()
+        request_id = hashlib.sha256(f"{info.workflow_id}/{info.activity_id}".encode()).hexdigest()[:8]
+        work = f"{run_path(request.namespace, request.name)}/predictions/{request_id}"
+        reads = [p.relative_to(self.volume_root).as_posix() for p in model_folders(model)]
+        for read in reads:
+            if read == work or read.startswith(work + "/") or work.startswith(read + "/"):
+                message = f"modelPath {rel!r}: must be a model folder (final/ or checkpoints/step-N), not {read!r}"
+                raise ApplicationError(message, type=PREDICT_FAILED, non_retryable=True)
+        job = PredictJob(
+            namespace=request.namespace,
+            name=request.name,
+            request_id=request_id,
+            model_path=reads[0],
+            read_paths=reads,
+            work_path=work,
+            texts=request.texts,
+            timeout_s=request.timeout_s,
         )
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ApplicationError(
-                f"trainer predict exited {result.returncode}: {last}",
-                type=PREDICT_FAILED,
-                non_retryable=result.returncode == volume.ExitCode.INVALID_INPUT,
-            )
-        return PredictResult(model_path=rel, predictions=_parse_predictions(result.stdout, request.texts))
+        work_task = asyncio.ensure_future(self.backend.predict(job))
+        try:
+            while not work_task.done():  # a lost worker is noticed within the heartbeat timeout
+                activity.heartbeat()
+                await asyncio.wait({work_task}, timeout=5.0)
+            predictions = work_task.result()
+        except PredictFailed as exc:
+            raise ApplicationError(str(exc), type=PREDICT_FAILED, non_retryable=exc.non_retryable) from None
+        finally:
+            if not work_task.done():  # cancelled: the backend stops the trainer and removes what it made
+                work_task.cancel()
+                await asyncio.wait({work_task})
+        return PredictResult(model_path=rel, predictions=predictions)
 
     @activity.defn(name="cleanup_run")
     async def cleanup_run(self, request: RunRef) -> None:
@@ -480,29 +487,6 @@ def _read_record(path: Path) -> LegStatus | None:
         return LegStatus.model_validate(volume.read_json(path))
     except (OSError, ValueError):
         return None
-
-
-def _parse_predictions(stdout: str, texts: list[str]) -> list[Prediction]:
-    """The trainer prints one JSON object per text: {text, label, probabilities}."""
-    items: list[dict[str, Any]] = []
-    for line in stdout.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                items.append(json.loads(line))
-            except ValueError:
-                continue
-    if len(items) != len(texts):
-        message = f"trainer predict printed {len(items)} results for {len(texts)} texts"
-        raise ApplicationError(message, type=PREDICT_FAILED)
-    return [
-        Prediction(
-            text=text,
-            label=int(item["label"]),
-            scores=[float(p) for p in item.get("probabilities", item.get("scores", []))],
-        )
-        for text, item in zip(texts, items, strict=True)
-    ]
 
 
 def leg_record(volume_root: Path | str, namespace: str, name: str, leg: int) -> LegStatus | None:
@@ -520,6 +504,7 @@ __all__ = [
     "LogStatusSink",
     "PredictRequest",
     "PredictResult",
+    "Prediction",
     "PrepareRunRequest",
     "PrepareRunResult",
     "PublishStatusRequest",

@@ -332,30 +332,40 @@ async def _cmd_signal(args: argparse.Namespace) -> int:
 
 
 async def _cmd_predict(args: argparse.Namespace) -> int:
+    """BertInferenceWorkflow: on a private local worker (default), or on a running worker's --task-queue."""
     from temporalio.client import WorkflowFailureError
 
     from controller.activities import PredictRequest, PredictResult
-    from controller.backends.local import LocalBackend
-    from controller.worker import build_worker
 
-    volume_root = _volume(args.volume, create=False)
-    task_queue = f"relay-predict-{uuid.uuid4().hex[:8]}"
-    async with _temporal(args.address, volume_root, embedded=True) as client:
-        worker = build_worker(client, LocalBackend(volume_root), volume_root, task_queue=task_queue)
-        async with worker:
-            try:
-                result = await client.execute_workflow(
-                    "BertInferenceWorkflow",
-                    PredictRequest(namespace=args.namespace, name=args.name, texts=args.text, model_path=args.model),
-                    id=f"inference-{args.namespace}-{args.name}-{uuid.uuid4().hex[:8]}",
-                    task_queue=task_queue,
-                    result_type=PredictResult,
-                )
-            except WorkflowFailureError as exc:
-                cause: BaseException | None = exc.cause
-                while getattr(cause, "cause", None) is not None:
-                    cause = getattr(cause, "cause", None)
-                raise CliError(f"predict: {getattr(cause, 'message', cause)}") from None
+    if args.timeout <= 0:
+        raise CliError("--timeout: must be a positive number of seconds", EXIT_BAD_INPUT)
+    request = PredictRequest(
+        namespace=args.namespace, name=args.name, texts=args.text, model_path=args.model, timeout_s=args.timeout
+    )
+    wf_id = f"inference-{args.namespace}-{args.name}-{uuid.uuid4().hex[:8]}"
+    async with contextlib.AsyncExitStack() as stack:
+        if args.task_queue:  # the controller's (or a `relay worker`'s) worker runs it: no server, no worker here
+            client = await stack.enter_async_context(_remote_temporal(args))
+            task_queue = args.task_queue
+        else:
+            from controller.backends.local import LocalBackend
+            from controller.worker import build_worker
+
+            volume_root = _volume(args.volume, create=False)
+            client = await stack.enter_async_context(_temporal(args.address, volume_root, embedded=True))
+            task_queue = f"relay-predict-{uuid.uuid4().hex[:8]}"
+            await stack.enter_async_context(
+                build_worker(client, LocalBackend(volume_root), volume_root, task_queue=task_queue)
+            )
+        try:
+            result = await client.execute_workflow(
+                "BertInferenceWorkflow", request, id=wf_id, task_queue=task_queue, result_type=PredictResult
+            )
+        except WorkflowFailureError as exc:
+            cause: BaseException | None = exc.cause
+            while getattr(cause, "cause", None) is not None:
+                cause = getattr(cause, "cause", None)
+            raise CliError(f"predict: {getattr(cause, 'message', cause)}") from None
     if args.json:
         print(json.dumps(result.model_dump(), indent=2))
     else:
@@ -363,6 +373,34 @@ async def _cmd_predict(args: argparse.Namespace) -> int:
             scores = ", ".join(f"{s:.3f}" for s in item.scores)
             print(f"{item.label}\t[{scores}]\t{item.text}")
     return EXIT_OK
+
+
+@contextlib.asynccontextmanager
+async def _remote_temporal(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """A client of a Temporal server someone else runs (the controller's); never starts one."""
+    from temporalio.client import Client, TLSConfig
+    from temporalio.service import RPCError
+
+    from controller.worker import DATA_CONVERTER
+
+    address, namespace = args.address, args.temporal_namespace
+    tls: TLSConfig | bool = False
+    try:
+        if args.temporal_tls_ca or args.temporal_tls_cert:
+            tls = TLSConfig(
+                server_root_ca_cert=args.temporal_tls_ca.read_bytes() if args.temporal_tls_ca else None,
+                client_cert=args.temporal_tls_cert.read_bytes() if args.temporal_tls_cert else None,
+                client_private_key=args.temporal_tls_key.read_bytes() if args.temporal_tls_key else None,
+            )
+    except OSError as exc:
+        raise CliError(f"{exc.filename}: unreadable ({exc.strerror})", EXIT_BAD_INPUT) from None
+    if not _reachable(address):
+        raise CliError(f"cannot reach Temporal at {address} (the controller's; port-forward its frontend first)")
+    try:
+        client = await Client.connect(address, namespace=namespace, tls=tls, data_converter=DATA_CONVERTER)
+    except (RPCError, RuntimeError, OSError) as exc:
+        raise CliError(f"cannot connect to Temporal at {address} (namespace {namespace}): {exc}") from None
+    yield client
 
 
 async def _cmd_worker(args: argparse.Namespace) -> int:
@@ -454,6 +492,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="default")
     p.add_argument("--model", default=None, help="model folder relative to the volume (default: the run's final/)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds for the predictions, pod start included")
+    p.add_argument(
+        "--task-queue",
+        default=None,
+        help=f"ask the worker already serving this queue (the controller's: {TASK_QUEUE}) at --address; "
+        "no embedded server or worker, --volume unused",
+    )
+    p.add_argument("--temporal-namespace", default="default", help="Temporal namespace, with --task-queue")
+    p.add_argument("--temporal-tls-cert", type=Path, help="client certificate (mTLS), with --task-queue")
+    p.add_argument("--temporal-tls-key", type=Path, help="client key (mTLS), with --task-queue")
+    p.add_argument("--temporal-tls-ca", type=Path, help="CA bundle of the Temporal frontend, with --task-queue")
     common(p)
     p.set_defaults(func=_cmd_predict)
 

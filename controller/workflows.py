@@ -564,5 +564,6 @@ class BertInferenceWorkflow:
             request,
             result_type=PredictResult,
             start_to_close_timeout=timedelta(seconds=request.timeout_s + 60),
+            heartbeat_timeout=timedelta(seconds=30),  # a lost worker's predict Job is retried (adopted) soon
             retry_policy=RetryPolicy(maximum_attempts=2),
         )

@@ -1,9 +1,13 @@
-"""The backend interface: launch, observe, stop one training leg; and the pure classification of how it ended.
+"""The backend interface: launch, observe, stop one training leg; run one batch of predictions.
 
 A leg is one trainer process (`python -m trainer train --run-dir ... --snapshot ... --config ...`)
 running somewhere: a child process (LocalBackend) or a Kubernetes Job (KubernetesBackend). Backends
 report *what happened* as a LegTermination; `classify_termination` alone decides *what it means*
 (completed / preempted / failed / invalid / stuck), so both backends are judged by the same rules.
+
+Predictions run the same way, once: `python -m trainer predict` over a PredictJob's folders. Its texts
+go in, and its predictions come back, as files in the request's work folder on the volume
+(`prepare_predict_work`, `read_predictions`), so both backends read the same results the same way.
 
 Paths in these models are relative to the volume root (posix); each backend maps them onto its own
 mount (a local folder, or the PVC's mountPath inside the pod).
@@ -12,12 +16,14 @@ mount (a local folder, or the PVC's mountPath inside the pod).
 from __future__ import annotations
 
 import enum
-from typing import Protocol
+import shutil
+from pathlib import Path
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from controller.spec import TrainingRunSpec
-from trainer.volume import ExitCode
+from trainer.volume import ExitCode, atomic_write_json, read_json
 
 
 class LegSpec(BaseModel):
@@ -102,6 +108,105 @@ def classify_termination(termination: LegTermination) -> LegOutcomeKind:
     return LegOutcomeKind.FAILED
 
 
+class Prediction(BaseModel):
+    text: str
+    label: int
+    scores: list[float] = Field(default_factory=list)
+
+
+class PredictJob(BaseModel):
+    """One batch of predictions for a backend to run; the same request_id always names the same Job/folder."""
+
+    namespace: str
+    name: str  # the run the predictions belong to (its image, resources and scheduling on Kubernetes)
+    request_id: str = Field(pattern=r"^[0-9a-f]{8}$")
+    model_path: str  # the model folder
+    read_paths: list[str]  # every folder the trainer reads: the model, and a checkpoint's run tokenizer/
+    work_path: str  # "runs/<ns>/<name>/predictions/<request_id>": texts.json in, predictions.json out
+    texts: list[str] = Field(min_length=1)
+    timeout_s: float = Field(gt=0)
+
+    @property
+    def texts_file(self) -> str:
+        return f"{self.work_path}/texts.json"
+
+    @property
+    def output_file(self) -> str:
+        return f"{self.work_path}/predictions.json"
+
+    def trainer_args(self, root: str) -> list[str]:
+        """`python -m trainer` arguments, with the volume mounted at `root`."""
+        return [
+            "predict",
+            "--model",
+            f"{root}/{self.model_path}",
+            "--file",
+            f"{root}/{self.texts_file}",
+            "--output",
+            f"{root}/{self.output_file}",
+        ]
+
+
+class PredictFailed(Exception):
+    """Predictions could not be made; the message says why (the trainer's own message when it gave one)."""
+
+    def __init__(self, message: str, *, non_retryable: bool) -> None:
+        super().__init__(message)
+        self.non_retryable = non_retryable
+
+
+def prepare_predict_work(volume_root: Path, job: PredictJob) -> None:
+    """A fresh work folder holding texts.json (a JSON array: texts with newlines stay whole)."""
+    work = volume_root / job.work_path
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    atomic_write_json(volume_root / job.texts_file, job.texts)
+
+
+def remove_predict_work(volume_root: Path, job: PredictJob) -> None:
+    shutil.rmtree(volume_root / job.work_path, ignore_errors=True)
+
+
+def read_predictions(volume_root: Path, job: PredictJob, exit_code: int, fallback_message: str) -> list[Prediction]:
+    """The predictions the trainer wrote (validated: one per text, in order), or PredictFailed with its reason.
+
+    Exit 65 (invalid input: no model there, a corrupt checkpoint) is final; other failures may be retried.
+    """
+    path = volume_root / job.output_file
+    unreadable = f"{job.output_file}: no predictions in it"
+    try:
+        document: Any = read_json(path)
+    except (OSError, ValueError) as exc:
+        document = None
+        unreadable = f"{job.output_file}: unreadable ({exc})"
+    if exit_code != ExitCode.COMPLETE:
+        error = document.get("error") if isinstance(document, dict) else None
+        message = error if isinstance(error, str) and error else fallback_message or "no message"
+        raise PredictFailed(
+            f"trainer predict exited {exit_code}: {message}", non_retryable=exit_code == ExitCode.INVALID_INPUT
+        )
+    if document is None:
+        raise PredictFailed(f"trainer predict exited 0 but {unreadable}", non_retryable=True)
+    items = document.get("predictions") if isinstance(document, dict) else None
+    if not isinstance(items, list) or len(items) != len(job.texts):
+        count = len(items) if isinstance(items, list) else "no"
+        message = f"{job.output_file}: {count} predictions for {len(job.texts)} texts"
+        raise PredictFailed(message, non_retryable=True)
+    predictions = []
+    for index, (text, item) in enumerate(zip(job.texts, items, strict=True)):
+        try:
+            if item["text"] != text:
+                raise ValueError(f"text {item['text']!r} where {text!r} was sent")
+            scores = [float(p) for p in item["probabilities"]]
+            label = item["label"]
+            if not isinstance(label, int) or not 0 <= label < len(scores):
+                raise ValueError(f"label {label!r} outside the {len(scores)} scores")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PredictFailed(f"{job.output_file}: prediction {index}: {exc}", non_retryable=True) from None
+        predictions.append(Prediction(text=text, label=label, scores=scores))
+    return predictions
+
+
 class Backend(Protocol):
     """Where legs run. Every method is idempotent, so a retried activity or restarted worker is safe."""
 
@@ -124,4 +229,10 @@ class Backend(Protocol):
 
     async def cleanup(self, namespace: str, name: str) -> None:
         """Remove every leg object of a run (processes, Jobs); checkpoints on the volume stay."""
+        ...
+
+    async def predict(self, job: PredictJob) -> list[Prediction]:
+        """Run `python -m trainer predict` for the job (adopting a run of the same request_id), wait for it,
+        return its validated predictions; raise PredictFailed. Nothing of the run is left behind (process, Job,
+        work folder), also when cancelled or timed out."""
         ...

@@ -12,6 +12,9 @@ A restarted worker adopts a leg whose supervisor is alive (same pid *and* start 
 file of one that ended, and treats one whose supervisor vanished without an exit file as lost
 (preempted; its orphaned trainer is killed). Stop = SIGTERM, then SIGKILL of the whole process group
 after the grace period, like a pod. Launch refuses while another leg of the same run is alive.
+
+Predictions run `python -m trainer predict` as a child process over the request's work folder; it is
+killed on timeout or cancellation, and the work folder removed once its results are read.
 """
 
 from __future__ import annotations
@@ -28,7 +31,19 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from controller.backends.base import LegHandle, LegObservation, LegSpec, LegState, LegTermination
+from controller.backends.base import (
+    LegHandle,
+    LegObservation,
+    LegSpec,
+    LegState,
+    LegTermination,
+    PredictFailed,
+    Prediction,
+    PredictJob,
+    prepare_predict_work,
+    read_predictions,
+    remove_predict_work,
+)
 from controller.backends.local_leg import last_log_line, process_start_time
 from trainer.volume import RunLayout, atomic_write_json, read_json
 
@@ -287,6 +302,40 @@ class LocalBackend:
         while any(_alive(record) for record in killed) and time.monotonic() < deadline:
             await asyncio.sleep(_POLL_S)  # SIGKILL is delivered asynchronously; wait until they are gone
             self._reap()
+
+    async def predict(self, job: PredictJob) -> list[Prediction]:
+        await asyncio.to_thread(prepare_predict_work, self.volume_root, job)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **self.extra_env}
+        process = await asyncio.create_subprocess_exec(
+            self.python,
+            "-m",
+            "trainer",
+            *job.trainer_args(str(self.volume_root)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=self.volume_root,
+            start_new_session=True,
+        )
+        try:
+            try:
+                _, stderr = await asyncio.wait_for(process.communicate(), job.timeout_s)
+            except TimeoutError:
+                raise PredictFailed(
+                    f"trainer predict did not finish within {job.timeout_s:g}s", non_retryable=True
+                ) from None
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            code = process.returncode if process.returncode is not None else -1
+            return await asyncio.to_thread(
+                read_predictions, self.volume_root, job, code, lines[-1] if lines else "no output"
+            )
+        finally:
+            if process.returncode is None:  # timed out or cancelled: no predict process outlives the request
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+            await asyncio.to_thread(remove_predict_work, self.volume_root, job)
 
     def log_tail(self, leg: LegSpec) -> str:
         return last_log_line(self._files(leg)["log"])

@@ -6,6 +6,11 @@ of the same run that is still alive. `observe` and `wait_for_change` judge the J
 (`controller.kubernetes.legs.judge_leg`) from the cache and carry out the verdict: halt the Job so the 1.20
 Job controller starts no replacement pod, record the termination on the Job. API calls run in a thread
 pool and transient errors (connection, 429, 5xx) are retried with backoff, never reported as a leg outcome.
+
+`predict` runs a one-shot predict Job with the TrainingRun's image, resources and scheduling, judges it by
+the same rules (an unschedulable pod or a failing image pull is stuck after `stuckAfterSeconds`), reads the
+predictions from the volume the controller mounts (`volume_root`), and deletes the Job (foreground: its pod
+goes first) on every way out, cancellation and timeout included.
 """
 
 from __future__ import annotations
@@ -17,17 +22,39 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import kubernetes
 from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
 from urllib3.exceptions import HTTPError
 
-from controller.backends.base import LegHandle, LegObservation, LegSpec, LegState
+from controller.backends.base import (
+    LegHandle,
+    LegObservation,
+    LegSpec,
+    LegState,
+    LegTermination,
+    PredictFailed,
+    Prediction,
+    PredictJob,
+    prepare_predict_work,
+    read_predictions,
+    remove_predict_work,
+)
 from controller.kubernetes.informer import NamespaceCache
-from controller.kubernetes.jobs import ANNOTATION_TERMINATION, LABEL_LEG, LABEL_RUN, build_leg_job, job_name
+from controller.kubernetes.jobs import (
+    ANNOTATION_TERMINATION,
+    LABEL_LEG,
+    LABEL_RUN,
+    build_leg_job,
+    build_predict_job,
+    job_name,
+    predict_job_name,
+)
 from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
-from controller.spec import API_GROUP, API_VERSION, PLURAL
+from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -53,9 +80,11 @@ class KubernetesBackend:
         self,
         api_client: kubernetes.client.ApiClient,
         *,
+        volume_root: Path | str | None = None,
         api_retry_s: float = 60.0,
         conflict_wait_s: float = 60.0,
         max_threads: int = 16,
+        delete_wait_s: float = 60.0,
     ) -> None:
         self._api_client = api_client
         self._batch = kubernetes.client.BatchV1Api(api_client)
@@ -67,8 +96,10 @@ class KubernetesBackend:
         self._generation: dict[tuple[str, str], int] = {}
         self._seen: dict[tuple[str, str], int] = {}
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
+        self.volume_root = Path(volume_root).resolve() if volume_root is not None else None  # the controller's mount
         self.api_retry_s = api_retry_s
         self.conflict_wait_s = conflict_wait_s
+        self.delete_wait_s = delete_wait_s
         self.api_calls = 0
 
     # ------------------------------------------------------------ plumbing
@@ -190,6 +221,113 @@ class KubernetesBackend:
             label_selector=f"{LABEL_RUN}={name}",
             propagation_policy="Background",
         )
+
+    async def predict(self, job: PredictJob) -> list[Prediction]:
+        if self.volume_root is None:
+            raise PredictFailed("the Kubernetes backend was built without the volume root", non_retryable=True)
+        spec, owner_uid = await self._run_spec(job.namespace, job.name)
+        cache = await self.cache(job.namespace)
+        name = predict_job_name(job.name, job.request_id)
+        try:
+            existing = cache.job(name) or await self._read_job(job.namespace, name)
+            if existing is not None and existing["metadata"].get("deletionTimestamp"):
+                await self._delete_job(job.namespace, name)  # a retry after a lost worker: wait, start afresh
+                existing = None
+            if existing is None:
+                await asyncio.to_thread(prepare_predict_work, self.volume_root, job)
+                manifest = build_predict_job(job, spec, owner_uid)
+                try:
+                    await self._call(self._batch.create_namespaced_job, job.namespace, manifest)
+                    log.info("predict %s/%s: created Job %s", job.namespace, job.name, name)
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise
+            else:
+                log.info("predict %s/%s: adopted Job %s", job.namespace, job.name, name)
+            termination = await self._await_predict_job(job, name, spec)
+            where = f"predict Job {job.namespace}/{name}"
+            if termination.stuck:
+                raise PredictFailed(f"{where}: {termination.message}", non_retryable=True)
+            if termination.exit_code is None or (termination.disrupted and termination.exit_code != 0):
+                # The pod was taken away (evicted, deleted, its node lost): the activity's retry runs it again.
+                raise PredictFailed(f"{where}: {termination.reason}: {termination.message}", non_retryable=False)
+            message = f"{where}: {termination.message}"
+            return await asyncio.to_thread(read_predictions, self.volume_root, job, termination.exit_code, message)
+        finally:
+            # Shielded: a cancelled activity still removes its Job (and the Job's pod) before it ends.
+            await asyncio.shield(self._delete_job(job.namespace, name))
+            await asyncio.to_thread(remove_predict_work, self.volume_root, job)
+
+    async def _run_spec(self, namespace: str, name: str) -> tuple[TrainingRunSpec, str]:
+        """The TrainingRun's spec (image, resources, scheduling, claim) and uid, for its predict Job."""
+        try:
+            run = await self._call(
+                self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            message = f"TrainingRun {namespace}/{name}: not found (its predict Job takes the run's image and resources)"
+            raise PredictFailed(message, non_retryable=True) from None
+        body = cast(dict[str, Any], run)
+        try:
+            spec = TrainingRunSpec.model_validate(body.get("spec") or {})
+        except ValidationError as exc:
+            raise PredictFailed(f"TrainingRun {namespace}/{name}: invalid spec ({exc})", non_retryable=True) from None
+        return spec, str(body["metadata"]["uid"])
+
+    async def _await_predict_job(self, job: PredictJob, name: str, spec: TrainingRunSpec) -> LegTermination:
+        """Wait (watch-fed) until the predict Job's pod has ended, is stuck, or the request's time is up."""
+        cache = await self.cache(job.namespace)
+        key = (job.namespace, name)
+        deadline = time.monotonic() + job.timeout_s
+        stuck_after_s = min(spec.retries.stuck_after_seconds, job.timeout_s)
+        while True:
+            seen = self._generation.get(key, 0)
+            found = cache.job(name)
+            pods, vanished = cache.pods_of(name)
+            verdict = judge_leg(found, pods, vanished, now=time.time(), stuck_after_s=stuck_after_s)
+            observation = verdict.observation
+            if observation.state == LegState.TERMINATED and observation.termination is not None:
+                return observation.termination
+            if observation.state == LegState.MISSING and await self._read_job(job.namespace, name) is None:
+                return LegTermination(reason="Deleted", message="the Job was deleted before it ended", disrupted=True)
+            if found is not None and verdict.halt:
+                await self._carry_out(job.namespace, found, verdict)  # no replacement pod next to a going one
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                message = f"did not finish within {job.timeout_s:g}s ({observation.detail})"
+                return LegTermination(reason="Timeout", message=message, stuck=True)
+            if self._generation.get(key, 0) == seen:
+                event = self._wakeups.setdefault(key, asyncio.Event())
+                event.clear()
+                try:
+                    await asyncio.wait_for(event.wait(), min(remaining, 5.0))
+                except TimeoutError:
+                    pass
+                finally:
+                    self._wakeups.pop(key, None)
+
+    async def _delete_job(self, namespace: str, name: str) -> None:
+        """Delete a Job in the foreground (its pods first) and wait, bounded, until the watch sees it gone."""
+        try:
+            await self._call(self._batch.delete_namespaced_job, name, namespace, propagation_policy="Foreground")
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        cache = await self.cache(namespace)
+        key = (namespace, name)
+        deadline = time.monotonic() + self.delete_wait_s
+        while cache.job(name) is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log.warning("Job %s/%s: still being deleted after %.0fs", namespace, name, self.delete_wait_s)
+                return
+            event = self._wakeups.setdefault(key, asyncio.Event())
+            event.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(remaining, 1.0))
+            self._wakeups.pop(key, None)
 
     # ------------------------------------------------------------ helpers
 

@@ -1,17 +1,21 @@
-"""Build the batch/v1 Job of one training leg: a pure function from a LegSpec to a manifest dict.
+"""Build the batch/v1 Jobs Relay runs: pure functions from a LegSpec or PredictJob to a manifest dict.
 
-No API calls here, so it is unit-tested without a cluster. One Job per leg, named `<run>-leg-<n>`;
+No API calls here, so they are unit-tested without a cluster. One Job per leg, named `<run>-leg-<n>`;
 the workflow, not the Job controller, decides about the next leg (`backoffLimit: 0`, `restartPolicy:
 Never`). The claim is mounted twice: the run's own folder read-write and the dataset snapshot read-only,
 both at the same paths under /relay-volume that the trainer's command line names.
+
+A predict Job (`<run>-predict-<request id>`) runs `python -m trainer predict` once, with the run's image,
+resources (one GPU if the run had any) and scheduling; it mounts the model's folders read-only and the
+request's work folder read-write, the same way.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from controller.backends.base import LegSpec
-from controller.spec import API_GROUP, API_VERSION, KIND, cpu_threads
+from controller.backends.base import LegSpec, PredictJob
+from controller.spec import API_GROUP, API_VERSION, KIND, SchedulingProfile, TrainingRunSpec, cpu_threads
 
 VOLUME_MOUNT = "/relay-volume"
 VOLUME_NAME = "relay-volume"
@@ -19,6 +23,8 @@ TRAINER_CONTAINER = "trainer"
 MANAGED_BY = "relay-controller"
 LABEL_RUN = "relay.dev/run"
 LABEL_LEG = "relay.dev/leg"
+# Predict Jobs carry this instead of LABEL_RUN: a run's leg bookkeeping and cleanup never see them.
+LABEL_PREDICT_RUN = "relay.dev/predict-run"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 ANNOTATION_WORKFLOW = "relay.dev/workflow-id"
 # Written by the backend onto a leg's Job once the leg has ended: the LegTermination as JSON.
@@ -76,37 +82,36 @@ def trainer_command(leg: LegSpec) -> list[str]:
     ]
 
 
-def build_leg_job(leg: LegSpec) -> dict[str, Any]:
-    """The Job manifest of `leg`; the same LegSpec always gives the same manifest."""
-    spec = leg.spec
-    name = job_name(leg.name, leg.leg)
-    labels = leg_labels(leg)
-    job_labels = dict(labels)
-    if spec.scheduling.kueue_queue:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
-    profile = spec.scheduling
-    if leg.use_fallback_profile and spec.scheduling.fallback is not None:
-        profile = spec.scheduling.fallback  # type: ignore[assignment]
-
-    threads = cpu_threads(spec.resources.cpu)
+def _resources(spec: TrainingRunSpec, gpus: int) -> dict[str, dict[str, str]]:
     requests: dict[str, str] = {"cpu": spec.resources.cpu, "memory": spec.resources.memory}
     limits: dict[str, str] = {"memory": spec.resources.memory}
-    if spec.resources.gpus > 0:
-        requests["nvidia.com/gpu"] = str(spec.resources.gpus)
-        limits["nvidia.com/gpu"] = str(spec.resources.gpus)
+    if gpus > 0:
+        requests["nvidia.com/gpu"] = str(gpus)
+        limits["nvidia.com/gpu"] = str(gpus)
+    return {"requests": requests, "limits": limits}
 
-    env = {
-        "PYTHONUNBUFFERED": "1",
-        "HOME": "/tmp",
-        "OMP_NUM_THREADS": str(threads),
-        "RELAY_RUN_NAMESPACE": leg.namespace,
-        "RELAY_RUN_NAME": leg.name,
-        "RELAY_LEG": str(leg.leg),
-        **leg.extra_env,
-    }
+
+def _claim_mount(path: str, *, read_only: bool) -> dict[str, Any]:
+    mount: dict[str, Any] = {"name": VOLUME_NAME, "mountPath": f"{VOLUME_MOUNT}/{path}", "subPath": path}
+    if read_only:
+        mount["readOnly"] = True
+    return mount
+
+
+def _pod_spec(
+    spec: TrainingRunSpec,
+    profile: SchedulingProfile,
+    *,
+    command: list[str],
+    env: dict[str, str],
+    resources: dict[str, dict[str, str]],
+    claim_mounts: list[dict[str, Any]],
+    grace_s: int,
+) -> dict[str, Any]:
+    """A non-root, read-only-root pod running the trainer image once, with the claim and scratch folders."""
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
+        "terminationGracePeriodSeconds": grace_s,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {
@@ -121,9 +126,9 @@ def build_leg_job(leg: LegSpec) -> dict[str, Any]:
                 "name": TRAINER_CONTAINER,
                 "image": spec.image,
                 "imagePullPolicy": "IfNotPresent",
-                "command": trainer_command(leg),
+                "command": command,
                 "env": [{"name": key, "value": value} for key, value in sorted(env.items())],
-                "resources": {"requests": requests, "limits": limits},
+                "resources": resources,
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
                     "readOnlyRootFilesystem": True,
@@ -131,13 +136,7 @@ def build_leg_job(leg: LegSpec) -> dict[str, Any]:
                     "capabilities": {"drop": ["ALL"]},
                 },
                 "volumeMounts": [
-                    {"name": VOLUME_NAME, "mountPath": f"{VOLUME_MOUNT}/{leg.run_path}", "subPath": leg.run_path},
-                    {
-                        "name": VOLUME_NAME,
-                        "mountPath": f"{VOLUME_MOUNT}/{leg.snapshot_path}",
-                        "subPath": leg.snapshot_path,
-                        "readOnly": True,
-                    },
+                    *claim_mounts,
                     {"name": "tmp", "mountPath": "/tmp"},
                     {"name": "dshm", "mountPath": "/dev/shm"},
                 ],
@@ -155,7 +154,42 @@ def build_leg_job(leg: LegSpec) -> dict[str, Any]:
         pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in profile.tolerations]
     if profile.priority_class_name:
         pod_spec["priorityClassName"] = profile.priority_class_name
+    return pod_spec
 
+
+def build_leg_job(leg: LegSpec) -> dict[str, Any]:
+    """The Job manifest of `leg`; the same LegSpec always gives the same manifest."""
+    spec = leg.spec
+    name = job_name(leg.name, leg.leg)
+    labels = leg_labels(leg)
+    job_labels = dict(labels)
+    if spec.scheduling.kueue_queue:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
+    profile: SchedulingProfile = spec.scheduling
+    if leg.use_fallback_profile and spec.scheduling.fallback is not None:
+        profile = spec.scheduling.fallback
+
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "HOME": "/tmp",
+        "OMP_NUM_THREADS": str(cpu_threads(spec.resources.cpu)),
+        "RELAY_RUN_NAMESPACE": leg.namespace,
+        "RELAY_RUN_NAME": leg.name,
+        "RELAY_LEG": str(leg.leg),
+        **leg.extra_env,
+    }
+    pod_spec = _pod_spec(
+        spec,
+        profile,
+        command=trainer_command(leg),
+        env=env,
+        resources=_resources(spec, spec.resources.gpus),
+        claim_mounts=[
+            _claim_mount(leg.run_path, read_only=False),
+            _claim_mount(leg.snapshot_path, read_only=True),
+        ],
+        grace_s=spec.termination_grace_period_seconds,
+    )
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": leg.namespace,
@@ -172,6 +206,71 @@ def build_leg_job(leg: LegSpec) -> dict[str, Any]:
             "backoffLimit": 0,
             "completions": 1,
             "parallelism": 1,
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+def predict_job_name(run_name: str, request_id: str) -> str:
+    """`<run>-predict-<request id>`: at most 40 + 17 characters."""
+    return f"{run_name}-predict-{request_id}"
+
+
+# A predict Job ends by itself this long after the backend's own deadline, should the controller be gone,
+# and is removed this long after it ended where the TTL controller runs (1.21+); the backend deletes it first.
+PREDICT_DEADLINE_MARGIN_S = 120
+PREDICT_TTL_AFTER_FINISHED_S = 600
+
+
+def build_predict_job(job: PredictJob, spec: TrainingRunSpec, owner_uid: str | None = None) -> dict[str, Any]:
+    """The one-shot Job of a prediction request, with the run's image, resources and primary scheduling profile."""
+    name = predict_job_name(job.name, job.request_id)
+    labels = {
+        "app.kubernetes.io/name": "relay-trainer",
+        "app.kubernetes.io/instance": job.name,
+        "app.kubernetes.io/component": "inference",
+        "app.kubernetes.io/part-of": "relay",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_PREDICT_RUN: job.name,
+    }
+    job_labels = dict(labels)
+    if spec.scheduling.kueue_queue:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "HOME": "/tmp",
+        "OMP_NUM_THREADS": str(cpu_threads(spec.resources.cpu)),
+        "TOKENIZERS_PARALLELISM": "false",
+        "RELAY_RUN_NAMESPACE": job.namespace,
+        "RELAY_RUN_NAME": job.name,
+    }
+    pod_spec = _pod_spec(
+        spec,
+        spec.scheduling,
+        command=["python", "-m", "trainer", *job.trainer_args(VOLUME_MOUNT)],
+        env=env,
+        resources=_resources(spec, min(spec.resources.gpus, 1)),  # predict uses one device
+        claim_mounts=[
+            *(_claim_mount(path, read_only=True) for path in job.read_paths),
+            _claim_mount(job.work_path, read_only=False),
+        ],
+        grace_s=5,  # nothing to save: predictions are made again
+    )
+    # A real kubelet puts the log's tail into the pod status when the trainer fails without a message file.
+    pod_spec["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    metadata: dict[str, Any] = {"name": name, "namespace": job.namespace, "labels": job_labels}
+    if owner_uid:
+        metadata["ownerReferences"] = [owner_reference(job.name, owner_uid)]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": 0,
+            "completions": 1,
+            "parallelism": 1,
+            "activeDeadlineSeconds": int(job.timeout_s) + PREDICT_DEADLINE_MARGIN_S,
+            "ttlSecondsAfterFinished": PREDICT_TTL_AFTER_FINISHED_S,
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }

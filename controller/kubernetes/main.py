@@ -110,7 +110,7 @@ async def run_controller(
     from controller.worker import build_worker
 
     api_client = kubernetes.client.ApiClient(configuration)
-    backend = KubernetesBackend(api_client)
+    backend = KubernetesBackend(api_client, volume_root=volume_root)
     sink: Any = KubernetesStatusSink(api_client)
     if metrics is not None:
         from controller.observability import MetricsStatusSink

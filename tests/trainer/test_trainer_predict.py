@@ -117,3 +117,34 @@ def test_texts_starting_with_a_dash_are_texts_not_options(finished: Path) -> Non
     result = predict("--model", str(finished / "final"), "--json", *[f"--text={t}" for t in texts])
     assert result.returncode == 0, result.stderr
     assert [json.loads(line)["text"] for line in result.stdout.splitlines()] == texts
+
+
+def test_output_file_holds_the_predictions_of_a_json_array_of_texts(finished: Path, tmp_path: Path) -> None:
+    """What a predict Job runs: texts from a .json array (newlines and empty texts kept), results to --output."""
+    texts = ["a superb\nand charming film", "", "-v"]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    output = tmp_path / "out/predictions.json"
+    texts_file = str(tmp_path / "texts.json")
+    result = predict("--model", str(finished / "final"), "--file", texts_file, "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"wrote 3 predictions to {output}"
+    rows = json.loads(output.read_text())["predictions"]
+    assert [row["text"] for row in rows] == texts
+    stdout = predict("--model", str(finished / "final"), "--json", *[f"--text={t}" for t in texts]).stdout
+    assert rows == [json.loads(line) for line in stdout.splitlines()], "--output and --json give the same results"
+
+
+def test_bad_input_is_written_to_the_output_file_too(finished: Path, tmp_path: Path) -> None:
+    (tmp_path / "texts.json").write_text('{"not": "a list"}')
+    output = tmp_path / "predictions.json"
+    result = predict("--model", str(tmp_path), "--file", str(tmp_path / "texts.json"), "--output", str(output))
+    assert result.returncode == ExitCode.INVALID_INPUT
+    error = json.loads(output.read_text())
+    assert error == {"error": f"invalid input: --file {tmp_path}/texts.json: must hold a JSON array of strings",
+                     "exitCode": 65}  # fmt: skip
+    assert error["error"] in result.stderr
+    (tmp_path / "texts.json").write_text('["x"]')
+    result = predict("--model", str(tmp_path), "--file", str(tmp_path / "texts.json"), "--output", str(output))
+    assert result.returncode == ExitCode.INVALID_INPUT
+    message = json.loads(output.read_text())["error"]
+    assert message.startswith(f"invalid input: --model {tmp_path}: not a loadable model")

@@ -31,8 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--text", nargs="+", action="extend", help="one or more texts (repeatable; --text=-x for one starting with -)"
     )
-    source.add_argument("--file", type=Path, help="a file with one text per line")
+    source.add_argument("--file", type=Path, help="a file with one text per line (a .json file: a JSON array of texts)")
     predict.add_argument("--json", action="store_true", help="JSON lines: {text, label, probabilities}")
+    predict.add_argument(
+        "--output", type=Path, help="write {predictions: [...]} (or {error, exitCode}) to this JSON file instead"
+    )
+    predict.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when present")
     predict.add_argument("--batch-size", type=int, default=32)
     return parser
 
@@ -48,7 +52,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(run_leg(args.run_dir, args.snapshot, args.config).exit_code)
     from trainer.predict import run_predict
 
-    return int(run_predict(args.model, texts=args.text, file=args.file, as_json=args.json, batch_size=args.batch_size))
+    return int(
+        run_predict(
+            args.model,
+            texts=args.text,
+            file=args.file,
+            as_json=args.json,
+            batch_size=args.batch_size,
+            output=args.output,
+            device=args.device,
+        )
+    )
 
 
 if __name__ == "__main__":
