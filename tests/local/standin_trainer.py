@@ -1,7 +1,8 @@
 """A stand-in for `python -m trainer train` below the local backend: same arguments, exit codes and signals.
 
 Behaviour from RELAY_STANDIN: "run" (sleep until SIGTERM, then exit 75 like a trainer that saved a
-checkpoint), "exit:<code>" (exit at once with that code), "stubborn" (ignore SIGTERM; only SIGKILL ends it).
+checkpoint), "exit:<code>" (exit at once with that code), "stubborn" (ignore SIGTERM; only SIGKILL ends it),
+"raise" (fail as the trainer does: a traceback in the log, its one-line reason as termination message, exit 1).
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ def main() -> int:
     parser.add_argument("--config", required=True)
     parser.parse_args()
     mode = os.environ.get("RELAY_STANDIN", "run")
+    if mode == "raise":
+        from trainer.volume import write_termination_message
+
+        print('Traceback (most recent call last):\n  File "train.py", line 3, in <module>', file=sys.stderr)
+        print("    schedule = build_schedule(steps)", file=sys.stderr, flush=True)  # the last line: a source line
+        write_termination_message("ValueError: warmup needs at least 1 step, got 0")
+        return 1
     if mode.startswith("exit:"):
         print("error: something the trainer could not handle", file=sys.stderr, flush=True)
         return int(mode.split(":")[1])

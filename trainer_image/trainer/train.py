@@ -43,6 +43,7 @@ from trainer.volume import (
     read_json,
     remove_stale_temp_dirs,
     write_manifest,
+    write_termination_message,
 )
 
 log = logging.getLogger("trainer")
@@ -180,13 +181,20 @@ def _remove_stale_run_temps(layout: RunLayout) -> None:
 def run_leg(
     run_dir: Path, snapshot: Path, config_path: Path, *, stop: StopRequest | None = None, install_signals: bool = True
 ) -> LegResult:
-    """Run one leg to its end; never raises for the documented outcomes (see ExitCode)."""
+    """Run one leg to its end; never raises for the documented outcomes (see ExitCode).
+
+    On failure (exit 1) and invalid input (exit 65) the one-line reason also goes to the termination-message
+    file named by $RELAY_TERMINATION_LOG, when set (see volume.write_termination_message).
+    """
     stop = stop or StopRequest()
     previous_handlers = stop.install() if install_signals else {}
     try:
-        return _run_leg(run_dir, snapshot, config_path, stop)
+        result = _run_leg(run_dir, snapshot, config_path, stop)
     finally:
         StopRequest.restore(previous_handlers)
+    if result.exit_code in (ExitCode.FAILED, ExitCode.INVALID_INPUT):
+        write_termination_message(result.message)
+    return result
 
 
 def _run_leg(run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest) -> LegResult:
@@ -208,11 +216,17 @@ def _run_leg(run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest
         return LegResult(ExitCode.PREEMPTED, str(exc), stats)
     except Exception as exc:
         log.exception("failed: %s: %s", type(exc).__name__, exc)
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        message = failure_message(exc)
         with contextlib.suppress(Exception):
             reporter.update(state="failed", message=message)
         return LegResult(ExitCode.FAILED, message, stats)
     return LegResult(code, message, stats)
+
+
+def failure_message(exc: BaseException) -> str:
+    """'<ExceptionType>: <first line of its message>', or the type alone for an exception without one."""
+    text = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _run(
