@@ -416,10 +416,10 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_drill(args: argparse.Namespace) -> int:
-    from controller.drill import ALL_FAULTS, run_drill  # imported only for `relay drill`
+    from controller.drill import run_drill  # imported only for `relay drill`
 
-    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else ALL_FAULTS
-    return run_drill(args.seed, args.faults, args.volume, kinds)[0]
+    kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
+    return run_drill(args.seed, args.faults, args.volume, kinds, backend=args.backend)[0]
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -520,7 +520,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser(
-        "drill", help="a tiny local run under a seeded sequence of faults; exit 0 only if nothing is lost"
+        "drill", help="a tiny run under a seeded sequence of real faults; exit 0 only if nothing is lost"
+    )
+    p.add_argument(
+        "--backend",
+        choices=("local", "kubernetes"),
+        default="local",
+        help="local processes (default), or Jobs on an envtest control plane started for the drill",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--faults", type=int, default=5)

@@ -7,6 +7,7 @@ seed's plan, every fault recovered and each fault kind left its own evidence.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,12 +69,17 @@ def test_a_failed_check_or_an_unrecovered_fault_fails_the_drill() -> None:
 
 @pytest.mark.parametrize(
     ("args", "words"),
-    [(["--faults", "0"], "--faults: must be at least 1"), (["--kinds", "sigkill,meteor"], "unknown fault 'meteor'")],
+    [
+        (["--faults", "0"], "--faults: must be at least 1"),
+        (["--kinds", "sigkill,meteor"], "unknown fault 'meteor'"),
+        (["--backend", "kubernetes", "--kinds", "worker-restart"], "unknown fault 'worker-restart' for the kubernetes"),
+        (["--backend", "kubernetes"], "envtest binaries missing in /nonexistent"),
+    ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args: list[str], words: str, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "controller.cli", "drill", "--volume", str(tmp_path), *args],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, env={**os.environ, "KUBEBUILDER_ASSETS": "/nonexistent"},
     )  # fmt: skip
     assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "volume").exists()

@@ -1,35 +1,44 @@
-"""`relay drill`: a tiny TrainingRun under a seeded random sequence of real faults, then checks that nothing was lost.
+"""What every drill shares: the seeded plan, the faults aimed at training steps, the checks and the table.
 
-The run uses the local backend, a `relay worker` child process and an embedded Temporal dev server whose
-SQLite file lives outside the volume. Faults (each injected from outside, the way the real thing happens):
+A backend's drill (local.py, kubernetes.py) supplies how its services start and stop, how a leg is found and
+killed, and how its legs' lifetimes and events are read; this module injects the faults and judges the run.
 
-    sigterm           SIGTERM to the trainer (a preemption notice): it saves the current step and exits 75
-    sigkill           SIGKILL to the trainer (node loss, OOM kill): work since the last checkpoint is lost
-    sigkill-in-write  SIGKILL while a checkpoint is being written (a `.tmp-step-*` folder with its first
-                      file exists; the trainer's RELAY_TEST_CHECKPOINT_WRITE_DELAY_S hook holds the write open)
-    worker-restart    SIGKILL of the worker process, then a new one; the leg keeps running and is adopted
+Faults (each injected from outside, the way the real thing happens):
+
+    sigterm           a preemption notice: SIGTERM to the trainer (local), the Eviction API (Kubernetes);
+                      the trainer saves the current step and exits 75
+    sigkill           node loss or OOM: SIGKILL to the trainer (local), the kubelet's hard eviction
+                      (Kubernetes); work since the last checkpoint is lost
+    sigkill-in-write  the same while a checkpoint is being written (a `.tmp-step-*` folder with its first file
+                      exists; the trainer's RELAY_TEST_CHECKPOINT_WRITE_DELAY_S hook holds the write open)
+    worker-restart    (local) SIGKILL of the `relay worker` process, then a new one
+    controller-restart  (Kubernetes) SIGKILL of the `relay controller` process, then a new one; either way the
+                      leg keeps running and the new process adopts it
     server-restart    stop the Temporal dev server (SIGTERM) and start it again on the same database file
     enospc            fill the volume (a tmpfs mounted for the drill) so the next checkpoint write fails with
                       ENOSPC; the filler is removed once the failed leg has exited
     corrupt-newest    flip one byte in the newest checkpoint (trainer paused with SIGSTOP, no write in flight),
-                      then SIGKILL it: the next leg must quarantine that checkpoint and resume from the one before
+                      then kill it: the next leg must quarantine that checkpoint and resume from the one before
 
 Pass = the run reaches Succeeded; its final weights' sha256 equals an uninterrupted run's (same config and
 snapshot, trained after the drill by `python -m trainer train` into a separate folder); no two legs overlapped
-(leg launch/exit records and the trainer pids' time spans in history.jsonl); no process of the run is
-left; every quarantined checkpoint is in the status and in a CheckpointQuarantined event (the worker's log).
+(the backend's leg lifetimes, and the trainer pids' time spans in history.jsonl); nothing of the run is left
+running; every quarantined checkpoint is in the status and in a CheckpointQuarantined event.
 
 The table: "at step" is the last step the trainer logged when the fault landed; "recovery" runs from the
 fault to a new trainer training again (leg faults) or to the workflow answering a status query again
-(worker and server faults, where the leg itself keeps running); "lost" is that step minus the step the
-next trainer resumed from (0 when the leg was not disturbed). Every leg sleeps RELAY_TEST_STEP_SLEEP_S per
-step so faults land at the planned steps; that hook and the write-delay hook change no computed value.
+(worker, controller and server faults, where the leg itself keeps running); "lost" is that step minus the
+step the next trainer resumed from (0 when the leg was not disturbed). Every leg sleeps
+RELAY_TEST_STEP_SLEEP_S per step so faults land at the planned steps; that hook and the write-delay hook
+change no computed value.
 """
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
+import errno
 import hashlib
 import itertools
 import json
@@ -40,9 +49,7 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,16 +58,19 @@ from controller import devserver
 from controller.backends.local_leg import process_start_time
 from trainer.volume import RunLayout, parse_step
 
-ALL_FAULTS = ("sigterm", "sigkill", "sigkill-in-write", "worker-restart", "server-restart", "enospc", "corrupt-newest")
-NAMESPACE = "default"
+LEG_FAULTS = ("sigterm", "sigkill", "sigkill-in-write", "enospc", "corrupt-newest")
 RUN_NAME = "drill"
 STEP_SLEEP_S = 0.04  # RELAY_TEST_STEP_SLEEP_S for every leg: room to aim faults at steps
 WRITE_DELAY_S = 0.25  # RELAY_TEST_CHECKPOINT_WRITE_DELAY_S: a checkpoint write stays open this long
+TRAINER_TEST_ENV = {
+    "RELAY_TEST_STEP_SLEEP_S": str(STEP_SLEEP_S),
+    "RELAY_TEST_CHECKPOINT_WRITE_DELAY_S": str(WRITE_DELAY_S),
+}
 CHECKPOINT_EVERY = 10
 GAP = (2 * CHECKPOINT_EVERY + 1, 2 * CHECKPOINT_EVERY + 10)  # steps from one recovery to the next fault
-# Steps the leg trains on its own while the worker or the server is being restarted (it keeps running);
+# Steps the leg trains on its own while a control-plane process is being restarted (it keeps running);
 # the run is made this much longer per such fault so that every planned fault still finds it training.
-DRIFT_ALLOWANCE = {"worker-restart": 450, "server-restart": 150}
+DRIFT_ALLOWANCE = {"worker-restart": 450, "controller-restart": 600, "server-restart": 150}
 TMPFS_SIZE = "256m"
 
 
@@ -93,6 +103,7 @@ class DrillResult:
     excluded: dict[str, str] = field(default_factory=dict)
     run_dir: Path | None = None
     wall_s: float = 0.0
+    backend: str = "local"
 
     @property
     def passed(self) -> bool:
@@ -111,13 +122,13 @@ def steps_for(faults: list[FaultRecord]) -> int:
     return sum(GAP[1] + 2 + DRIFT_ALLOWANCE.get(f.kind, 0) for f in faults) + 2 * CHECKPOINT_EVERY
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -125,33 +136,62 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _alive(pid: int | None, start_time: int | None = None) -> bool:
+def alive(pid: int | None, start_time: int | None = None) -> bool:
     if pid is None:
         return False
     start = process_start_time(pid)
     return start is not None and (start_time is None or start == start_time)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-class Drill:
-    """One drill: owns the volume, the dev server, the worker process and the run."""
+def run_document(namespace: str, total_steps: int) -> dict[str, Any]:
+    """The drill's TrainingRun: the tiny model on 300 demo reviews, a checkpoint every 10 steps."""
+    return {
+        "apiVersion": "relay.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": RUN_NAME, "namespace": namespace},
+        "spec": {
+            "model": "tiny",
+            "dataset": {"source": "demo", "maxRows": 300, "evalFraction": 0.2},
+            "training": {
+                "maxSteps": total_steps,
+                "batchSize": 8,
+                "maxSeqLength": 32,
+                "checkpointEverySteps": CHECKPOINT_EVERY,
+                "logEverySteps": 1,
+                "keepLast": 2,
+                "learningRate": 1e-3,
+                "evalBatchSize": 64,
+            },
+            "resources": {"cpu": "1"},
+            "retries": {"maxPreemptions": 1000, "maxFailures": 1000, "backoffSeconds": 0},
+            "terminationGracePeriodSeconds": 30,
+        },
+    }
 
-    def __init__(self, workdir: Path, seed: int, faults: int, kinds: tuple[str, ...], *, out: Any = sys.stdout):
+
+class Drill(abc.ABC):
+    """One drill: owns the volume, the Temporal dev server and the run; a subclass owns the backend's side."""
+
+    backend_name = "local"
+    restart_fault = "worker-restart"  # the fault that kills and restarts the process hosting the worker
+
+    def __init__(
+        self, workdir: Path, seed: int, faults: int, kinds: tuple[str, ...], namespace: str, *, out: Any = sys.stdout
+    ):
         self.workdir = workdir
         self.volume = workdir / "volume"
         self.seed = seed
         self.kinds = kinds
         self.n_faults = faults
         self.out = out
-        self.address = f"127.0.0.1:{_free_port()}"
-        self.task_queue = f"drill-{uuid.uuid4().hex[:8]}"
-        self.layout = RunLayout.for_run(self.volume, NAMESPACE, RUN_NAME)
+        self.namespace = namespace
+        self.address = f"127.0.0.1:{free_port()}"
+        self.layout = RunLayout.for_run(self.volume, namespace, RUN_NAME)
         self.server: devserver.DevServer | None = None
-        self.worker: subprocess.Popen[bytes] | None = None
-        self.worker_log = workdir / "worker.log"
         self.mounted = False
         self.excluded: dict[str, str] = {}
         self.client: Any = None
@@ -160,6 +200,56 @@ class Drill:
 
     def say(self, message: str) -> None:
         print(f"drill: {message}", file=self.out, flush=True)
+
+    # ---------------------------------------------------------------- what a backend supplies
+
+    @abc.abstractmethod
+    async def start_backend(self) -> None:
+        """Start what hosts the worker and runs legs (the dev server is up, self.address answers)."""
+
+    @abc.abstractmethod
+    async def submit(self, document: dict[str, Any]) -> None:
+        """Start the run from its TrainingRun document; the workflow id is trainingrun-<namespace>-<name>."""
+
+    @abc.abstractmethod
+    async def restart_host(self) -> str:
+        """SIGKILL the process hosting the worker and start a new one; a line for the table."""
+
+    @abc.abstractmethod
+    def stop_backend(self) -> None:
+        """Stop what start_backend started (idempotent; also after a failure)."""
+
+    @abc.abstractmethod
+    def running_trainer(self) -> tuple[int, int] | None:
+        """(leg number, trainer pid) of the leg whose trainer is alive, if any."""
+
+    @abc.abstractmethod
+    async def kill_leg(self, leg: int, pid: int, hard: bool) -> str:
+        """Preempt the leg: with notice (SIGTERM) or without (SIGKILL); what was done, e.g. "SIGKILL to pid 7"."""
+
+    @abc.abstractmethod
+    def leg_log(self, leg: int) -> str:
+        """The leg trainer's output so far."""
+
+    @abc.abstractmethod
+    def leg_ended(self, leg: int) -> dict[str, Any] | None:
+        """How the leg ended ({"exit_code", "reason"}), or None while it runs."""
+
+    @abc.abstractmethod
+    def check_legs_disjoint(self) -> Check:
+        """From the backend's own record of leg lifetimes: no two legs of the run alive at once."""
+
+    @abc.abstractmethod
+    async def check_nothing_left(self) -> Check:
+        """After the run: no leg process (and no leg object) of the run remains."""
+
+    @abc.abstractmethod
+    async def quarantine_events(self) -> str:
+        """Text holding every CheckpointQuarantined event, one `step N:` message each."""
+
+    async def published_phase(self) -> Check | None:
+        """Where the backend publishes status elsewhere too (the TrainingRun object): it says Succeeded."""
+        return None
 
     # ---------------------------------------------------------------- setup and teardown
 
@@ -179,90 +269,24 @@ class Drill:
         self.excluded["enospc"] = f"no small filesystem to fill: mounting a tmpfs failed ({reason})"
         self.kinds = tuple(k for k in self.kinds if k != "enospc")
 
-    def _start_worker(self) -> None:
-        env = {
-            **os.environ,
-            "RELAY_TEST_STEP_SLEEP_S": str(STEP_SLEEP_S),
-            "RELAY_TEST_CHECKPOINT_WRITE_DELAY_S": str(WRITE_DELAY_S),
-        }
-        command = [sys.executable, "-m", "controller.cli", "worker", "--address", self.address, "--volume",
-                   str(self.volume), "--task-queue", self.task_queue]  # fmt: skip
-        with open(self.worker_log, "ab") as log:
-            self.worker = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
-            )
-
-    def _stop_worker(self, sig: int = signal.SIGTERM) -> None:
-        worker, self.worker = self.worker, None
-        if worker is None or worker.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, sig)
-        try:
-            worker.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
-
     def _teardown(self) -> None:
-        self._stop_worker()
         with contextlib.suppress(Exception):
-            from controller.backends.local import LocalBackend
-
-            asyncio.run(LocalBackend(self.volume).cleanup(NAMESPACE, RUN_NAME))
+            self.stop_backend()
         if self.server is not None:
             self.server.stop()
         if self.mounted:
             keep = self.workdir / "result"
             with contextlib.suppress(OSError):
                 if self.layout.run_dir.is_dir():
-                    shutil.copytree(self.layout.run_dir, keep / "runs" / NAMESPACE / RUN_NAME, dirs_exist_ok=True)
+                    shutil.copytree(self.layout.run_dir, keep / self.layout.run_dir.relative_to(self.volume),
+                                    dirs_exist_ok=True)  # fmt: skip
             subprocess.run(["umount", "-l", str(self.volume)], capture_output=True)
             self.mounted = False
-
-    def _spec(self, total_steps: int) -> Any:
-        from controller.spec import parse_training_run
-
-        document = {
-            "apiVersion": "relay.dev/v1alpha1",
-            "kind": "TrainingRun",
-            "metadata": {"name": RUN_NAME, "namespace": NAMESPACE},
-            "spec": {
-                "model": "tiny",
-                "dataset": {"source": "demo", "maxRows": 300, "evalFraction": 0.2},
-                "training": {
-                    "maxSteps": total_steps,
-                    "batchSize": 8,
-                    "maxSeqLength": 32,
-                    "checkpointEverySteps": CHECKPOINT_EVERY,
-                    "logEverySteps": 1,
-                    "keepLast": 2,
-                    "learningRate": 1e-3,
-                    "evalBatchSize": 64,
-                },
-                "resources": {"cpu": "1"},
-                "retries": {"maxPreemptions": 1000, "maxFailures": 1000, "backoffSeconds": 0},
-                "terminationGracePeriodSeconds": 30,
-            },
-        }
-        return parse_training_run(document, "drill").spec
 
     # ---------------------------------------------------------------- observing the run
 
     def progress(self) -> dict[str, Any]:
-        return _read_json(self.layout.progress_path) or {}
-
-    def running_trainer(self) -> tuple[int, int] | None:
-        """(leg number, trainer pid) of the leg whose trainer is alive, if any."""
-        legs = self.layout.legs_dir
-        for path in (
-            sorted(legs.glob("*.trainer.json"), key=lambda p: -int(p.name.split(".")[0])) if legs.is_dir() else []
-        ):
-            record = _read_json(path)
-            if record and _alive(record.get("pid"), record.get("start_time")):
-                return int(path.name.split(".")[0]), int(record["pid"])
-        return None
+        return read_json(self.layout.progress_path) or {}
 
     async def wait_for(self, what: str, condition: Any, timeout_s: float, poll_s: float = 0.02) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -301,10 +325,10 @@ class Drill:
         progress = await self.wait_for("the run to resume", resumed, 240)
         return time.monotonic() - started, progress.get("resumed_from_step")
 
-    async def _query_answers(self) -> None:
+    async def _query_answers(self, timeout_s: float = 120) -> None:
         from controller.workflows import CheckpointedBertTrainingWorkflow
 
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
                 await asyncio.wait_for(self.handle.query(CheckpointedBertTrainingWorkflow.get_status), 5)
@@ -323,22 +347,17 @@ class Drill:
         started = time.monotonic()
         kind = fault.kind
         if kind in ("sigterm", "sigkill"):
-            os.kill(pid, signal.SIGTERM if kind == "sigterm" else signal.SIGKILL)
-            fault.detail = f"leg {leg} pid {pid}"
+            fault.detail = f"leg {leg}: " + await self.kill_leg(leg, pid, hard=kind == "sigkill")
         elif kind == "sigkill-in-write":
             await self._kill_in_write(fault, leg, pid)
         elif kind == "corrupt-newest":
             await self._corrupt_newest(fault, leg, pid)
         elif kind == "enospc":
-            await self._enospc(fault, leg, pid, started)
-        elif kind == "worker-restart":
-            assert self.worker is not None
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.wait()
-            self.worker = None
-            self._start_worker()
+            await self._enospc(fault, leg, pid)
+        elif kind == self.restart_fault:
+            what = await self.restart_host()
             await self._query_answers()
-            self._control_plane_fault(fault, leg, started, "the leg kept running; the new worker adopted it")
+            self._control_plane_fault(fault, leg, started, what)
             return
         elif kind == "server-restart":
             assert self.server is not None
@@ -346,9 +365,6 @@ class Drill:
             await asyncio.sleep(1.0)
             await asyncio.to_thread(self.server.start)
             await self._query_answers()
-            if self.worker is None or self.worker.poll() is not None:
-                fault.detail = "the worker EXITED while the server was down"
-                return
             self._control_plane_fault(fault, leg, started, "history kept (same db file); the worker reconnected")
             return
         else:
@@ -361,7 +377,7 @@ class Drill:
     def _control_plane_fault(self, fault: FaultRecord, leg: int, started: float, what: str) -> None:
         """Recovered when the workflow answers again; no step lost when the leg was not disturbed meanwhile."""
         fault.recovery_s = time.monotonic() - started
-        ended = _read_json(self.layout.legs_dir / f"{leg}.exit.json")
+        ended = self.leg_ended(leg)
         if ended is None or ended.get("exit_code") == 0:  # still running, or it went on to complete
             fault.steps_lost = 0
             fault.detail = f"leg {leg}: {what}"
@@ -379,12 +395,12 @@ class Drill:
             return None
 
         tmp: Path = await self.wait_for("a checkpoint write", writing, 60, poll_s=0.01)
-        os.kill(pid, signal.SIGKILL)
+        how = await self.kill_leg(leg, pid, hard=True)
         fault.at_step = int(self.progress().get("step") or fault.at_step)
-        await self.wait_for("the trainer to die", lambda: not _alive(pid), 10)
+        await self.wait_for("the trainer to die", lambda: not alive(pid), 10)
         left = tmp.exists() and not (tmp / "manifest.json").exists()
         step = parse_step(tmp.name.split(".")[1].removeprefix("tmp-"))
-        fault.detail = f"leg {leg}: killed inside the write of step {step}" + (
+        fault.detail = f"leg {leg}: {how} inside the write of step {step}" + (
             " (half-written folder left)" if left else " (write had finished: NOT inside it)"
         )
         if not left:
@@ -408,37 +424,44 @@ class Drill:
             byte = handle.read(1)
             handle.seek(-1, os.SEEK_CUR)
             handle.write(bytes([byte[0] ^ 0xFF]))
-        os.kill(pid, signal.SIGKILL)
-        os.kill(pid, signal.SIGCONT)
-        fault.detail = f"leg {leg}: flipped a byte of {newest.name}/model.safetensors, then SIGKILL"
+        how = await self.kill_leg(leg, pid, hard=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        fault.detail = f"leg {leg}: flipped a byte of {newest.name}/model.safetensors, then {how}"
         self.corrupted.append(steps[-1])
 
-    async def _enospc(self, fault: FaultRecord, leg: int, pid: int, started: float) -> None:
+    async def _enospc(self, fault: FaultRecord, leg: int, pid: int) -> None:
         checkpoints = self.layout.checkpoints_dir
         sizes = [
             sum(f.stat().st_size for f in d.iterdir()) for d in checkpoints.iterdir() if d.name.startswith("step-")
         ]
         checkpoint_bytes = max(sizes)
-        free = shutil.disk_usage(self.volume).free
         margin = checkpoint_bytes // 2  # room for progress, logs and leg records, not for a checkpoint
         filler = self.volume / "drill-filler"
         with open(filler, "wb") as handle:
-            os.posix_fallocate(handle.fileno(), 0, max(0, free - margin))
-        log = self.layout.legs_dir / f"{leg}.log"
+            size = 0
+            for _ in range(20):  # the trainer may be writing meanwhile: fill up to the margin, however it moves
+                grow = shutil.disk_usage(self.volume).free - margin
+                if grow <= 0:
+                    break
+                try:
+                    os.posix_fallocate(handle.fileno(), size, grow)
+                    size += grow
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC:
+                        raise
 
         def failed() -> bool:
-            return not _alive(pid) or "No space left on device" in log.read_text(errors="replace")
+            return not alive(pid) or "No space left on device" in self.leg_log(leg)
 
         try:  # free the space as soon as the save failed, so the leg can still record how it ended
             await self.wait_for("a save to fail on the full volume", failed, 60, poll_s=0.02)
         finally:
             filler.unlink()
-        await self.wait_for("the failed leg to exit", lambda: not _alive(pid), 60)
+        await self.wait_for("the failed leg to exit", lambda: not alive(pid), 60)
         fault.at_step = int(self.progress().get("step") or fault.at_step)
-        saw = "No space left on device" in log.read_text(errors="replace") if log.exists() else False
-        ended = await self.wait_for(
-            "the leg's exit record", lambda: _read_json(self.layout.legs_dir / f"{leg}.exit.json"), 30
-        )
+        saw = "No space left on device" in self.leg_log(leg)
+        ended = await self.wait_for("the leg's end to be recorded", lambda: self.leg_ended(leg), 30)
         how = f"exit {ended['exit_code']}" if ended.get("exit_code") is not None else str(ended.get("reason") or "?")
         fault.detail = f"leg {leg}: volume filled to {margin // 1024} KiB free; " + (
             f"checkpoint write failed with ENOSPC, leg ended: {how}" if saw else "leg ended WITHOUT ENOSPC [miss]"
@@ -449,7 +472,7 @@ class Drill:
     async def run(self) -> DrillResult:
         from controller.status import Phase, RunStatus
         from controller.worker import connect
-        from controller.workflows import CheckpointedBertTrainingWorkflow, TrainingRunInput
+        from controller.workflows import CheckpointedBertTrainingWorkflow
 
         began = time.monotonic()
         self._mount_volume()
@@ -458,48 +481,52 @@ class Drill:
         for kind, why in self.excluded.items():
             self.say(f"fault {kind} left out of the mix: {why}")
         self.say(
-            f"seed {self.seed}: {len(faults)} faults over {total_steps} steps: {', '.join(f.kind for f in faults)}"
+            f"{self.backend_name} backend, seed {self.seed}: {len(faults)} faults over {total_steps} steps: "
+            + ", ".join(f.kind for f in faults)
         )
         self.server = devserver.DevServer(
             self.address, self.workdir / "temporal.db", log_file=self.workdir / "temporal-server.log"
         )
         await asyncio.to_thread(self.server.start)
-        self._start_worker()
+        await self.start_backend()
         self.client = await connect(self.address)
-        spec = self._spec(total_steps)
-        self.handle = await self.client.start_workflow(
-            CheckpointedBertTrainingWorkflow.run,
-            TrainingRunInput(
-                namespace=NAMESPACE,
-                name=RUN_NAME,
-                spec=spec,
-                legs_per_run=20,
-                await_window_s=1.0,
-                poll_interval_s=0.1,
-                heartbeat_timeout_s=5.0,
-            ),
-            id=f"trainingrun-{NAMESPACE}-{RUN_NAME}",
-            task_queue=self.task_queue,
-        )
-        # Without a run id: queries and the result follow the run across continue-as-new (every 20 legs).
+        await self.submit(run_document(self.namespace, total_steps))
+        # Without a run id: queries and the result follow the run across continue-as-new.
         self.handle = self.client.get_workflow_handle_for(
-            CheckpointedBertTrainingWorkflow.run, f"trainingrun-{NAMESPACE}-{RUN_NAME}"
+            CheckpointedBertTrainingWorkflow.run, f"trainingrun-{self.namespace}-{RUN_NAME}"
         )
         for fault in faults:
             await self.inject(fault)
             lost = "?" if fault.steps_lost is None else fault.steps_lost
             recovery = "FAILED" if fault.recovery_s is None else f"{fault.recovery_s:.1f}s"
             self.say(f"{fault.kind} at step {fault.at_step}: recovered in {recovery}, {lost} steps lost")
-        status: RunStatus = await asyncio.wait_for(self.handle.result(), 600)
+        status: RunStatus = await asyncio.wait_for(self._result(), 600)
         checks = [Check("run Succeeded", status.phase == Phase.SUCCEEDED, f"{status.phase.value}: {status.message}")]
+        published = await self.published_phase()
+        if published is not None:
+            checks.append(published)
         checks.append(self._check_weights(status))
-        checks.extend(self._check_no_overlap())
-        self._stop_worker()
-        checks.append(self._check_no_orphans())
-        checks.append(self._check_quarantine(status))
+        checks.append(self.check_legs_disjoint())
+        checks.append(self._check_trainers_disjoint())
+        checks.append(await self.check_nothing_left())
+        checks.append(await self._check_quarantine(status))
         misses = [f for f in faults if "[miss]" in f.detail]
         checks.append(Check("every fault landed as intended", not misses, ", ".join(f.kind for f in misses) or "yes"))
-        return DrillResult(faults, checks, self.excluded, self.layout.run_dir, time.monotonic() - began)
+        return DrillResult(
+            faults, checks, self.excluded, self.layout.run_dir, time.monotonic() - began, self.backend_name
+        )
+
+    async def _result(self) -> Any:
+        """The workflow's result (it may not exist yet for a moment when something else starts it)."""
+        from temporalio.service import RPCError
+
+        while True:
+            try:
+                return await self.handle.result()
+            except RPCError as exc:
+                if "not found" not in str(exc).lower():
+                    raise
+                await asyncio.sleep(0.5)
 
     def _check_weights(self, status: Any) -> Check:
         reference = self.workdir / "reference"
@@ -514,26 +541,24 @@ class Drill:
         )  # fmt: skip
         if result.returncode != 0:
             return Check("final weights == uninterrupted run", False, f"reference run exited {result.returncode}")
-        ours = _sha256(self.layout.final_dir / "model.safetensors")
-        theirs = _sha256(reference / "final/model.safetensors")
+        ours = sha256(self.layout.final_dir / "model.safetensors")
+        theirs = sha256(reference / "final/model.safetensors")
         return Check("final weights == uninterrupted run", ours == theirs, f"sha256 {ours[:16]} vs {theirs[:16]}")
 
-    def _check_no_overlap(self) -> list[Check]:
-        legs = self.layout.legs_dir
-        spans: list[tuple[int, Any, Any]] = []
-        for path in sorted(legs.glob("*.pid.json"), key=lambda p: int(p.name.split(".")[0])):
-            number = int(path.name.split(".")[0])
-            launched = (_read_json(path) or {}).get("started_at")
-            ended = (_read_json(legs / f"{number}.exit.json") or {}).get("ended_at")
-            spans.append((number, launched, ended))
+    @staticmethod
+    def spans_disjoint(name: str, spans: list[tuple[str, float | None, float | None]]) -> Check:
+        """A check that (label, start, end) spans sorted by start never overlap; a missing end is a failure."""
+        spans = sorted(spans, key=lambda s: (s[1] is None, s[1] or 0.0))
         bad = [
-            f"leg {b[0]} launched {b[1] - a[2]:.3f}s before leg {a[0]} ended"
+            f"{b[0]} began {b[1] - a[2]:.3f}s before {a[0]} ended"
+            if a[2] is not None and b[1] is not None
+            else f"{a[0]} or {b[0]} has no recorded start or end"
             for a, b in itertools.pairwise(spans)
             if a[2] is None or b[1] is None or b[1] < a[2]
         ]
-        records = Check(
-            "legs never overlapped (leg records)", not bad and bool(spans), "; ".join(bad) or f"{len(spans)} legs"
-        )
+        return Check(name, not bad and bool(spans), "; ".join(bad) or f"{len(spans)} legs, disjoint")
+
+    def _check_trainers_disjoint(self) -> Check:
         by_pid: dict[int, list[float]] = {}
         history = self.layout.history_path
         for line in history.read_text().splitlines() if history.exists() else []:
@@ -542,37 +567,30 @@ class Drill:
                 by_pid.setdefault(int(entry["pid"]), []).append(float(entry["time"]))
         intervals = sorted((min(t), max(t), pid) for pid, t in by_pid.items())
         clash = [f"pids {a[2]} and {b[2]}" for a, b in itertools.pairwise(intervals) if b[0] < a[1]]
-        trainers = Check(
+        return Check(
             "trainer processes never overlapped (history.jsonl)",
             not clash and len(intervals) >= 1,
             "; ".join(clash) or f"{len(intervals)} trainer processes, disjoint",
         )
-        return [records, trainers]
 
-    def _check_no_orphans(self) -> Check:
+    def processes_on_volume(self, hosts: tuple[int, ...] = ()) -> list[str]:
+        """Live processes (other than this one and the `hosts` still serving) whose command line names the volume."""
         left = []
-        legs = self.layout.legs_dir
-        for path in legs.glob("*.json"):
-            if path.name.endswith((".pid.json", ".trainer.json")):
-                record = _read_json(path) or {}
-                if _alive(record.get("pid"), record.get("start_time")):
-                    left.append(f"{path.name} pid {record['pid']}")
         needle = str(self.volume).encode()
         for proc in Path("/proc").iterdir():
-            if proc.name.isdigit() and int(proc.name) != os.getpid():
+            if proc.name.isdigit() and int(proc.name) not in (os.getpid(), *hosts):
                 with contextlib.suppress(OSError):
-                    if needle in (proc / "cmdline").read_bytes() and _alive(int(proc.name)):
+                    if needle in (proc / "cmdline").read_bytes() and alive(int(proc.name)):
                         left.append(f"pid {proc.name}")
-        return Check("no orphaned processes", not left, ", ".join(sorted(set(left))) or "none")
+        return left
 
-    def _check_quarantine(self, status: Any) -> Check:
-        folders = (
-            sorted(p.name for p in self.layout.quarantine_dir.iterdir()) if self.layout.quarantine_dir.is_dir() else []
-        )
+    async def _check_quarantine(self, status: Any) -> Check:
+        quarantine = self.layout.quarantine_dir
+        folders = sorted(p.name for p in quarantine.iterdir()) if quarantine.is_dir() else []
         steps = sorted(int(name.split(".")[0].removeprefix("step-")) for name in folders)
         in_status = sorted(q.step for q in status.quarantined)
-        log = self.worker_log.read_text(errors="replace") if self.worker_log.exists() else ""
-        no_event = [s for s in steps if f"CheckpointQuarantined: step {s}:" not in log]
+        events = await self.quarantine_events()
+        no_event = [s for s in steps if f"step {s}:" not in events]
         not_quarantined = [s for s in self.corrupted if s not in steps]
         ok = steps == in_status and not no_event and not not_quarantined
         detail = f"quarantined {steps or 'none'}; in status {in_status or 'none'}"
@@ -589,48 +607,22 @@ class Drill:
             mounted = self.mounted
             await asyncio.to_thread(self._teardown)
         if mounted:  # the tmpfs is gone; the run folder was copied out first
-            result.run_dir = self.workdir / "result" / "runs" / NAMESPACE / RUN_NAME
+            result.run_dir = self.workdir / "result" / self.layout.run_dir.relative_to(self.volume)
         return result
 
 
 def format_result(result: DrillResult) -> str:
-    lines = [f"{'#':>2}  {'fault':<17} {'target':>6} {'at step':>7} {'recovery':>9} {'lost':>5}  detail"]
+    lines = [f"{'#':>2}  {'fault':<18} {'target':>6} {'at step':>7} {'recovery':>9} {'lost':>5}  detail"]
     for number, fault in enumerate(result.faults, 1):
         recovery = "FAILED" if fault.recovery_s is None else f"{fault.recovery_s:.1f}s"
         lost = "?" if fault.steps_lost is None else str(fault.steps_lost)
-        row = f"{number:>2}  {fault.kind:<17} {fault.target_step:>6} {fault.at_step:>7} {recovery:>9} {lost:>5}"
+        row = f"{number:>2}  {fault.kind:<18} {fault.target_step:>6} {fault.at_step:>7} {recovery:>9} {lost:>5}"
         lines.append(f"{row}  {fault.detail}")
     lines.append("")
     for check in result.checks:
         lines.append(f"{'PASS' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
     for kind, why in result.excluded.items():
         lines.append(f"NOTE  {kind} not injected: {why}")
-    lines.append(f"drill {'PASSED' if result.passed else 'FAILED'} in {result.wall_s:.0f}s")
+    verdict = "PASSED" if result.passed else "FAILED"
+    lines.append(f"drill {verdict} in {result.wall_s:.0f}s ({result.backend} backend)")
     return "\n".join(lines)
-
-
-def run_drill(
-    seed: int, faults: int, volume: str | None, kinds: tuple[str, ...] = ALL_FAULTS
-) -> tuple[int, DrillResult | None]:
-    """Run one drill and print its table; (exit code, result). 0 only when every check passed."""
-    unknown = [k for k in kinds if k not in ALL_FAULTS]
-    if unknown:
-        print(f"relay drill: --kinds: unknown fault {unknown[0]!r} (known: {', '.join(ALL_FAULTS)})", file=sys.stderr)
-        return 2, None
-    if faults < 1:
-        print("relay drill: --faults: must be at least 1", file=sys.stderr)
-        return 2, None
-    workdir = Path(volume).resolve() if volume else Path(tempfile.mkdtemp(prefix="relay-drill-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    if (workdir / "volume").exists() and any((workdir / "volume").iterdir()):
-        print(f"relay drill: --volume {workdir}: holds an earlier drill; give an empty folder", file=sys.stderr)
-        return 2, None
-    drill = Drill(workdir, seed, faults, kinds)
-    try:
-        result = asyncio.run(drill.execute())
-    except DrillError as exc:
-        print(f"relay drill: FAILED: {exc} (logs in {workdir})", file=sys.stderr)
-        return 1, None
-    print(format_result(result))
-    print(f"drill folder: {workdir}")
-    return (0 if result.passed else 1), result

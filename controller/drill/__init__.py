@@ -1,0 +1,80 @@
+"""`relay drill`: a tiny TrainingRun under a seeded random sequence of real faults, then checks that nothing was lost.
+
+core.py plans the faults, injects them and judges the run (its docstring lists the faults and the checks);
+local.py runs the drill on the local backend, kubernetes.py on a real envtest control plane with the
+process kubelet and `relay controller`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from controller.drill.core import Check, DrillError, DrillResult, FaultRecord, format_result, plan, steps_for
+
+LOCAL_FAULTS = (
+    "sigterm",
+    "sigkill",
+    "sigkill-in-write",
+    "worker-restart",
+    "server-restart",
+    "enospc",
+    "corrupt-newest",
+)
+KUBERNETES_FAULTS = tuple("controller-restart" if k == "worker-restart" else k for k in LOCAL_FAULTS)
+ALL_FAULTS = LOCAL_FAULTS  # the local drill's, the default backend
+FAULTS = {"local": LOCAL_FAULTS, "kubernetes": KUBERNETES_FAULTS}
+
+__all__ = ["ALL_FAULTS", "FAULTS", "Check", "DrillResult", "FaultRecord", "format_result", "plan", "run_drill",
+           "steps_for"]  # fmt: skip
+
+
+def run_drill(
+    seed: int, faults: int, volume: str | None, kinds: tuple[str, ...] | None = None, backend: str = "local"
+) -> tuple[int, DrillResult | None]:
+    """Run one drill and print its table; (exit code, result). 0 only when every check passed."""
+    known = FAULTS.get(backend)
+    if known is None:
+        print(f"relay drill: --backend: unknown backend {backend!r} (known: local, kubernetes)", file=sys.stderr)
+        return 2, None
+    kinds = kinds or known
+    unknown = [k for k in kinds if k not in known]
+    if unknown:
+        print(f"relay drill: --kinds: unknown fault {unknown[0]!r} for the {backend} backend (known: "
+              f"{', '.join(known)})", file=sys.stderr)  # fmt: skip
+        return 2, None
+    if faults < 1:
+        print("relay drill: --faults: must be at least 1", file=sys.stderr)
+        return 2, None
+    if backend == "kubernetes":
+        from controller.drill.kubernetes import envtest_missing
+
+        missing = envtest_missing()
+        if missing:
+            print(f"relay drill: --backend kubernetes: {missing}", file=sys.stderr)
+            return 2, None
+    workdir = Path(volume).resolve() if volume else Path(tempfile.mkdtemp(prefix="relay-drill-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if (workdir / "volume").exists() and any((workdir / "volume").iterdir()):
+        print(f"relay drill: --volume {workdir}: holds an earlier drill; give an empty folder", file=sys.stderr)
+        return 2, None
+    drill: Any
+    if backend == "kubernetes":
+        from controller.drill.kubernetes import KubernetesDrill
+
+        drill = KubernetesDrill(workdir, seed, faults, kinds)
+    else:
+        from controller.drill.local import LocalDrill
+
+        drill = LocalDrill(workdir, seed, faults, kinds)
+    try:
+        result = asyncio.run(drill.execute())
+    except DrillError as exc:
+        print(f"relay drill: FAILED: {exc} (logs in {workdir})", file=sys.stderr)
+        return 1, None
+    print(format_result(result))
+    print(f"drill folder: {workdir}")
+    return (0 if result.passed else 1), result

@@ -1,0 +1,57 @@
+"""The drill on the Kubernetes backend: a seeded eviction, corrupted checkpoint and controller kill lose nothing.
+
+It runs on the session's envtest control plane and process kubelet (lent to the drill, which otherwise
+starts its own), with `relay controller` as its own OS process and the real trainer in every pod. The
+drill's checks are what a user relies on; this test also checks each fault left its own evidence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+from controller.drill import KUBERNETES_FAULTS, format_result, plan
+from controller.drill.kubernetes import KubernetesDrill
+from controller.envtest.process_kubelet import ProcessKubelet
+
+pytestmark = pytest.mark.cluster
+SEED, FAULTS = 43, 3  # plans sigterm, corrupt-newest, controller-restart (the new controller finishes the run)
+
+
+def test_kubernetes_drill_evict_controller_kill_and_corruption_lose_nothing(
+    control_plane: Any, crd_installed: Any, kubelet: ProcessKubelet, tmp_path: Path
+) -> None:
+    namespace = f"drill-{uuid.uuid4().hex[:6]}"
+    kinds = tuple(k for k in KUBERNETES_FAULTS if k != "enospc")  # ENOSPC is the local drill's test
+    out = io.StringIO()
+    drill = KubernetesDrill(
+        tmp_path, SEED, FAULTS, kinds, namespace=namespace, plane=control_plane, kubelet=kubelet, out=out
+    )
+    result = asyncio.run(drill.execute())
+    table = format_result(result)
+    assert result.passed, f"{out.getvalue()}\n{table}"
+
+    assert [f.kind for f in result.faults] == [f.kind for f in plan(SEED, FAULTS, kinds)]
+    assert [f.kind for f in result.faults] == ["sigterm", "corrupt-newest", "controller-restart"]
+    evicted, corrupted, restarted = result.faults
+    assert "Eviction of pod" in evicted.detail and evicted.steps_lost == 0  # SIGTERM: the step was saved
+    assert "new controller adopted its Job" in restarted.detail and restarted.steps_lost == 0
+    assert "flipped a byte" in corrupted.detail and 0 < (corrupted.steps_lost or 0) <= 20
+    checks = {check.name: check for check in result.checks}
+    assert checks["TrainingRun object says Succeeded"].ok
+    assert checks["no Job, pod or process of the run left"].ok
+    assert "quarantined [" in checks["every quarantined checkpoint in status and events"].detail
+
+    # Leg pods really ran one after another on the node, and the kubelet no longer runs any of them.
+    legs = sorted(key for key in kubelet.spans if key.startswith(f"{namespace}/drill-leg-"))
+    assert len(legs) >= 3 and not [key for key in kubelet.running() if key.startswith(namespace)]
+    events = kubernetes.client.CoreV1Api(control_plane.api_client()).list_namespaced_event(
+        namespace, field_selector="involvedObject.name=drill"
+    )
+    assert {"Preempted", "CheckpointQuarantined"} <= {event.reason for event in events.items}
