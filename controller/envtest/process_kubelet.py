@@ -201,6 +201,11 @@ class ProcessKubelet:
                 return
             container = obj["spec"]["containers"][0]
             mapping = self._mounts(obj, pod)
+            # The kubelet mounts an empty file at terminationMessagePath; here it is the pod's own file, and the
+            # path is rewritten wherever the command or env names it (as the Job's RELAY_TERMINATION_LOG does).
+            termination_log = pod.workdir / "termination-log"
+            termination_log.write_bytes(b"")
+            mapping.append((container.get("terminationMessagePath") or "/dev/termination-log", str(termination_log)))
             argv = [self._rewrite(a, mapping) for a in [*container.get("command", []), *container.get("args", [])]]
             if argv and argv[0] in ("python", "python3"):
                 argv[0] = sys.executable
@@ -274,6 +279,9 @@ class ProcessKubelet:
                 "startedAt": pod.started_at,
                 "finishedAt": _now(),
             }
+            message = self._termination_message(pod, obj, exit_code)
+            if message:
+                terminated["message"] = message
             status = {
                 "phase": "Succeeded" if exit_code == 0 else "Failed",
                 "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": _now()}],
@@ -285,6 +293,24 @@ class ProcessKubelet:
             with contextlib.suppress(ApiException):
                 self._remove(pod)
         shutil.rmtree(pod.workdir / "volumes", ignore_errors=True)
+
+    @staticmethod
+    def _termination_message(pod: LocalPod, obj: dict[str, Any], exit_code: int) -> str:
+        """What a kubelet reports as `terminated.message`: the termination-message file (4096 bytes at most);
+        when it is empty, a failed container with FallbackToLogsOnError gets its log's last 80 lines / 2048 bytes.
+        """
+        with contextlib.suppress(OSError):
+            with open(pod.workdir / "termination-log", "rb") as handle:
+                message = handle.read(4096).decode("utf-8", "replace")
+            if message.strip():
+                return message
+        policy = obj["spec"]["containers"][0].get("terminationMessagePolicy")
+        if exit_code == 0 or policy != "FallbackToLogsOnError":
+            return ""
+        with contextlib.suppress(OSError):
+            tail = (pod.workdir / "container.log").read_bytes()[-2048:].decode("utf-8", "replace")
+            return "\n".join(tail.splitlines()[-80:])
+        return ""
 
     def _remove(self, pod: LocalPod) -> None:
         """The kubelet's final delete (grace 0, this pod's uid only); the grace period goes in the body."""

@@ -4,6 +4,8 @@ This is where Kubernetes facts become `LegTermination` facts; `controller.backen
 then decides what they mean. It works from what v1.20 reports (pod deletion, `status.reason` Evicted,
 container exit codes and terminated reasons such as OOMKilled, PodScheduled=False/Unschedulable, image
 pull waiting reasons) and uses the DisruptionTarget pod condition where a newer cluster sets it (1.26+).
+A termination's message leads with the trainer's own reason: the container's `terminated.message`, which
+the kubelet fills from the trainer's termination-message file.
 
 The verdict also says what the backend must do to the Job: `halt` (parallelism 0, so the 1.20 Job
 controller does not start a replacement pod next to a terminating one; it also removes a stuck pod) and
@@ -23,6 +25,7 @@ from controller.kubernetes.jobs import ANNOTATION_TERMINATION, TRAINER_CONTAINER
 # Pod status.reason values a kubelet or node controller sets when the infrastructure took the pod away.
 DISRUPTION_REASONS = frozenset({"Evicted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated", "Preempting"})
 # Container waiting reasons that do not fix themselves: counted towards "stuck" after the deadline.
+MESSAGE_MAX_CHARS = 1000  # of a container's termination message, in a leg's termination message
 STUCK_WAITING_REASONS = frozenset(
     {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"}
 )
@@ -66,6 +69,14 @@ def _deleted_before_exit(meta: dict[str, Any], terminated: dict[str, Any] | None
     return finished_at is None or finished_at >= asked_at - 1.0
 
 
+def container_message(terminated: dict[str, Any] | None) -> str:
+    """The trainer's reason from `terminated.message`: the line it wrote to its termination-message file, or,
+    under FallbackToLogsOnError without one, the last line of the log tail the kubelet put there; or ''."""
+    text = str((terminated or {}).get("message") or "")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:MESSAGE_MAX_CHARS] if lines else ""
+
+
 def pod_termination(pod: dict[str, Any], vanished: bool = False) -> LegTermination | None:
     """The facts of a pod that has ended (or vanished), or None while it has not."""
     meta, status = pod.get("metadata", {}), pod.get("status", {})
@@ -87,9 +98,10 @@ def pod_termination(pod: dict[str, Any], vanished: bool = False) -> LegTerminati
         container_reason = ""
     reason = container_reason or disrupted_by or ("Completed" if exit_code == 0 else f"ExitCode{exit_code}")
     parts = [
+        container_message(terminated),  # the trainer's own word first
         f"pod {meta.get('name')}",
         f"exit code {exit_code}" if exit_code is not None else "no exit code",
-        status.get("message") or (terminated or {}).get("message") or "",
+        status.get("message") or "",  # the node's: eviction, shutdown
         "vanished before reporting an exit" if vanished and terminated is None else "",
     ]
     return LegTermination(
