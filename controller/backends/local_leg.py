@@ -91,10 +91,12 @@ class ReservedRecord:
 
     def write(self, record: dict[str, object]) -> None:
         data = (json.dumps(record, indent=2, sort_keys=True) + "\n").encode("utf-8")
-        if self.fd is None or len(data) > _EXIT_RECORD_RESERVE:
+        fd, self.fd = self.fd, None
+        if fd is None or len(data) > _EXIT_RECORD_RESERVE:
+            if fd is not None:
+                os.close(fd)
             atomic_write_json(self.path, record)  # no reservation: the ordinary way, with the space there is
             return
-        fd, self.fd = self.fd, None
         try:
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
