@@ -58,3 +58,14 @@ def test_without_the_variable_nothing_is_written(
     config = write_config(tmp_path / "config.json", textField="review")
     assert train(tmp_path / "run", snapshot, config) == ExitCode.INVALID_INPUT
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "run"]
+
+
+def test_a_usage_error_is_invalid_input_with_its_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    termination_log = tmp_path / "termination-log"
+    monkeypatch.setenv(TERMINATION_LOG_ENV, str(termination_log))
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--run-dir", str(tmp_path / "run")])
+    assert exited.value.code == ExitCode.INVALID_INPUT
+    assert read_termination_message(termination_log) == (
+        "python -m trainer train: the following arguments are required: --snapshot, --config"
+    )

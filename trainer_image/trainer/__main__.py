@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from trainer.volume import ExitCode
+from trainer.volume import ExitCode, write_termination_message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,6 +15,7 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         print(f"invalid input: {self.prog}: {message}", file=sys.stderr)
+        write_termination_message(f"{self.prog}: {message}")
         raise SystemExit(ExitCode.INVALID_INPUT)
 
 
