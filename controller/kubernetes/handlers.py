@@ -33,6 +33,14 @@ from controller.status import Phase, RunStatus, rfc3339
 log = logging.getLogger(__name__)
 WORKFLOW = "CheckpointedBertTrainingWorkflow"
 FINISHED_PHASES = {Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value}
+# How often a running TrainingRun's progress (step, loss, newest checkpoint) reaches its .status: each time
+# costs two workflow tasks, two activities and a status PATCH per run, which with hundreds of runs is most of
+# what the controller and Temporal do. Phase changes (a leg ends, is preempted, the run pauses or finishes)
+# do not wait for it: the Job/pod watch wakes the workflow at once. `relay controller --status-interval`.
+STATUS_INTERVAL_S = 30.0
+# How often a leg's watch (await_leg) re-reads progress from the volume and heartbeats within that interval;
+# every interval still ends with a fresh read, the one .status shows.
+PROGRESS_POLL_S = 10.0
 
 
 @dataclass
@@ -44,6 +52,7 @@ class OperatorContext:
     backend: KubernetesBackend
     volume_root: Path
     task_queue: str
+    status_interval_s: float = STATUS_INTERVAL_S
 
 
 def check_beyond_schema(document: dict[str, Any], volume_root: Path, core: kubernetes.client.CoreV1Api) -> list[str]:
@@ -98,7 +107,12 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
             return
         run = parse_training_run(document)
         run_input = TrainingRunInput(
-            namespace=namespace, name=name, spec=run.spec, owner_uid=str(body["metadata"]["uid"])
+            namespace=namespace,
+            name=name,
+            spec=run.spec,
+            owner_uid=str(body["metadata"]["uid"]),
+            await_window_s=ctx.status_interval_s,
+            poll_interval_s=min(PROGRESS_POLL_S, ctx.status_interval_s),
         )
         try:
             await ctx.temporal.start_workflow(

@@ -5,6 +5,9 @@ watches from that list's resourceVersion; when the server answers 410 Gone (hist
 again; connection errors back off and retry. Every change wakes the asyncio waiters of the leg (Job)
 it concerns, through `loop.call_soon_threadsafe`. No polling: a leg's state is read from this cache.
 Deleted pods are kept (last state seen) as `vanished`: the leg's exit facts must outlive its pod.
+Pods are also indexed by their Job, so a leg's lookup costs the same with 5 or 500 legs in the namespace,
+and objects are kept without `metadata.managedFields` (server-side apply bookkeeping, nothing Relay reads,
+and a large part of each object).
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def _job_of_pod(pod: dict[str, Any]) -> str | None:
     return labels.get("job-name")
 
 
+def _trimmed(obj: dict[str, Any]) -> dict[str, Any]:
+    obj.get("metadata", {}).pop("managedFields", None)
+    return obj
+
+
 def _finished(pod: dict[str, Any]) -> bool:
     status = pod.get("status", {})
     if status.get("phase") in ("Succeeded", "Failed"):
@@ -55,6 +63,7 @@ class NamespaceCache:
         self._lock = threading.Lock()
         self.jobs: dict[str, dict[str, Any]] = {}
         self.pods: dict[str, dict[str, Any]] = {}
+        self._pods_by_job: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)  # job -> pod name -> pod
         self.vanished: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self._synced = {"jobs": threading.Event(), "pods": threading.Event()}
         self._stop = threading.Event()
@@ -95,7 +104,7 @@ class NamespaceCache:
 
     def pods_of(self, job_name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         with self._lock:
-            live = [p for p in self.pods.values() if _job_of_pod(p) == job_name]
+            live = list(self._pods_by_job.get(job_name, {}).values())
             return live, list(self.vanished.get(job_name, []))
 
     def jobs_with(self, label: str, value: str) -> list[dict[str, Any]]:
@@ -109,7 +118,20 @@ class NamespaceCache:
             self._batch.list_namespaced_job if kind == "jobs" else self._core.list_namespaced_pod  # type: ignore[return-value]
         )
 
+    def _store_pod(self, name: str, pod: dict[str, Any] | None) -> None:
+        """Set (or with None, drop) a pod in `pods` and in the by-Job index; the caller holds the lock."""
+        old = self.pods.pop(name, None)
+        if old is not None:
+            previous = _job_of_pod(old) or ""
+            self._pods_by_job[previous].pop(name, None)
+            if not self._pods_by_job[previous]:
+                del self._pods_by_job[previous]
+        if pod is not None:
+            self.pods[name] = pod
+            self._pods_by_job[_job_of_pod(pod) or ""][name] = pod
+
     def _apply(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
+        obj = _trimmed(obj)
         name = obj["metadata"]["name"]
         with self._lock:
             if kind == "jobs":
@@ -122,23 +144,28 @@ class NamespaceCache:
             else:
                 job = _job_of_pod(obj) or ""
                 if event_type == "DELETED":
-                    self.pods.pop(name, None)  # the DELETED event carries the pod's final state
+                    self._store_pod(name, None)  # the DELETED event carries the pod's final state
                     self.vanished[job] = [*self.vanished[job], obj][-MAX_VANISHED_PER_JOB:]
                 else:
-                    self.pods[name] = obj
+                    self._store_pod(name, obj)
         self._notify(self.namespace, job)
 
     def _replace_all(self, kind: str, items: list[dict[str, Any]]) -> None:
-        fresh = {item["metadata"]["name"]: item for item in items}
+        fresh = {item["metadata"]["name"]: _trimmed(item) for item in items}
         with self._lock:
-            store = self.jobs if kind == "jobs" else self.pods
-            if kind == "pods" and self._synced["pods"].is_set():
-                for name, old in store.items():  # deleted while we were not watching
-                    if name not in fresh:
-                        job = _job_of_pod(old) or ""
-                        self.vanished[job] = [*self.vanished[job], old][-MAX_VANISHED_PER_JOB:]
-            store.clear()
-            store.update(fresh)
+            if kind == "jobs":
+                self.jobs.clear()
+                self.jobs.update(fresh)
+            else:
+                if self._synced["pods"].is_set():
+                    for name, old in self.pods.items():  # deleted while we were not watching
+                        if name not in fresh:
+                            job = _job_of_pod(old) or ""
+                            self.vanished[job] = [*self.vanished[job], old][-MAX_VANISHED_PER_JOB:]
+                self.pods.clear()
+                self._pods_by_job.clear()
+                for name, pod in fresh.items():
+                    self._store_pod(name, pod)
             touched = {(_job_of_pod(i) if kind == "pods" else i["metadata"]["name"]) or "" for i in items}
         for job in touched:
             self._notify(self.namespace, job)

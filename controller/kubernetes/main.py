@@ -21,14 +21,28 @@ import kopf
 import kubernetes
 
 from controller.kubernetes.backend import KubernetesBackend
-from controller.kubernetes.handlers import OperatorContext, build_registry
+from controller.kubernetes.handlers import STATUS_INTERVAL_S, OperatorContext, build_registry
 from controller.kubernetes.status_sink import KubernetesStatusSink
 
 log = logging.getLogger("relay.controller")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from controller.worker import TASK_QUEUE
+    from controller.worker import MAX_CONCURRENT_ACTIVITIES, TASK_QUEUE
 
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="relay controller", description=__doc__.split("\n")[0])
@@ -43,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=9090)
     parser.add_argument("--health-port", type=int, default=8081)
     parser.add_argument("--task-queue", default=TASK_QUEUE)
+    parser.add_argument(
+        "--max-concurrent-activities",
+        type=_positive_int,
+        default=MAX_CONCURRENT_ACTIVITIES,
+        help="each running leg holds one; keep it above the number of concurrent TrainingRuns",
+    )
+    parser.add_argument(
+        "--status-interval",
+        type=_positive_seconds,
+        default=STATUS_INTERVAL_S,
+        help="seconds between progress updates in a running TrainingRun's .status (phase changes are at once)",
+    )
     parser.add_argument("--kubeconfig", default=env("KUBECONFIG"), help=argparse.SUPPRESS)
     return parser
 
@@ -105,9 +131,11 @@ async def run_controller(
     stop: asyncio.Event,
     ready: Any | None = None,
     metrics: Any | None = None,
+    max_concurrent_activities: int | None = None,
+    status_interval_s: float = STATUS_INTERVAL_S,
 ) -> None:
     """Run until `stop` is set. `namespaces=None` watches all namespaces."""
-    from controller.worker import build_worker
+    from controller.worker import MAX_CONCURRENT_ACTIVITIES, build_worker
 
     api_client = kubernetes.client.ApiClient(configuration)
     backend = KubernetesBackend(api_client, volume_root=volume_root)
@@ -116,8 +144,15 @@ async def run_controller(
         from controller.observability import MetricsStatusSink
 
         sink = MetricsStatusSink(sink, metrics)
-    worker = build_worker(temporal, backend, volume_root, sink, task_queue)
-    ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue)
+    worker = build_worker(
+        temporal,
+        backend,
+        volume_root,
+        sink,
+        task_queue,
+        max_concurrent_activities=max_concurrent_activities or MAX_CONCURRENT_ACTIVITIES,
+    )
+    ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue, status_interval_s)
     registry = build_registry(ctx)
     register_login(registry, configuration)
     settings = kopf.OperatorSettings()
@@ -187,6 +222,8 @@ async def _amain(args: argparse.Namespace) -> int:
             task_queue=args.task_queue,
             stop=stop,
             metrics=observability.metrics if observability is not None else None,
+            max_concurrent_activities=args.max_concurrent_activities,
+            status_interval_s=args.status_interval,
         )
     finally:
         if observability is not None:
