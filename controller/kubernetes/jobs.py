@@ -16,8 +16,10 @@ from typing import Any
 
 from controller.backends.base import LegSpec, PredictJob
 from controller.spec import API_GROUP, API_VERSION, KIND, SchedulingProfile, TrainingRunSpec, cpu_threads
+from trainer.volume import TERMINATION_LOG_ENV
 
 VOLUME_MOUNT = "/relay-volume"
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default, named so the trainer finds it
 VOLUME_NAME = "relay-volume"
 TRAINER_CONTAINER = "trainer"
 MANAGED_BY = "relay-controller"
@@ -127,7 +129,14 @@ def _pod_spec(
                 "image": spec.image,
                 "imagePullPolicy": "IfNotPresent",
                 "command": command,
-                "env": [{"name": key, "value": value} for key, value in sorted(env.items())],
+                # The trainer writes why it failed to the termination message; a real kubelet falls back to
+                # the log's tail when it wrote none (a crash before it could).
+                "env": [
+                    {"name": key, "value": value}
+                    for key, value in sorted({TERMINATION_LOG_ENV: TERMINATION_MESSAGE_PATH, **env}.items())
+                ],
+                "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
                 "resources": resources,
                 "securityContext": {
                     "allowPrivilegeEscalation": False,
@@ -256,8 +265,6 @@ def build_predict_job(job: PredictJob, spec: TrainingRunSpec, owner_uid: str | N
         ],
         grace_s=5,  # nothing to save: predictions are made again
     )
-    # A real kubelet puts the log's tail into the pod status when the trainer fails without a message file.
-    pod_spec["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
     metadata: dict[str, Any] = {"name": name, "namespace": job.namespace, "labels": job_labels}
     if owner_uid:
         metadata["ownerReferences"] = [owner_reference(job.name, owner_uid)]

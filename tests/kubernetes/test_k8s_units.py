@@ -58,6 +58,10 @@ def test_job_is_one_try_non_root_and_mounts_the_run_folder_and_snapshot() -> Non
     assert mounts["/relay-volume/runs/ml/bert-sst2"]["subPath"] == "runs/ml/bert-sst2"
     assert "/tmp" in mounts
     assert {"OMP_NUM_THREADS": "4"}.items() <= {e["name"]: e["value"] for e in container["env"]}.items()
+    # Why a leg failed reaches the pod status: the trainer writes it where the kubelet reads it.
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["RELAY_TERMINATION_LOG"] == container["terminationMessagePath"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     labels = job["metadata"]["labels"]
     assert labels["app.kubernetes.io/managed-by"] == "relay-controller" and labels["relay.dev/leg"] == "3"
 
