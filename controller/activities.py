@@ -307,11 +307,16 @@ class RelayActivities:
             model = str((self.volume_root / model).resolve())  # a model folder on the volume
         config = trainer_config(request.spec, model=model)
         text = config.to_json_text()
-        if not layout.config_path.is_file() or layout.config_path.read_text(encoding="utf-8") != text:
-            layout.run_dir.mkdir(parents=True, exist_ok=True)
-            volume.atomic_write_json(layout.config_path, json.loads(text))
-        progress = read_leg_progress(self.volume_root, request.namespace, request.name)
-        numbers = [int(p.name.split(".")[0]) for p in layout.legs_dir.glob("*.json") if p.name.split(".")[0].isdigit()]
+
+        def write_config_and_read_legs() -> tuple[Any, list[int]]:  # file work (fsyncs) off the event loop
+            if not layout.config_path.is_file() or layout.config_path.read_text(encoding="utf-8") != text:
+                layout.run_dir.mkdir(parents=True, exist_ok=True)
+                volume.atomic_write_json(layout.config_path, json.loads(text))
+            progress = read_leg_progress(self.volume_root, request.namespace, request.name)
+            legs = [p.name.split(".")[0] for p in layout.legs_dir.glob("*.json")]
+            return progress, [int(n) for n in legs if n.isdigit()]
+
+        progress, numbers = await asyncio.to_thread(write_config_and_read_legs)
         return PrepareRunResult(
             next_leg=max(numbers, default=-1) + 1,
             run_path=run_path(request.namespace, request.name),
@@ -338,7 +343,8 @@ class RelayActivities:
         started_at = rfc3339(handle.started_at)
         if record is None or record.backend_id != handle.backend_id:
             record = LegStatus(leg=leg.leg, start_step=start_step, started_at=started_at, backend_id=handle.backend_id)
-            volume.atomic_write_json(record_path, record.model_dump(mode="json", by_alias=True))
+            document = record.model_dump(mode="json", by_alias=True)
+            await asyncio.to_thread(volume.atomic_write_json, record_path, document)
         return LaunchLegResult(handle=handle, start_step=start_step, started_at=started_at)
 
     @activity.defn(name="await_leg")
@@ -406,7 +412,7 @@ class RelayActivities:
         """Write legs/<n>.json: what the leg started from and how it ended."""
         layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
         path = layout.leg_record_path(request.record.leg)
-        volume.atomic_write_json(path, request.record.model_dump(mode="json", by_alias=True))
+        await asyncio.to_thread(volume.atomic_write_json, path, request.record.model_dump(mode="json", by_alias=True))
 
     @activity.defn(name="publish_status")
     async def publish_status(self, request: PublishStatusRequest) -> None:
