@@ -166,27 +166,58 @@ def _pod_spec(
     return pod_spec
 
 
+def _trainer_env(spec: TrainingRunSpec, namespace: str, name: str) -> dict[str, str]:
+    """What every trainer container gets: unbuffered output, a writable HOME, threads for its CPUs, its run."""
+    return {
+        "PYTHONUNBUFFERED": "1",
+        "HOME": "/tmp",
+        "OMP_NUM_THREADS": str(cpu_threads(spec.resources.cpu)),
+        "RELAY_RUN_NAMESPACE": namespace,
+        "RELAY_RUN_NAME": name,
+    }
+
+
+def _one_try_job(
+    name: str,
+    namespace: str,
+    pod_labels: dict[str, str],
+    spec: TrainingRunSpec,
+    pod_spec: dict[str, Any],
+    *,
+    owner: tuple[str, str | None],
+) -> dict[str, Any]:
+    """A Job that runs its pod once (no retry: the workflow decides what comes next), queued by kueue when asked,
+    owned by its TrainingRun when its uid is known."""
+    job_labels = dict(pod_labels)
+    if spec.scheduling.kueue_queue:
+        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": job_labels}
+    owner_name, owner_uid = owner
+    if owner_uid:
+        metadata["ownerReferences"] = [owner_reference(owner_name, owner_uid)]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": 0,
+            "completions": 1,
+            "parallelism": 1,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
 def build_leg_job(leg: LegSpec) -> dict[str, Any]:
     """The Job manifest of `leg`; the same LegSpec always gives the same manifest."""
     spec = leg.spec
     name = job_name(leg.name, leg.leg)
     labels = leg_labels(leg)
-    job_labels = dict(labels)
-    if spec.scheduling.kueue_queue:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
     profile: SchedulingProfile = spec.scheduling
     if leg.use_fallback_profile and spec.scheduling.fallback is not None:
         profile = spec.scheduling.fallback
 
-    env = {
-        "PYTHONUNBUFFERED": "1",
-        "HOME": "/tmp",
-        "OMP_NUM_THREADS": str(cpu_threads(spec.resources.cpu)),
-        "RELAY_RUN_NAMESPACE": leg.namespace,
-        "RELAY_RUN_NAME": leg.name,
-        "RELAY_LEG": str(leg.leg),
-        **leg.extra_env,
-    }
+    env = {**_trainer_env(spec, leg.namespace, leg.name), "RELAY_LEG": str(leg.leg), **leg.extra_env}
     pod_spec = _pod_spec(
         spec,
         profile,
@@ -199,25 +230,9 @@ def build_leg_job(leg: LegSpec) -> dict[str, Any]:
         ],
         grace_s=spec.termination_grace_period_seconds,
     )
-    metadata: dict[str, Any] = {
-        "name": name,
-        "namespace": leg.namespace,
-        "labels": job_labels,
-        "annotations": {ANNOTATION_WORKFLOW: f"trainingrun-{leg.namespace}-{leg.name}"},
-    }
-    if leg.owner_uid:
-        metadata["ownerReferences"] = [owner_reference(leg.name, leg.owner_uid)]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata,
-        "spec": {
-            "backoffLimit": 0,
-            "completions": 1,
-            "parallelism": 1,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-        },
-    }
+    job = _one_try_job(name, leg.namespace, labels, spec, pod_spec, owner=(leg.name, leg.owner_uid))
+    job["metadata"]["annotations"] = {ANNOTATION_WORKFLOW: f"trainingrun-{leg.namespace}-{leg.name}"}
+    return job
 
 
 def predict_job_name(run_name: str, request_id: str) -> str:
@@ -242,17 +257,7 @@ def build_predict_job(job: PredictJob, spec: TrainingRunSpec, owner_uid: str | N
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_PREDICT_RUN: job.name,
     }
-    job_labels = dict(labels)
-    if spec.scheduling.kueue_queue:
-        job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
-    env = {
-        "PYTHONUNBUFFERED": "1",
-        "HOME": "/tmp",
-        "OMP_NUM_THREADS": str(cpu_threads(spec.resources.cpu)),
-        "TOKENIZERS_PARALLELISM": "false",
-        "RELAY_RUN_NAMESPACE": job.namespace,
-        "RELAY_RUN_NAME": job.name,
-    }
+    env = {**_trainer_env(spec, job.namespace, job.name), "TOKENIZERS_PARALLELISM": "false"}
     pod_spec = _pod_spec(
         spec,
         spec.scheduling,
@@ -265,19 +270,7 @@ def build_predict_job(job: PredictJob, spec: TrainingRunSpec, owner_uid: str | N
         ],
         grace_s=5,  # nothing to save: predictions are made again
     )
-    metadata: dict[str, Any] = {"name": name, "namespace": job.namespace, "labels": job_labels}
-    if owner_uid:
-        metadata["ownerReferences"] = [owner_reference(job.name, owner_uid)]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata,
-        "spec": {
-            "backoffLimit": 0,
-            "completions": 1,
-            "parallelism": 1,
-            "activeDeadlineSeconds": int(job.timeout_s) + PREDICT_DEADLINE_MARGIN_S,
-            "ttlSecondsAfterFinished": PREDICT_TTL_AFTER_FINISHED_S,
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
-        },
-    }
+    manifest = _one_try_job(name, job.namespace, labels, spec, pod_spec, owner=(job.name, owner_uid))
+    manifest["spec"]["activeDeadlineSeconds"] = int(job.timeout_s) + PREDICT_DEADLINE_MARGIN_S
+    manifest["spec"]["ttlSecondsAfterFinished"] = PREDICT_TTL_AFTER_FINISHED_S
+    return manifest
