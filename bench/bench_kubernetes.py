@@ -40,6 +40,7 @@ from controller.envtest.control_plane import (
     missing_binaries,
     write_kubeconfig,
 )
+from controller.envtest.objects import install_crd, make_namespace
 from controller.envtest.process_kubelet import ProcessKubelet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,16 +150,12 @@ class Bench:
         self.jobs: JobWatcher | None = None
 
     def start(self) -> Bench:
-        from controller.crd import crd_manifest
         from controller.snapshot import write_rows_file
 
         self.temporal.start()
         self.plane.start()
         self.kube = self.plane.api_client()
-        extensions = kubernetes.client.ApiextensionsV1Api(self.kube)
-        manifest = crd_manifest()
-        extensions.create_custom_resource_definition(manifest)
-        until(lambda: _established(extensions, manifest["metadata"]["name"]), 30, "CRD not Established")  # type: ignore[index]
+        install_crd(self.kube)
         for namespace in self.namespaces:
             make_namespace(self.kube, namespace)
         texts = [f"review {i} was {'great' if i % 2 else 'dull'}" for i in range(40)]
@@ -247,11 +244,6 @@ class Bench:
         return pods.items[0].metadata.name if pods.items else None
 
 
-def _established(api: kubernetes.client.ApiextensionsV1Api, name: str) -> bool:
-    crd = api.read_custom_resource_definition(name)
-    return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
-
-
 def until(check: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -262,43 +254,6 @@ def until(check: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> 
         if time.monotonic() > deadline:
             raise TimeoutError(what)
         time.sleep(interval_s)
-
-
-def make_namespace(kube: kubernetes.client.ApiClient, namespace: str) -> None:
-    """A namespace with a `relay-shared` claim pre-bound to a PV, and its default ServiceAccount."""
-    core = kubernetes.client.CoreV1Api(kube)
-    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
-    pv = f"pv-{namespace}"
-    core.create_persistent_volume(
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolume",
-            "metadata": {"name": pv},
-            "spec": {
-                "capacity": {"storage": "10Gi"},
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "persistentVolumeReclaimPolicy": "Retain",
-                "hostPath": {"path": f"/tmp/{pv}"},
-                "claimRef": {"namespace": namespace, "name": "relay-shared"},
-            },
-        }
-    )
-    core.create_namespaced_persistent_volume_claim(
-        namespace,
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "relay-shared", "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
-            "spec": {
-                "accessModes": ["ReadWriteMany"],
-                "storageClassName": "",
-                "volumeName": pv,
-                "resources": {"requests": {"storage": "1Gi"}},
-            },
-        },
-    )
-    until(lambda: core.read_namespaced_service_account("default", namespace), 30, "no default ServiceAccount")
 
 
 def run_spec(max_steps: int) -> dict[str, Any]:
@@ -333,7 +288,7 @@ def detection_latency(bench: Bench, namespace: str, evictions: int = 7) -> dict[
         core.create_namespaced_pod_eviction(pod, namespace, eviction)
         nxt = f"{namespace}/{name}-leg-{leg + 1}"
         until(lambda nxt=nxt: nxt in bench.jobs.first_seen, 60, f"{nxt} never created")  # type: ignore[union-attr]
-        exited = until(lambda pod=pod: bench.kubelet.exited_at.get(f"{namespace}/{pod}"), 10, "no exit time")  # type: ignore[union-attr]
+        exited = until(lambda pod=pod: bench.kubelet.exited_at(f"{namespace}/{pod}"), 10, "no exit time")  # type: ignore[union-attr]
         latencies.append(bench.jobs.first_seen[nxt] - exited)
     bench.custom.patch_namespaced_custom_object(
         "relay.dev", "v1alpha1", namespace, "trainingruns", name, {"spec": {"suspend": True}}

@@ -58,7 +58,6 @@ from controller import devserver
 from controller.backends.local_leg import process_start_time
 from trainer.volume import RunLayout, parse_step
 
-LEG_FAULTS = ("sigterm", "sigkill", "sigkill-in-write", "enospc", "corrupt-newest")
 RUN_NAME = "drill"
 STEP_SLEEP_S = 0.04  # RELAY_TEST_STEP_SLEEP_S for every leg: room to aim faults at steps
 WRITE_DELAY_S = 0.25  # RELAY_TEST_CHECKPOINT_WRITE_DELAY_S: a checkpoint write stays open this long

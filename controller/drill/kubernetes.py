@@ -163,7 +163,7 @@ class KubernetesDrill(Drill):
     def leg_ended(self, leg: int) -> dict[str, Any] | None:
         assert self.kubelet is not None
         pod = self.pod_of_leg.get(leg)
-        if pod is None or f"{self.namespace}/{pod}" not in self.kubelet.exited_at:
+        if pod is None or self.kubelet.exited_at(f"{self.namespace}/{pod}") is None:
             return None
         try:
             status = self._core().read_namespaced_pod_status(pod, self.namespace).status

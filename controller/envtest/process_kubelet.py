@@ -71,9 +71,8 @@ class ProcessKubelet:
         # `python -m X` -> `python -m module_map[X]` (tests swap the trainer for a light stand-in).
         self.module_map = module_map or {}
         self.pods: dict[str, LocalPod] = {}  # by uid
-        self.started: list[str] = []  # "<ns>/<name>" in start order
-        self.exited_at: dict[str, float] = {}  # "<ns>/<name>" -> time.time() when its process ended
-        self.spans: dict[str, tuple[float, float | None]] = {}  # "<ns>/<name>" -> process (start, end) time.time()
+        # "<ns>/<name>" -> its process's (start, end) time.time(), end None while it runs; in start order.
+        self.spans: dict[str, tuple[float, float | None]] = {}
         self.volume_for_namespace: dict[str, Path] = {}  # PVC mounts of these namespaces map here instead
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -227,7 +226,6 @@ class ProcessKubelet:
             )
             pod.started_at = _now()
             self.spans[f"{pod.namespace}/{pod.name}"] = (time.time(), None)
-            self.started.append(f"{pod.namespace}/{pod.name}")
         self._patch_status(
             pod,
             {
@@ -246,8 +244,7 @@ class ProcessKubelet:
         )
         code = pod.process.wait()
         key = f"{pod.namespace}/{pod.name}"
-        self.exited_at[key] = time.time()
-        self.spans[key] = (self.spans[key][0], self.exited_at[key])
+        self.spans[key] = (self.spans[key][0], time.time())
         log.close()
         self._finish(pod, code, obj)
 
@@ -350,6 +347,15 @@ class ProcessKubelet:
             pod = next(p for p in self.pods.values() if (p.namespace, p.name) == (namespace, name))
             pod.extra_status = {"reason": "Evicted", "message": message}
             self._kill(pod, signal.SIGKILL)
+
+    @property
+    def started(self) -> list[str]:
+        """ "<ns>/<name>" of every pod whose process started, in start order."""
+        return list(self.spans)
+
+    def exited_at(self, key: str) -> float | None:
+        """When the process of pod "<ns>/<name>" ended (time.time()), or None while it runs or never ran."""
+        return self.spans.get(key, (0.0, None))[1]
 
     def pid_of(self, namespace: str, name: str) -> int | None:
         """The local pid of a running pod's container process."""
