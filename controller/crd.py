@@ -5,10 +5,11 @@
 file differs from what the models generate. The files are never edited by hand.
 
 The spec schema comes from `controller.spec.TrainingRunSpec`, the status schema from
-`controller.kubernetes.status_sink.CustomResourceStatus` (area 2's RunStatus plus a few display fields
-for `kubectl get`). Pydantic's JSON Schema is rewritten into a structural OpenAPI v3 schema: `$ref`s
-inlined, `X | None` turned into `nullable`, numeric exclusive bounds into OpenAPI 3.0's boolean form,
-`title`/`default`/`additionalProperties: false` dropped (the API server prunes unknown fields).
+`controller.spec.CustomResourceStatus` (area 2's RunStatus plus a few display fields for `kubectl get`);
+the generator never imports the operator (`controller.kubernetes`). Pydantic's JSON Schema is rewritten
+into a structural OpenAPI v3 schema: `$ref`s inlined, `X | None` turned into `nullable`, numeric exclusive
+bounds into OpenAPI 3.0's boolean form, `title`/`default`/`additionalProperties: false` dropped (the API
+server prunes unknown fields).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, TrainingRunSpec
+from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, CustomResourceStatus, TrainingRunSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_FILENAME = f"{PLURAL}.{API_GROUP}.yaml"
@@ -131,8 +132,6 @@ def openapi_schema(model: type[BaseModel], where: str) -> dict[str, Any]:
 
 def crd_manifest() -> dict[str, Any]:
     """The TrainingRun CRD (apiextensions.k8s.io/v1) as a dict."""
-    from controller.kubernetes.status_sink import CustomResourceStatus
-
     spec_schema = openapi_schema(TrainingRunSpec, "spec")
     status_schema = openapi_schema(CustomResourceStatus, "status")
     status_schema.pop("required", None)

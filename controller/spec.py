@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 
+from controller.status import Condition, RunStatus
 from trainer.config import CamelModel, TrainerConfig, TrainingSettings
 
 API_GROUP = "relay.dev"
@@ -159,6 +160,35 @@ class TrainingRun(CamelModel):
     @property
     def workflow_id(self) -> str:
         return workflow_id(self.metadata.namespace, self.metadata.name)
+
+
+# VolumeReady is set only by the operator: False while the run's claim is not Bound, absent once it is.
+class ResourceCondition(Condition):
+    """A condition of the TrainingRun object: the run's own, or VolumeReady."""
+
+    type: Literal["Ready", "Succeeded", "Failed", "Suspended", "VolumeReady"]  # type: ignore[assignment]
+
+
+# Here, not in the operator: the CRD generator (`controller.crd`) derives the status schema from it and
+# never imports the operator (`controller.kubernetes`).
+class CustomResourceStatus(RunStatus):
+    """`.status` of a TrainingRun: RunStatus plus fields only `kubectl get` needs."""
+
+    conditions: list[ResourceCondition] = Field(default_factory=list)  # type: ignore[assignment]
+    progress_text: str = Field("0%", description="progress as a percentage, for kubectl get.")
+    leg_count: int = Field(0, ge=0, description="Legs started so far (status.legs keeps only the newest).")
+
+    @classmethod
+    def from_run_status(cls, status: RunStatus) -> CustomResourceStatus:
+        trimmed = status.for_custom_resource()
+        numbers = [leg.leg for leg in status.legs]
+        if status.current_leg is not None:
+            numbers.append(status.current_leg)
+        return cls(
+            **trimmed.model_dump(),
+            progress_text=f"{status.progress * 100:.0f}%",
+            leg_count=max(numbers) + 1 if numbers else 0,
+        )
 
 
 def cpu_threads(cpu: str) -> int:

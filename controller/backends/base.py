@@ -147,6 +147,10 @@ class PredictJob(BaseModel):
         ]
 
 
+class LegConflict(RuntimeError):
+    """Another leg of the same run is still alive: launching this one would put two trainers on one folder."""
+
+
 class PredictFailed(Exception):
     """Predictions could not be made; the message says why (the trainer's own message when it gave one)."""
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.backends.base import (
+    LegConflict,
     LegHandle,
     LegObservation,
     LegSpec,
@@ -48,10 +49,6 @@ from controller.backends.local_leg import last_log_line, process_start_time
 from trainer.volume import RunLayout, atomic_write_json, read_json
 
 _POLL_S = 0.05
-
-
-class LegConflict(RuntimeError):
-    """Another leg of the same run is still alive; two legs of one run never run at once."""
 
 
 def _read(path: Path) -> dict[str, Any] | None:

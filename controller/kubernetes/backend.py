@@ -5,7 +5,9 @@ already exists (a restarted controller, a retried activity), and waits for, then
 of the same run that is still alive. `observe` and `wait_for_change` judge the Job and its pods
 (`controller.kubernetes.legs.judge_leg`) from the cache and carry out the verdict: halt the Job so the 1.20
 Job controller starts no replacement pod, record the termination on the Job. API calls run in a thread
-pool and transient errors (connection, 429, 5xx) are retried with backoff, never reported as a leg outcome.
+pool and transient errors (connection, 429, 5xx) are retried with backoff (`controller.kubernetes.api`),
+never reported as a leg outcome. Every wait on the watch (a leg's change, a predict Job's end, a Job's
+deletion, another leg's exit) is one `_wait_for_wake`.
 
 `predict` runs a one-shot predict Job with the TrainingRun's image, resources and scheduling, judges it by
 the same rules (an unschedulable pod or a failing image pull is stuck after `stuckAfterSeconds`), reads the
@@ -28,9 +30,9 @@ from typing import Any, TypeVar, cast
 import kubernetes
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
-from urllib3.exceptions import HTTPError
 
 from controller.backends.base import (
+    LegConflict,
     LegHandle,
     LegObservation,
     LegSpec,
@@ -43,6 +45,7 @@ from controller.backends.base import (
     read_predictions,
     remove_predict_work,
 )
+from controller.kubernetes.api import call_with_retry
 from controller.kubernetes.informer import NamespaceCache
 from controller.kubernetes.jobs import (
     ANNOTATION_TERMINATION,
@@ -54,25 +57,11 @@ from controller.kubernetes.jobs import (
     predict_job_name,
 )
 from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
+from controller.kubernetes.server import ServerFeatures, server_features
 from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-TRANSIENT_STATUS = frozenset({0, 408, 429, 500, 502, 503, 504})
-
-
-class LegConflict(RuntimeError):
-    """Another leg of the same run is still alive; launching this one would put two trainers on one folder."""
-
-
-class KubernetesUnavailable(RuntimeError):
-    """The API server kept failing with transient errors; the caller retries later (not a leg failure)."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, ApiException):
-        return (exc.status or 0) in TRANSIENT_STATUS
-    return isinstance(exc, HTTPError | OSError)
 
 
 class KubernetesBackend:
@@ -100,27 +89,23 @@ class KubernetesBackend:
         self.api_retry_s = api_retry_s
         self.conflict_wait_s = conflict_wait_s
         self.delete_wait_s = delete_wait_s
-        self.api_calls = 0
 
     # ------------------------------------------------------------ plumbing
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run a blocking client call in the pool; retry transient failures with exponential backoff."""
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + self.api_retry_s
-        delay = 0.2
-        while True:
-            self.api_calls += 1
-            try:
-                return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise KubernetesUnavailable(f"Kubernetes API kept failing: {exc}") from exc
-                log.warning("Kubernetes API call %s failed (%s); retrying in %.1fs", fn.__name__, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking client call (or a function making some) in the backend's pool, transient failures
+        retried with backoff; the operator's handlers use it too, so their API calls share the pool."""
+        return await call_with_retry(fn, *args, retry_s=self.api_retry_s, executor=self._pool, **kwargs)
+
+    async def _wait_for_wake(self, key: tuple[str, str], timeout_s: float) -> None:
+        """Wait until the watch reports a change of the Job `key` (namespace, name), or `timeout_s` passes."""
+        event = self._wakeups.setdefault(key, asyncio.Event())
+        event.clear()
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+        finally:
+            self._wakeups.pop(key, None)
 
     def _wake(self, namespace: str, job: str) -> None:
         key = (namespace, job)
@@ -133,6 +118,10 @@ class KubernetesBackend:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wake, namespace, job)
 
+    async def server(self) -> ServerFeatures:
+        """The API server's version and policy API version (read once per client, then cached)."""
+        return await self.call(server_features, self._api_client)
+
     async def cache(self, namespace: str) -> NamespaceCache:
         """The namespace's Job/pod cache, started (and synced) on first use."""
         self._loop = asyncio.get_running_loop()
@@ -142,10 +131,6 @@ class KubernetesBackend:
             self._caches[namespace] = cache
         await cache.wait_synced()
         return cache
-
-    @property
-    def watch_requests(self) -> int:
-        return sum(c.requests for c in self._caches.values())
 
     async def close(self) -> None:
         for cache in self._caches.values():
@@ -162,9 +147,12 @@ class KubernetesBackend:
             return self._handle(leg, existing, adopted=True)
         await self._wait_other_legs_gone(cache, leg)
         owner_uid = leg.owner_uid or await self._owner_uid(leg.namespace, leg.name)
-        manifest = build_leg_job(leg.model_copy(update={"owner_uid": owner_uid}))
+        features = await self.server()
+        manifest = build_leg_job(
+            leg.model_copy(update={"owner_uid": owner_uid}), pod_failure_policy=features.pod_failure_policy
+        )
         try:
-            created = await self._call(self._batch.create_namespaced_job, leg.namespace, manifest)
+            created = await self.call(self._batch.create_namespaced_job, leg.namespace, manifest)
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -190,14 +178,7 @@ class KubernetesBackend:
         await self.cache(leg.namespace)
         key = (leg.namespace, job_name(leg.name, leg.leg))
         if self._generation.get(key, 0) == self._seen.get(key, -1):
-            event = self._wakeups.setdefault(key, asyncio.Event())
-            event.clear()
-            try:
-                await asyncio.wait_for(event.wait(), timeout_s)
-            except TimeoutError:
-                pass
-            finally:
-                self._wakeups.pop(key, None)
+            await self._wait_for_wake(key, timeout_s)
         return await self.observe(leg)
 
     async def stop(self, leg: LegSpec, grace_s: float) -> LegObservation:
@@ -215,7 +196,7 @@ class KubernetesBackend:
         return observation
 
     async def cleanup(self, namespace: str, name: str) -> None:
-        await self._call(
+        await self.call(
             self._batch.delete_collection_namespaced_job,
             namespace,
             label_selector=f"{LABEL_RUN}={name}",
@@ -235,9 +216,10 @@ class KubernetesBackend:
                 existing = None
             if existing is None:
                 await asyncio.to_thread(prepare_predict_work, self.volume_root, job)
-                manifest = build_predict_job(job, spec, owner_uid)
+                features = await self.server()
+                manifest = build_predict_job(job, spec, owner_uid, pod_failure_policy=features.pod_failure_policy)
                 try:
-                    await self._call(self._batch.create_namespaced_job, job.namespace, manifest)
+                    await self.call(self._batch.create_namespaced_job, job.namespace, manifest)
                     log.info("predict %s/%s: created Job %s", job.namespace, job.name, name)
                 except ApiException as exc:
                     if exc.status != 409:
@@ -261,7 +243,7 @@ class KubernetesBackend:
     async def _run_spec(self, namespace: str, name: str) -> tuple[TrainingRunSpec, str]:
         """The TrainingRun's spec (image, resources, scheduling, claim) and uid, for its predict Job."""
         try:
-            run = await self._call(
+            run = await self.call(
                 self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
             )
         except ApiException as exc:
@@ -299,19 +281,12 @@ class KubernetesBackend:
                 message = f"did not finish within {job.timeout_s:g}s ({observation.detail})"
                 return LegTermination(reason="Timeout", message=message, stuck=True)
             if self._generation.get(key, 0) == seen:
-                event = self._wakeups.setdefault(key, asyncio.Event())
-                event.clear()
-                try:
-                    await asyncio.wait_for(event.wait(), min(remaining, 5.0))
-                except TimeoutError:
-                    pass
-                finally:
-                    self._wakeups.pop(key, None)
+                await self._wait_for_wake(key, min(remaining, 5.0))
 
     async def _delete_job(self, namespace: str, name: str) -> None:
         """Delete a Job in the foreground (its pods first) and wait, bounded, until the watch sees it gone."""
         try:
-            await self._call(self._batch.delete_namespaced_job, name, namespace, propagation_policy="Foreground")
+            await self.call(self._batch.delete_namespaced_job, name, namespace, propagation_policy="Foreground")
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -323,11 +298,7 @@ class KubernetesBackend:
             if remaining <= 0:
                 log.warning("Job %s/%s: still being deleted after %.0fs", namespace, name, self.delete_wait_s)
                 return
-            event = self._wakeups.setdefault(key, asyncio.Event())
-            event.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(remaining, 1.0))
-            self._wakeups.pop(key, None)
+            await self._wait_for_wake(key, min(remaining, 1.0))
 
     # ------------------------------------------------------------ helpers
 
@@ -337,7 +308,7 @@ class KubernetesBackend:
 
     async def _read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            job = await self._call(self._batch.read_namespaced_job, name, namespace)
+            job = await self.call(self._batch.read_namespaced_job, name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -345,7 +316,7 @@ class KubernetesBackend:
         return self._api_client.sanitize_for_serialization(job)  # type: ignore[no-any-return]
 
     async def _owner_uid(self, namespace: str, name: str) -> str:
-        run = await self._call(
+        run = await self.call(
             self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
         )
         return str(cast(dict[str, Any], run)["metadata"]["uid"])  # the client types custom objects as object
@@ -366,11 +337,7 @@ class KubernetesBackend:
                 raise LegConflict(
                     f"{leg.namespace}/{leg.name}: leg {leg.leg} not started, Job(s) {', '.join(alive)} still running"
                 )
-            key = (leg.namespace, alive[0])
-            event = self._wakeups.setdefault(key, asyncio.Event())
-            event.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(2.0, max(0.05, deadline - time.monotonic())))
+            await self._wait_for_wake((leg.namespace, alive[0]), min(2.0, max(0.05, deadline - time.monotonic())))
 
     async def _carry_out(self, namespace: str, job: dict[str, Any], verdict: LegVerdict) -> None:
         patch: dict[str, Any] = {}
@@ -385,14 +352,14 @@ class KubernetesBackend:
 
     async def _patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         try:
-            await self._call(self._batch.patch_namespaced_job, name, namespace, patch)
+            await self.call(self._batch.patch_namespaced_job, name, namespace, patch)
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
     async def _delete_pod(self, namespace: str, name: str, grace_s: float) -> None:
         try:
-            await self._call(
+            await self.call(
                 self._core.delete_namespaced_pod, name, namespace, body={"gracePeriodSeconds": max(0, int(grace_s))}
             )
         except ApiException as exc:

@@ -26,8 +26,15 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from controller.kubernetes.backend import KubernetesBackend
-from controller.kubernetes.status_sink import CustomResourceStatus
-from controller.spec import API_GROUP, API_VERSION, PLURAL, InvalidTrainingRun, parse_training_run, workflow_id
+from controller.spec import (
+    API_GROUP,
+    API_VERSION,
+    PLURAL,
+    CustomResourceStatus,
+    InvalidTrainingRun,
+    parse_training_run,
+    workflow_id,
+)
 from controller.status import Phase, RunStatus, rfc3339
 
 log = logging.getLogger(__name__)
@@ -99,7 +106,7 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
             return
         from controller.workflows import TrainingRunInput  # temporalio workflow module: import when needed
 
-        errors = await ctx.backend._call(check_beyond_schema, document, ctx.volume_root, core)
+        errors = await ctx.backend.call(check_beyond_schema, document, ctx.volume_root, core)
         if errors:
             log.warning("%s/%s is invalid: %s", namespace, name, "; ".join(errors))
             patch.status.update(invalid_status(errors))

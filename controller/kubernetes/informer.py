@@ -43,13 +43,6 @@ def _trimmed(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def _finished(pod: dict[str, Any]) -> bool:
-    status = pod.get("status", {})
-    if status.get("phase") in ("Succeeded", "Failed"):
-        return True
-    return any("terminated" in (c.get("state") or {}) for c in status.get("containerStatuses") or [])
-
-
 class NamespaceCache:
     """Jobs and pods of one namespace, as last seen; thread-safe reads."""
 
@@ -68,7 +61,6 @@ class NamespaceCache:
         self._synced = {"jobs": threading.Event(), "pods": threading.Event()}
         self._stop = threading.Event()
         self._responses: dict[str, Any] = {}
-        self.requests = 0  # list + watch calls made, for the benchmark's API budget
         self._threads = [
             threading.Thread(target=self._run, args=(kind,), name=f"watch-{kind}-{namespace}", daemon=True)
             for kind in ("jobs", "pods")
@@ -175,7 +167,6 @@ class NamespaceCache:
         list_fn = self._list_fn(kind)
         while not self._stop.is_set():
             try:
-                self.requests += 1
                 response = list_fn(self.namespace, label_selector=MANAGED_SELECTOR, _preload_content=False)
                 listing = json.loads(response.data)
                 self._replace_all(kind, listing.get("items") or [])
@@ -194,7 +185,6 @@ class NamespaceCache:
                 backoff = min(backoff * 2, 10.0)
 
     def _watch(self, kind: str, list_fn: Callable[..., Any], version: str) -> str:
-        self.requests += 1
         response = list_fn(
             self.namespace,
             label_selector=MANAGED_SELECTOR,

@@ -3,7 +3,8 @@
 No API calls here, so they are unit-tested without a cluster. One Job per leg, named `<run>-leg-<n>`;
 the workflow, not the Job controller, decides about the next leg (`backoffLimit: 0`, `restartPolicy:
 Never`). The claim is mounted twice: the run's own folder read-write and the dataset snapshot read-only,
-both at the same paths under /relay-volume that the trainer's command line names.
+both at the same paths under /relay-volume that the trainer's command line names. On servers that have
+it (1.26+, `controller.kubernetes.server`) a Job also carries `POD_FAILURE_POLICY`.
 
 A predict Job (`<run>-predict-<request id>`) runs `python -m trainer predict` once, with the run's image,
 resources (one GPU if the run had any) and scheduling; it mounts the model's folders read-only and the
@@ -15,8 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 from controller.backends.base import LegSpec, PredictJob
-from controller.spec import API_GROUP, API_VERSION, KIND, SchedulingProfile, TrainingRunSpec, cpu_threads
-from trainer.volume import TERMINATION_LOG_ENV
+from controller.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    SchedulingProfile,
+    TrainingRunSpec,
+    cpu_threads,
+    workflow_id,
+)
+from trainer.volume import TERMINATION_LOG_ENV, ExitCode
 
 VOLUME_MOUNT = "/relay-volume"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"  # the Kubernetes default, named so the trainer finds it
@@ -36,6 +45,24 @@ MAX_NAME = 63
 
 # Selects every Job and pod Relay made (the backend's watches use it).
 MANAGED_SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
+# Our Jobs run one pod once (backoffLimit 0), so any failure already fails the Job; these rules add what a
+# user reading `kubectl describe job` needs: the Job's Failed condition gets reason PodFailurePolicy and a
+# message naming the rule (a pod taken away by an eviction, preemption or node drain; a trainer that
+# checkpointed and stopped, exit 75) instead of a bare BackoffLimitExceeded. FailJob, not Ignore: Ignore
+# would have the Job controller start a second pod of the same leg, while the workflow starts the next leg.
+POD_FAILURE_POLICY: dict[str, Any] = {
+    "rules": [
+        {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": TRAINER_CONTAINER,
+                "operator": "In",
+                "values": [int(ExitCode.PREEMPTED)],
+            },
+        },
+    ]
+}
 
 
 def job_name(run_name: str, leg: int) -> str:
@@ -185,9 +212,10 @@ def _one_try_job(
     pod_spec: dict[str, Any],
     *,
     owner: tuple[str, str | None],
+    pod_failure_policy: bool,
 ) -> dict[str, Any]:
     """A Job that runs its pod once (no retry: the workflow decides what comes next), queued by kueue when asked,
-    owned by its TrainingRun when its uid is known."""
+    owned by its TrainingRun when its uid is known, with POD_FAILURE_POLICY when the server has it (1.26+)."""
     job_labels = dict(pod_labels)
     if spec.scheduling.kueue_queue:
         job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
@@ -195,21 +223,19 @@ def _one_try_job(
     owner_name, owner_uid = owner
     if owner_uid:
         metadata["ownerReferences"] = [owner_reference(owner_name, owner_uid)]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": metadata,
-        "spec": {
-            "backoffLimit": 0,
-            "completions": 1,
-            "parallelism": 1,
-            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
-        },
+    job_spec: dict[str, Any] = {
+        "backoffLimit": 0,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
     }
+    if pod_failure_policy:
+        job_spec["podFailurePolicy"] = POD_FAILURE_POLICY
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
-def build_leg_job(leg: LegSpec) -> dict[str, Any]:
-    """The Job manifest of `leg`; the same LegSpec always gives the same manifest."""
+def build_leg_job(leg: LegSpec, *, pod_failure_policy: bool = False) -> dict[str, Any]:
+    """The Job manifest of `leg`; the same LegSpec (and server) always gives the same manifest."""
     spec = leg.spec
     name = job_name(leg.name, leg.leg)
     labels = leg_labels(leg)
@@ -230,8 +256,9 @@ def build_leg_job(leg: LegSpec) -> dict[str, Any]:
         ],
         grace_s=spec.termination_grace_period_seconds,
     )
-    job = _one_try_job(name, leg.namespace, labels, spec, pod_spec, owner=(leg.name, leg.owner_uid))
-    job["metadata"]["annotations"] = {ANNOTATION_WORKFLOW: f"trainingrun-{leg.namespace}-{leg.name}"}
+    owner = (leg.name, leg.owner_uid)
+    job = _one_try_job(name, leg.namespace, labels, spec, pod_spec, owner=owner, pod_failure_policy=pod_failure_policy)
+    job["metadata"]["annotations"] = {ANNOTATION_WORKFLOW: workflow_id(leg.namespace, leg.name)}
     return job
 
 
@@ -246,7 +273,9 @@ PREDICT_DEADLINE_MARGIN_S = 120
 PREDICT_TTL_AFTER_FINISHED_S = 600
 
 
-def build_predict_job(job: PredictJob, spec: TrainingRunSpec, owner_uid: str | None = None) -> dict[str, Any]:
+def build_predict_job(
+    job: PredictJob, spec: TrainingRunSpec, owner_uid: str | None = None, *, pod_failure_policy: bool = False
+) -> dict[str, Any]:
     """The one-shot Job of a prediction request, with the run's image, resources and primary scheduling profile."""
     name = predict_job_name(job.name, job.request_id)
     labels = {
@@ -270,7 +299,9 @@ def build_predict_job(job: PredictJob, spec: TrainingRunSpec, owner_uid: str | N
         ],
         grace_s=5,  # nothing to save: predictions are made again
     )
-    manifest = _one_try_job(name, job.namespace, labels, spec, pod_spec, owner=(job.name, owner_uid))
+    manifest = _one_try_job(
+        name, job.namespace, labels, spec, pod_spec, owner=(job.name, owner_uid), pod_failure_policy=pod_failure_policy
+    )
     manifest["spec"]["activeDeadlineSeconds"] = int(job.timeout_s) + PREDICT_DEADLINE_MARGIN_S
     manifest["spec"]["ttlSecondsAfterFinished"] = PREDICT_TTL_AFTER_FINISHED_S
     return manifest

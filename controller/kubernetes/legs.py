@@ -3,7 +3,8 @@
 This is where Kubernetes facts become `LegTermination` facts; `controller.backends.base.classify_termination`
 then decides what they mean. It works from what v1.20 reports (pod deletion, `status.reason` Evicted,
 container exit codes and terminated reasons such as OOMKilled, PodScheduled=False/Unschedulable, image
-pull waiting reasons) and uses the DisruptionTarget pod condition where a newer cluster sets it (1.26+).
+pull waiting reasons) and uses the DisruptionTarget pod condition where a newer cluster sets it (1.26+),
+as well as the Job's PodFailurePolicy failure (1.26+, `jobs.POD_FAILURE_POLICY`) when its pods are gone.
 A termination's message leads with the trainer's own reason: the container's `terminated.message`, which
 the kubelet fills from the trainer's termination-message file.
 
@@ -15,6 +16,7 @@ controller does not start a replacement pod next to a terminating one; it also r
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +31,11 @@ MESSAGE_MAX_CHARS = 1000  # of a container's termination message, in a leg's ter
 STUCK_WAITING_REASONS = frozenset(
     {"ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError"}
 )
+# The Job controller's messages when a podFailurePolicy rule failed the Job (reason PodFailurePolicy), e.g.
+# "Container trainer for pod ml/r-leg-0-x failed with exit code 75 matching FailJob rule at index 1" and
+# "Pod ml/r-leg-0-x has condition DisruptionTarget matching FailJob rule at index 0".
+_RULE_EXIT_CODE = re.compile(r"failed with exit code (\d+) matching")
+_RULE_DISRUPTION = "has condition DisruptionTarget matching"
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,19 @@ def _trainer_status(pod: dict[str, Any]) -> dict[str, Any]:
 def recorded_termination(job: dict[str, Any]) -> LegTermination | None:
     raw = (job.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_TERMINATION)
     return LegTermination.model_validate(json.loads(raw)) if raw else None
+
+
+def job_condition_termination(type_: str, condition: dict[str, Any]) -> LegTermination:
+    """The facts of a Job that ended (condition Complete or Failed) when none of its pods is left to read."""
+    reason = condition.get("reason") or type_
+    message = condition.get("message") or ""
+    exit_code = 0 if type_ == "Complete" else None
+    disrupted = False
+    if reason == "PodFailurePolicy":
+        found = _RULE_EXIT_CODE.search(message)
+        exit_code = int(found.group(1)) if found else None
+        disrupted = _RULE_DISRUPTION in message
+    return LegTermination(exit_code=exit_code, reason=reason, message=message, disrupted=disrupted)
 
 
 def _deleted_before_exit(meta: dict[str, Any], terminated: dict[str, Any] | None) -> bool:
@@ -141,12 +161,10 @@ def judge_leg(
         return LegVerdict(LegObservation(state=LegState.TERMINATED, termination=recorded, detail="ended"))
     by_age = sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
     if not by_age and not vanished:
-        for type_, code in (("Complete", 0), ("Failed", None)):
+        for type_ in ("Complete", "Failed"):
             cond = _condition(job, type_)
             if cond is not None and cond.get("status") == "True":
-                termination = LegTermination(
-                    exit_code=code, reason=cond.get("reason") or type_, message=cond.get("message") or ""
-                )
+                termination = job_condition_termination(type_, cond)
                 return LegVerdict(LegObservation(state=LegState.TERMINATED, termination=termination), record=True)
         return LegVerdict(LegObservation(state=LegState.PENDING, detail="waiting for the Job's pod"))
     ended: list[LegTermination] = []

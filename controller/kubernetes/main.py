@@ -23,6 +23,7 @@ import kubernetes
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.handlers import STATUS_INTERVAL_S, OperatorContext, build_registry
 from controller.kubernetes.status_sink import KubernetesStatusSink
+from controller.kubernetes.temporal_client import connect, tls_config
 
 log = logging.getLogger("relay.controller")
 
@@ -175,10 +176,6 @@ async def run_controller(
 
 
 async def _amain(args: argparse.Namespace) -> int:
-    from temporalio.client import Client, TLSConfig
-
-    from controller.worker import DATA_CONVERTER
-
     if not args.temporal_address:
         print("relay controller: --temporal-address (or RELAY_TEMPORAL_ADDRESS) is required", file=sys.stderr)
         return 2
@@ -190,17 +187,9 @@ async def _amain(args: argparse.Namespace) -> int:
         if not namespaces[0]:
             print("relay controller: give --watch-namespace, --all-namespaces or RELAY_POD_NAMESPACE", file=sys.stderr)
             return 2
-    tls: TLSConfig | bool = False
-    if args.temporal_tls_ca or args.temporal_tls_cert:
-        tls = TLSConfig(
-            server_root_ca_cert=args.temporal_tls_ca.read_bytes() if args.temporal_tls_ca else None,
-            client_cert=args.temporal_tls_cert.read_bytes() if args.temporal_tls_cert else None,
-            client_private_key=args.temporal_tls_key.read_bytes() if args.temporal_tls_key else None,
-        )
+    tls = tls_config(args.temporal_tls_ca, args.temporal_tls_cert, args.temporal_tls_key)
     configuration = kube_configuration(args.kubeconfig)
-    temporal = await Client.connect(
-        args.temporal_address, namespace=args.temporal_namespace, tls=tls, data_converter=DATA_CONVERTER
-    )
+    temporal = await connect(args.temporal_address, args.temporal_namespace, tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
