@@ -70,17 +70,15 @@ def _check_dataset(run: TrainingRun, volume_root: Path) -> None:
             )
 
 
-_UI_ADDRESS: dict[str, str] = {}
-
-
 def _default_ui(address: str) -> str:
     host, _, port = address.rpartition(":")
     return f"http://{host}:{int(port) + 1000}"  # the temporal CLI's default for its UI
 
 
 @contextlib.asynccontextmanager
-async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -> AsyncIterator[Any]:
-    """A connected client; starts the embedded dev server (db on the volume) when nothing answers locally."""
+async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -> AsyncIterator[tuple[Any, str]]:
+    """A connected client and the server's Web UI address; starts the embedded dev server (db on the volume)
+    when nothing answers locally."""
     from temporalio.service import RPCError
 
     from controller import devserver, worker
@@ -102,13 +100,13 @@ async def _temporal(address: str, volume_root: Path | None, *, embedded: bool) -
         except devserver.DevServerError as exc:
             raise CliError(str(exc)) from None
         _note(f"started the embedded Temporal dev server at {address} (Web UI {server.ui_address})")
-    _UI_ADDRESS[address] = server.ui_address if server is not None else _default_ui(address)
+    ui_address = server.ui_address if server is not None else _default_ui(address)
     try:
         try:
             client = await worker.connect(address)
         except (RPCError, RuntimeError, OSError) as exc:
             raise CliError(f"cannot connect to Temporal at {address}: {exc}") from None
-        yield client
+        yield client, ui_address
     finally:
         if server is not None:
             await asyncio.to_thread(server.stop)
@@ -173,7 +171,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     namespace, name = run.metadata.namespace, run.metadata.name
     wf_id = workflow_id(namespace, name)
     backend = LocalBackend(volume_root)
-    async with _temporal(args.address, volume_root, embedded=True) as client:
+    async with _temporal(args.address, volume_root, embedded=True) as (client, ui_address):
         worker = build_worker(client, backend, volume_root, task_queue=args.task_queue)
         async with worker:
             handle = await client.start_workflow(
@@ -196,7 +194,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
             _note(f"  status as JSON:  {_query_hint(wf_id, args.address)}")
             _note(f"  (legacy tctl:    tctl --address {args.address} workflow query --workflow_id {wf_id} "
                   "--query_type get_status)")  # fmt: skip
-            _note(f"  Web UI:          {_UI_ADDRESS[args.address]}/namespaces/default/workflows/{wf_id}")
+            _note(f"  Web UI:          {ui_address}/namespaces/default/workflows/{wf_id}")
             result_task = asyncio.ensure_future(handle.result())
             try:
                 await _watch(handle, result_task, show=not args.no_progress)
@@ -296,7 +294,7 @@ async def _cmd_status(args: argparse.Namespace) -> int:
     from controller.worker import TASK_QUEUE, WORKFLOWS
 
     embedded = volume_root is not None and not _reachable(args.address)
-    async with _temporal(args.address, volume_root, embedded=True) as client:
+    async with _temporal(args.address, volume_root, embedded=True) as (client, _):
         # Queries are answered by a worker replaying the history. On the embedded server nobody else
         # runs one: serve the query with a workflows-only worker (no activities: it starts no legs).
         query_worker = Worker(client, task_queue=TASK_QUEUE, workflows=WORKFLOWS) if embedded else None
@@ -322,7 +320,7 @@ async def _cmd_signal(args: argparse.Namespace) -> int:
 
     wf_id = workflow_id(args.namespace, args.name)
     request = PauseRequest(reason="relay pause") if args.command == "pause" else ResumeRequest(reason="relay resume")
-    async with _temporal(args.address, None, embedded=False) as client:
+    async with _temporal(args.address, None, embedded=False) as (client, _):
         try:
             await client.get_workflow_handle(wf_id).signal(args.command, request)
         except RPCError as exc:
@@ -352,7 +350,7 @@ async def _cmd_predict(args: argparse.Namespace) -> int:
             from controller.worker import build_worker
 
             volume_root = _volume(args.volume, create=False)
-            client = await stack.enter_async_context(_temporal(args.address, volume_root, embedded=True))
+            client, _ = await stack.enter_async_context(_temporal(args.address, volume_root, embedded=True))
             task_queue = f"relay-predict-{uuid.uuid4().hex[:8]}"
             await stack.enter_async_context(
                 build_worker(client, LocalBackend(volume_root), volume_root, task_queue=task_queue)
@@ -378,26 +376,19 @@ async def _cmd_predict(args: argparse.Namespace) -> int:
 @contextlib.asynccontextmanager
 async def _remote_temporal(args: argparse.Namespace) -> AsyncIterator[Any]:
     """A client of a Temporal server someone else runs (the controller's); never starts one."""
-    from temporalio.client import Client, TLSConfig
     from temporalio.service import RPCError
 
-    from controller.worker import DATA_CONVERTER
+    from controller.kubernetes.temporal_client import connect, tls_config  # temporalio only, no Kubernetes client
 
     address, namespace = args.address, args.temporal_namespace
-    tls: TLSConfig | bool = False
     try:
-        if args.temporal_tls_ca or args.temporal_tls_cert:
-            tls = TLSConfig(
-                server_root_ca_cert=args.temporal_tls_ca.read_bytes() if args.temporal_tls_ca else None,
-                client_cert=args.temporal_tls_cert.read_bytes() if args.temporal_tls_cert else None,
-                client_private_key=args.temporal_tls_key.read_bytes() if args.temporal_tls_key else None,
-            )
+        tls = tls_config(args.temporal_tls_ca, args.temporal_tls_cert, args.temporal_tls_key)
     except OSError as exc:
         raise CliError(f"{exc.filename}: unreadable ({exc.strerror})", EXIT_BAD_INPUT) from None
     if not _reachable(address):
         raise CliError(f"cannot reach Temporal at {address} (the controller's; port-forward its frontend first)")
     try:
-        client = await Client.connect(address, namespace=namespace, tls=tls, data_converter=DATA_CONVERTER)
+        client = await connect(address, namespace, tls)
     except (RPCError, RuntimeError, OSError) as exc:
         raise CliError(f"cannot connect to Temporal at {address} (namespace {namespace}): {exc}") from None
     yield client
@@ -408,7 +399,7 @@ async def _cmd_worker(args: argparse.Namespace) -> int:
     from controller.worker import build_worker
 
     volume_root = _volume(args.volume, create=True)
-    async with _temporal(args.address, None, embedded=False) as client:
+    async with _temporal(args.address, None, embedded=False) as (client, _):
         worker = build_worker(client, LocalBackend(volume_root), volume_root, task_queue=args.task_queue)
         _note(f"worker on task queue {args.task_queue} at {args.address}, volume {volume_root}; Ctrl-C stops")
         await worker.run()
