@@ -5,6 +5,13 @@ PY := $(VENV)/bin/python
 # A CPU wheel where one is on disk; GPU users install their CUDA build of torch first (see README).
 TORCH_SPEC ?= torch==2.13.0
 ENVTEST_DIR ?= .envtest
+# The official envtest release hack/envtest.sh downloads when neither KUBEBUILDER_ASSETS nor ../shared/envtest has one.
+ENVTEST_K8S_VERSION ?= 1.34.1
+# The control plane the cluster tier, the drill and the bench use: KUBEBUILDER_ASSETS when set, else .envtest.
+ENVTEST_ASSETS = $(or $(KUBEBUILDER_ASSETS),$(abspath $(ENVTEST_DIR)))
+# KUBEBUILDER_ASSETS=<the assets> where they hold kube-apiserver, else unset (the cluster tier skips loudly).
+WITH_ENVTEST = if [ -x "$(ENVTEST_ASSETS)/kube-apiserver" ]; then export KUBEBUILDER_ASSETS="$(ENVTEST_ASSETS)"; \
+  else unset KUBEBUILDER_ASSETS; fi;
 PYTEST_ARGS ?=
 
 .PHONY: install run test lint typecheck drill bench envtest clean
@@ -26,7 +33,8 @@ run: install
 
 ## The whole test suite (the cluster tier runs when envtest binaries are found, else skips loudly).
 test: install envtest
-	KUBEBUILDER_ASSETS=$(abspath $(ENVTEST_DIR)) $(PY) -m pytest $(PYTEST_ARGS)
+	@$(WITH_ENVTEST) echo "KUBEBUILDER_ASSETS=$${KUBEBUILDER_ASSETS:-(unset)} $(PY) -m pytest $(PYTEST_ARGS)"; \
+	  $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -35,26 +43,20 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy controller trainer_image/trainer
 
-## Unpack the real kube-apiserver/controller-manager/scheduler from ../shared/envtest when present.
+## The real kube-apiserver/controller-manager/scheduler, from KUBEBUILDER_ASSETS, ../shared/envtest (offline 1.20) or
+## the official envtest release of ENVTEST_K8S_VERSION (sha512 checked); says which, and fails soft without any.
 envtest:
-	@if [ -d ../shared/envtest/bin ] && [ ! -x $(ENVTEST_DIR)/kube-apiserver ]; then \
-	  mkdir -p $(ENVTEST_DIR) && for b in kube-apiserver kube-controller-manager kube-scheduler; do \
-	    xz -dc ../shared/envtest/bin/$$b.xz > $(ENVTEST_DIR)/$$b && chmod +x $(ENVTEST_DIR)/$$b; done; \
-	  (cd $(ENVTEST_DIR) && sha256sum -c --quiet $(abspath ../shared/envtest/SHA256SUMS)); fi
-	@if [ -x $(ENVTEST_DIR)/kube-apiserver ]; then ln -sf $(abspath $(VENV)/bin/etcd) $(ENVTEST_DIR)/etcd; \
-	  ln -sf $(abspath $(VENV)/bin/kubectl) $(ENVTEST_DIR)/kubectl; \
-	  else echo "envtest binaries not found: the cluster tier will be SKIPPED"; fi
+	@ENVTEST_K8S_VERSION=$(ENVTEST_K8S_VERSION) VENV_BIN=$(VENV)/bin hack/envtest.sh $(ENVTEST_DIR)
 
-## The long fault drills: 25 seeded faults on a tiny local run, then on the Kubernetes backend (envtest control
-## plane, process kubelet, `relay controller`) where the envtest binaries are; exit 0 only when nothing was lost
-## (~8 minutes each on 2 busy cores).
+## The long fault drills: 25 seeded faults on a tiny local run, then on the Kubernetes backend where the envtest
+## binaries are (relay_testing.drill starts the control plane and process kubelet and points `relay drill
+## --backend kubernetes` at them); exit 0 only when nothing was lost (~8 minutes each on 2 busy cores).
 DRILL_SEED ?= 1
 DRILL_FAULTS ?= 25
 drill: install envtest
 	$(VENV)/bin/relay drill --seed $(DRILL_SEED) --faults $(DRILL_FAULTS)
-	@if [ -x $(ENVTEST_DIR)/kube-apiserver ]; then \
-	  KUBEBUILDER_ASSETS=$(abspath $(ENVTEST_DIR)) $(VENV)/bin/relay drill --backend kubernetes \
-	    --seed $(DRILL_SEED) --faults $(DRILL_FAULTS); \
+	@$(WITH_ENVTEST) if [ -n "$${KUBEBUILDER_ASSETS:-}" ]; then \
+	  $(PY) -m relay_testing.drill --seed $(DRILL_SEED) --faults $(DRILL_FAULTS); \
 	  else echo "envtest binaries not found: the Kubernetes drill was SKIPPED"; fi
 
 clean:
@@ -62,7 +64,7 @@ clean:
 
 ## One benchmark report: bench/results.json + bench/results.md (under 30 minutes on 2 cores).
 bench: install envtest
-	KUBEBUILDER_ASSETS=$(abspath $(ENVTEST_DIR)) $(PY) -m bench.run
+	@$(WITH_ENVTEST) $(PY) -m bench.run
 
 ## Container images (need Docker with BuildKit); tags match the chart's appVersion and the examples' trainer image.
 IMAGE_REGISTRY ?= ghcr.io/relay-ml

@@ -3,10 +3,10 @@
 `run(out)` adds `{"value", "unit", "target", "method"}` entries; `python -m bench.bench_kubernetes` prints them
 as JSON. It starts its own real control plane (the envtest binaries: etcd, kube-apiserver, controller-manager,
 scheduler), the process kubelet, the Temporal dev server, and `relay controller` as its own OS process through
-`controller.kubernetes.main.main`. The control plane and kubelet are `controller.envtest` (the harness the
-cluster tests and the drill use). Detection legs run the test tier's stand-in trainer
-(`tests/kubernetes/standin_trainer.py`); scale legs run `bench/standin_leg.py`, the same stand-in training until
-its level ends. Both write real checkpoints. The API server writes an audit log of the controller's own user
+`controller.kubernetes.main.main`. The control plane and kubelet are `relay_testing` (the test support the
+cluster tests and the drill use, not shipped). Detection legs run its stand-in trainer
+(`relay_testing/standin_trainer.py`); scale legs run `relay_testing/standin_leg.py`, the same stand-in training
+until its level ends. Both write real checkpoints. The API server writes an audit log of the controller's own user
 only, so the controller's requests are counted exactly. The cluster is sized so that it is not what limits the
 controller: the node takes 2000 pods, and the controller-manager (the Job controller creating the pods) may send
 200 requests/s instead of 20. Levels of 200 then 500 concurrent runs (RELAY_BENCH_K8S_LEVELS overrides), the next
@@ -33,20 +33,17 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from controller.envtest.control_plane import (
+from relay_testing.control_plane import (
     ControlPlane,
     die_with_parent,
     free_port,
     missing_binaries,
     write_kubeconfig,
 )
-from controller.envtest.objects import install_crd, make_namespace
-from controller.envtest.process_kubelet import ProcessKubelet
+from relay_testing.objects import install_crd, make_namespace
+from relay_testing.process_kubelet import ProcessKubelet
 
 REPO = Path(__file__).resolve().parents[1]
-HARNESS = REPO / "tests" / "kubernetes"  # standin_trainer.py, run by the pods
-BENCH = REPO / "bench"  # standin_leg.py, the scale levels' legs
-
 CONTROLLER_USER = "relay-controller"
 CONTROLLER_MAIN = "import sys; from controller.kubernetes.main import main; sys.exit(main(sys.argv[1:]))"
 LEVELS = tuple(
@@ -160,14 +157,12 @@ class Bench:
             make_namespace(self.kube, namespace)
         texts = [f"review {i} was {'great' if i % 2 else 'dull'}" for i in range(40)]
         write_rows_file(self.volume / "data/bench.csv", texts, [i % 2 for i in range(40)])
-        pythonpath = os.pathsep.join(p for p in (str(HARNESS), str(BENCH), os.environ.get("PYTHONPATH", "")) if p)
         self.kubelet = ProcessKubelet(
             self.plane.api_client(),
             self.volume,
             self.scratch / "kubelet",
             gpus=1000,
-            extra_env={"PYTHONPATH": pythonpath},
-            module_map={"trainer": "standin_trainer"},
+            module_map={"trainer": "relay_testing.standin_trainer"},
         ).start()
         capacity = {"pods": str(NODE_PODS)}
         core = kubernetes.client.CoreV1Api(self.kube)
@@ -324,7 +319,7 @@ def drive(bench: Bench, namespace: str, count: int, ramp_budget_s: float) -> dic
     assert bench.kubelet is not None
     kubelet = bench.kubelet
     finish = bench.scratch / f"finish-{namespace}"
-    kubelet.module_map["trainer"] = "standin_leg"
+    kubelet.module_map["trainer"] = "relay_testing.standin_leg"
     kubelet.extra_env["RELAY_STANDIN_STEP_S"] = str(STANDIN_STEP_S)
     kubelet.extra_env["RELAY_STANDIN_FINISH_FILE"] = str(finish)
     names = [f"run-{i:03d}" for i in range(count)]
@@ -442,8 +437,8 @@ def run(out: dict[str, Any]) -> None:
         "500 (every run progresses)",
         "one `relay controller` process (main(), default flags: .status progress every 30 s) on the envtest API "
         "server + Temporal dev server; a level applies N TrainingRuns at once, their legs the bench stand-in "
-        f"(bench/standin_leg.py: {STANDIN_STEP_S:g} s steps, a real checkpoint every 5) on the process kubelet, "
-        f"training until the level ends; levels: {tried}. The largest level where every run ran at once, "
+        f"(relay_testing/standin_leg.py: {STANDIN_STEP_S:g} s steps, a real checkpoint every 5) on the process "
+        f"kubelet, training until the level ends; levels: {tried}. The largest level where every run ran at once, "
         "advanced, and succeeded is reported"
         + (f"; not tried: {', '.join(map(str, untried))}" if untried else "")
         + ". Load averages are of this shared 2-core machine, other work included",

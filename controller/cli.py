@@ -410,7 +410,17 @@ def _cmd_drill(args: argparse.Namespace) -> int:
     from controller.drill import run_drill  # imported only for `relay drill`
 
     kinds = tuple(k.strip() for k in args.kinds.split(",")) if args.kinds else None
-    return run_drill(args.seed, args.faults, args.volume, kinds, backend=args.backend)[0]
+    cluster = None
+    if args.backend == "kubernetes":
+        from controller.drill.kubernetes import ClusterTarget
+
+        cluster = ClusterTarget(
+            Path(args.kubeconfig) if args.kubeconfig else None,
+            args.context,
+            args.drill_namespace,
+            Path(args.run_volume).resolve() if args.run_volume else None,
+        )
+    return run_drill(args.seed, args.faults, args.volume, kinds, backend=args.backend, cluster=cluster)[0]
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
@@ -517,7 +527,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         choices=("local", "kubernetes"),
         default="local",
-        help="local processes (default), or Jobs on an envtest control plane started for the drill",
+        help="local processes (default), or Jobs on the cluster the kubeconfig names (API-level faults: Eviction, "
+        "force delete, controller and server restarts)",
+    )
+    p.add_argument("--kubeconfig", default=None, help="kubernetes: default $KUBECONFIG, else ~/.kube/config")
+    p.add_argument("--context", default=None, help="kubernetes: a context of the kubeconfig (default: its current one)")
+    p.add_argument(
+        "--namespace",
+        dest="drill_namespace",
+        default="relay-drill",
+        help="kubernetes: the namespace of the drill's TrainingRun; its claim relay-shared and the CRD must exist",
+    )
+    p.add_argument(
+        "--run-volume",
+        default=None,
+        help="kubernetes: where this machine sees that namespace's claim relay-shared (the controller and checks "
+        "read the run folder there)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--faults", type=int, default=5)

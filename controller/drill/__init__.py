@@ -1,8 +1,9 @@
 """`relay drill`: a tiny TrainingRun under a seeded random sequence of real faults, then checks that nothing was lost.
 
 core.py plans the faults, injects them and judges the run (its docstring lists the faults and the checks);
-local.py runs the drill on the local backend, kubernetes.py on a real envtest control plane with the
-process kubelet and `relay controller`.
+local.py runs the drill on the local backend, kubernetes.py on whatever cluster a kubeconfig names (a staging
+cluster; the tests, `make drill` and the benchmarks point it at envtest through relay_testing.drill) with
+`relay controller` as its own process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.drill.core import Check, DrillError, DrillResult, FaultRecord, format_result, plan, steps_for
 
@@ -28,18 +29,41 @@ KUBERNETES_FAULTS = tuple("controller-restart" if k == "worker-restart" else k f
 ALL_FAULTS = LOCAL_FAULTS  # the local drill's, the default backend
 FAULTS = {"local": LOCAL_FAULTS, "kubernetes": KUBERNETES_FAULTS}
 
+if TYPE_CHECKING:
+    from controller.drill.kubernetes import ClusterTarget, NodeAccess
+
 __all__ = ["ALL_FAULTS", "FAULTS", "Check", "DrillResult", "FaultRecord", "format_result", "plan", "run_drill",
            "steps_for"]  # fmt: skip
 
 
 def run_drill(
-    seed: int, faults: int, volume: str | None, kinds: tuple[str, ...] | None = None, backend: str = "local"
+    seed: int,
+    faults: int,
+    volume: str | None,
+    kinds: tuple[str, ...] | None = None,
+    backend: str = "local",
+    *,
+    cluster: ClusterTarget | None = None,
+    node: NodeAccess | None = None,
 ) -> tuple[int, DrillResult | None]:
-    """Run one drill and print its table; (exit code, result). 0 only when every check passed."""
+    """Run one drill and print its table; (exit code, result). 0 only when every check passed.
+
+    The Kubernetes backend needs `cluster`; `node` (a harness playing the node) adds the faults that need the
+    trainer's process, which a real cluster does not offer (its default kinds are the API-level ones).
+    """
     known = FAULTS.get(backend)
     if known is None:
         print(f"relay drill: --backend: unknown backend {backend!r} (known: local, kubernetes)", file=sys.stderr)
         return 2, None
+    if backend == "kubernetes" and node is None:
+        from controller.drill.kubernetes import API_FAULTS
+
+        needs_node = [k for k in kinds or () if k in known and k not in API_FAULTS]
+        if needs_node:
+            print(f"relay drill: --kinds: {needs_node[0]!r} needs the trainer's process on this machine (a test "
+                  f"harness); on a cluster: {', '.join(API_FAULTS)}", file=sys.stderr)  # fmt: skip
+            return 2, None
+        known = API_FAULTS
     kinds = kinds or known
     unknown = [k for k in kinds if k not in known]
     if unknown:
@@ -50,11 +74,9 @@ def run_drill(
         print("relay drill: --faults: must be at least 1", file=sys.stderr)
         return 2, None
     if backend == "kubernetes":
-        from controller.drill.kubernetes import envtest_missing
-
-        missing = envtest_missing()
-        if missing:
-            print(f"relay drill: --backend kubernetes: {missing}", file=sys.stderr)
+        problem = cluster.problem() if cluster is not None else "no cluster given"
+        if problem:
+            print(f"relay drill: --backend kubernetes: {problem}", file=sys.stderr)
             return 2, None
     workdir = Path(volume).resolve() if volume else Path(tempfile.mkdtemp(prefix="relay-drill-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +87,8 @@ def run_drill(
     if backend == "kubernetes":
         from controller.drill.kubernetes import KubernetesDrill
 
-        drill = KubernetesDrill(workdir, seed, faults, kinds)
+        assert cluster is not None
+        drill = KubernetesDrill(workdir, seed, faults, kinds, cluster=cluster, node=node)
     else:
         from controller.drill.local import LocalDrill
 

@@ -1,40 +1,194 @@
-"""The drill on the Kubernetes backend: a real envtest control plane, the process kubelet, `relay controller`.
+"""The drill on the Kubernetes backend, against whatever cluster a kubeconfig names (a staging cluster, or envtest).
 
-The run is a TrainingRun object applied to the API server; the controller (kopf + the Temporal worker, its
-own OS process, as in a cluster) starts the workflow and runs each leg as a Job whose pod the process kubelet
-runs as a local `python -m trainer` process on a folder that plays the PVC. Faults reach the leg the way a
-cluster delivers them: a preemption notice is an Eviction (the kubelet sends SIGTERM, then SIGKILL after the
-grace period); a hard kill is the kubelet's own eviction (SIGKILL, pod Failed/Evicted).
+The run is a TrainingRun object applied to that cluster's API server; `relay controller` (kopf + the Temporal
+worker, its own OS process on this machine) watches the drill's namespace, starts the workflow and runs each leg
+as a Job. This machine must see the namespace's `relay-shared` claim as a folder (`ClusterTarget.volume`): the
+controller's activities and the drill's checks read the run folder there. The TrainingRun CRD and the namespace
+with its claim must exist (the Helm chart makes them).
 
-Leg lifetimes come from the kubelet's record of each pod's process start and end; CheckpointQuarantined events
-and the published phase are read back from the API server (what `kubectl describe` and `kubectl get` show);
-"nothing left" means no Job or pod of the run remains and no process of it runs.
+Faults reach a leg through the API, as a cluster delivers them: a preemption notice is an Eviction (policy/v1
+where the server offers it, v1beta1 on servers older than 1.22; the kubelet sends SIGTERM, then SIGKILL after the
+grace period); a hard kill is a delete with gracePeriodSeconds=0. Leg lifetimes come from a watch of the run's
+pods (container start and finish times, or the moment a force-deleted pod vanished); CheckpointQuarantined
+events and the published phase are read back from the API server (what `kubectl describe` and `kubectl get`
+show); "nothing left" means no Job or pod of the run remains.
 
-The control plane and kubelet are the drill's own unless a caller (the cluster test tier) lends its own.
+Faults that need the trainer's process itself (SIGKILL inside a checkpoint write, SIGSTOP to corrupt the newest
+checkpoint, a full volume) are offered only by a harness that plays the node (`NodeAccess`: the test support's
+process kubelet, whose pods are processes on this machine); with one, the hard kill is its own pressure eviction
+and leg lifetimes are its record of each pod process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import kubernetes
+import yaml
 from kubernetes.client.rest import ApiException
 
-from controller.drill.core import TRAINER_TEST_ENV, Check, Drill, free_port
-from controller.envtest.control_plane import ControlPlane
-from controller.envtest.objects import install_crd, make_namespace
-from controller.envtest.process_kubelet import ProcessKubelet
+from controller.drill.core import RUN_NAME, Check, Drill, DrillError, free_port
 from controller.kubernetes.jobs import LABEL_RUN
+from trainer.volume import RunLayout
 
 GROUP, VERSION, PLURAL = "relay.dev", "v1alpha1", "trainingruns"
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+CRD_NAME = f"{PLURAL}.{GROUP}"
+API_FAULTS = ("sigterm", "sigkill", "controller-restart", "server-restart")  # what any cluster allows
+NODE_FAULTS = ("sigkill-in-write", "corrupt-newest", "enospc")  # need the trainer's process on this machine
+
+
+class NodeAccess(Protocol):
+    """What a harness that plays the cluster's node offers beyond the API (relay_testing's ProcessKubelet)."""
+
+    spans: dict[str, tuple[float, float | None]]  # "<ns>/<pod>" -> its process's (start, end), end None while alive
+
+    def pressure_evict(self, namespace: str, name: str) -> None: ...  # SIGKILL, pod Failed/Evicted
+
+    def pid_of(self, namespace: str, name: str) -> int | None: ...  # the pod's process here, while it runs
+
+    def running(self) -> list[str]: ...  # "<ns>/<pod>" of every pod whose process runs
+
+    def exited_at(self, key: str) -> float | None: ...
+
+    def pod_log(self, namespace: str, name: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class ClusterTarget:
+    """Where the drill runs: a kubeconfig (None: $KUBECONFIG, else ~/.kube/config) and context (None: its
+    current one), the namespace, and the folder where this machine sees that namespace's `relay-shared` claim."""
+
+    kubeconfig: Path | None
+    context: str | None
+    namespace: str
+    volume: Path | None
+
+    def kubeconfig_path(self) -> Path:
+        if self.kubeconfig is not None:
+            return self.kubeconfig
+        from_env = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+        return Path(from_env) if from_env else Path.home() / ".kube" / "config"
+
+    def problem(self) -> str | None:
+        """Why the drill cannot start on this target (one line naming the flag), or None."""
+        path = self.kubeconfig_path()
+        if not path.is_file():
+            return f"--kubeconfig {path}: no such file"
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            return f"--kubeconfig {path}: not a kubeconfig ({exc.__class__.__name__})"
+        contexts = [c.get("name") for c in document.get("contexts") or [] if isinstance(c, dict)]
+        if self.context is not None and self.context not in contexts:
+            return f"--context {self.context}: not in {path} (contexts: {', '.join(map(str, contexts)) or 'none'})"
+        if self.volume is None:
+            return "--run-volume: required (this machine's mount of the namespace's claim relay-shared)"
+        if not self.volume.is_dir():
+            return f"--run-volume {self.volume}: no such folder (this machine's mount of the claim relay-shared)"
+        earlier = RunLayout.for_run(self.volume, self.namespace, RUN_NAME).run_dir
+        if earlier.exists():
+            return f"--run-volume {self.volume}: {earlier.relative_to(self.volume)} holds an earlier drill; remove it"
+        return None
+
+
+def eviction_version(kube: kubernetes.client.ApiClient) -> str:
+    """policy/v1 where the server offers it (1.22+), else policy/v1beta1 (removed in 1.25)."""
+    groups = kubernetes.client.ApisApi(kube).get_api_versions().groups or []
+    versions = {v.group_version for g in groups if g.name == "policy" for v in g.versions or []}
+    return "policy/v1" if "policy/v1" in versions else "policy/v1beta1"
+
+
+def _epoch(timestamp: str | None) -> float | None:
+    """An RFC 3339 time of the API ("2026-11-29T19:00:01Z", second resolution) as time.time()."""
+    if not timestamp:
+        return None
+    return float(calendar.timegm(time.strptime(timestamp[:19], "%Y-%m-%dT%H:%M:%S")))
+
+
+class PodWatch:
+    """The run's pods as the API server shows them, kept by a watch: latest object and container lifetime each.
+
+    Pods are read here many times a second (the drill polls while it aims faults), and a run's pods are gone
+    (Jobs deleted, pods collected) by the time the checks read lifetimes, so both come from this record.
+    """
+
+    def __init__(self, kube: kubernetes.client.ApiClient, namespace: str, selector: str) -> None:
+        self.core = kubernetes.client.CoreV1Api(kube)
+        self.namespace, self.selector = namespace, selector
+        self.pods: dict[str, dict[str, Any]] = {}  # live pods by name
+        self.gone: set[str] = set()
+        self.spans: dict[str, tuple[float | None, float | None]] = {}  # by pod name, API times
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="drill-pod-watch", daemon=True)
+
+    def start(self) -> PodWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            watcher = kubernetes.watch.Watch()
+            try:
+                stream = watcher.stream(
+                    self.core.list_namespaced_pod,
+                    self.namespace,
+                    label_selector=self.selector,
+                    timeout_seconds=5,
+                    deserialize=False,
+                )
+                for event in stream:
+                    self._record(event["type"], event["object"])
+                    if self._stop.is_set():
+                        watcher.stop()
+            except Exception as exc:  # the API server restarting, a dropped connection: watch again
+                if not self._stop.is_set():
+                    print(f"drill: pod watch error {exc!r}", file=sys.stderr)
+                    time.sleep(0.5)
+
+    def _record(self, kind: str, pod: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
+        start, end = self.spans.get(name, (None, None))
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = status.get("state") or {}
+            start = start or _epoch((state.get("running") or state.get("terminated") or {}).get("startedAt"))
+            end = end or _epoch((state.get("terminated") or {}).get("finishedAt"))
+        with self._lock:
+            if kind == "DELETED":
+                self.pods.pop(name, None)
+                self.gone.add(name)
+                end = end or (time.time() if start is not None else None)  # force-deleted while it ran
+            else:
+                self.pods[name] = pod
+            if start is not None:
+                self.spans[name] = (start, end)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self.pods.get(name)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [
+                name
+                for name, pod in self.pods.items()
+                if (pod.get("status") or {}).get("phase") == "Running" and not pod["metadata"].get("deletionTimestamp")
+            ]
 
 
 class KubernetesDrill(Drill):
@@ -48,42 +202,67 @@ class KubernetesDrill(Drill):
         faults: int,
         kinds: tuple[str, ...],
         *,
-        namespace: str = "relay-drill",
-        plane: ControlPlane | None = None,
-        kubelet: ProcessKubelet | None = None,
+        cluster: ClusterTarget,
+        node: NodeAccess | None = None,
         out: Any = sys.stdout,
     ) -> None:
-        super().__init__(workdir, seed, faults, kinds, namespace, out=out)
-        self.plane, self.own_plane = plane, plane is None
-        self.kubelet, self.own_kubelet = kubelet, kubelet is None
-        self.saved_kubelet_env: dict[str, str] = {}
+        super().__init__(workdir, seed, faults, kinds, cluster.namespace, out=out)
+        if cluster.volume is None:
+            raise DrillError("the Kubernetes drill needs the run volume's folder (--run-volume)")
+        self.volume = cluster.volume
+        self.layout = RunLayout.for_run(self.volume, cluster.namespace, RUN_NAME)
+        self.cluster, self.node = cluster, node
         self.controller: subprocess.Popen[bytes] | None = None
         self.controller_log = self.workdir / "controller.log"
         self.kube: kubernetes.client.ApiClient | None = None
+        self.watch: PodWatch | None = None
+        self.eviction_api = "policy/v1"
         self.pod_of_leg: dict[int, str] = {}
 
     # ---------------------------------------------------------------- services
 
     async def start_backend(self) -> None:
-        if self.plane is None:  # started on this (the main) thread: its processes die with the drill
-            self.say("starting the envtest control plane")
-            (self.workdir / "envtest").mkdir(parents=True, exist_ok=True)
-            self.plane = ControlPlane(self.workdir / "envtest")
-            self.plane.start()
-        self.kube = self.plane.api_client()
-        await asyncio.to_thread(install_crd, self.kube)
-        await asyncio.to_thread(make_namespace, self.kube, self.namespace)
-        if self.kubelet is None:
-            self.kubelet = ProcessKubelet(self.plane.api_client(), self.volume, self.workdir / "kubelet")
-            self.kubelet.start()
-        self.saved_kubelet_env = dict(self.kubelet.extra_env)
-        self.kubelet.extra_env.update({**OFFLINE_ENV, **TRAINER_TEST_ENV})
-        self.kubelet.volume_for_namespace[self.namespace] = self.volume
+        config = str(self.cluster.kubeconfig_path())
+        self.kube = kubernetes.config.new_client_from_config(config_file=config, context=self.cluster.context)
+        await asyncio.to_thread(self._check_cluster)
+        self.eviction_api = await asyncio.to_thread(eviction_version, self.kube)
+        self.say(f"cluster {self.kube.configuration.host}, namespace {self.namespace}, Eviction via "
+                 f"{self.eviction_api}, volume {self.volume}")  # fmt: skip
+        self.watch = PodWatch(self.kube, self.namespace, f"{LABEL_RUN}={RUN_NAME}").start()
         self._start_controller()
 
+    def _check_cluster(self) -> None:
+        """The CRD and the namespace exist, and no TrainingRun of an earlier drill is left in it."""
+        extensions: Any = kubernetes.client.ApiextensionsV1Api(self.kube)
+        reads = {
+            f"CRD {CRD_NAME}": lambda: extensions.read_custom_resource_definition(CRD_NAME),
+            f"namespace {self.namespace}": lambda: self._core().read_namespace(self.namespace),
+        }
+        for what, read in reads.items():
+            try:
+                read()
+            except ApiException as exc:
+                raise DrillError(f"{what}: {exc.status} {exc.reason} (the chart's CRD and a namespace with the "
+                                 "claim relay-shared must exist)") from None  # fmt: skip
+        with contextlib.suppress(ApiException):
+            self._custom().get_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, RUN_NAME)
+            raise DrillError(f"namespace {self.namespace}: TrainingRun {RUN_NAME!r} of an earlier drill exists")
+
+    def _controller_kubeconfig(self) -> Path:
+        """The kubeconfig with the chosen context as its current one (the controller takes no --context)."""
+        source = self.cluster.kubeconfig_path()
+        if self.cluster.context is None:
+            return source
+        document = yaml.safe_load(source.read_text(encoding="utf-8"))
+        document["current-context"] = self.cluster.context
+        copy = self.workdir / "controller.kubeconfig"
+        copy.write_text(yaml.safe_dump(document), encoding="utf-8")
+        copy.chmod(0o600)
+        return copy
+
     def _start_controller(self) -> None:
-        assert self.plane is not None
-        command = [sys.executable, "-m", "controller.cli", "controller", "--kubeconfig", str(self.plane.kubeconfig),
+        kubeconfig = str(self._controller_kubeconfig())
+        command = [sys.executable, "-m", "controller.cli", "controller", "--kubeconfig", kubeconfig,
                    "--temporal-address", self.address, "--volume-root", str(self.volume), "--watch-namespace",
                    self.namespace, "--metrics-port", str(free_port()), "--health-port", str(free_port())]  # fmt: skip
         with open(self.controller_log, "ab") as log:
@@ -100,17 +279,10 @@ class KubernetesDrill(Drill):
             except subprocess.TimeoutExpired:
                 os.killpg(controller.pid, signal.SIGKILL)
                 controller.wait()
-        if self.kubelet is not None:
-            if self.own_kubelet:
-                self.kubelet.stop()
-            else:
-                self.kubelet.volume_for_namespace.pop(self.namespace, None)
-                self.kubelet.extra_env.clear()
-                self.kubelet.extra_env.update(self.saved_kubelet_env)
+        if self.watch is not None:
+            self.watch.stop()
         if self.kube is not None:
             self.kube.close()
-        if self.own_plane and self.plane is not None:
-            self.plane.stop()
 
     async def submit(self, document: dict[str, Any]) -> None:
         body = {**document, "spec": {**document["spec"], "resources": {"cpu": "1", "gpus": 1}}}
@@ -133,71 +305,88 @@ class KubernetesDrill(Drill):
         return kubernetes.client.CoreV1Api(self.kube)
 
     def running_trainer(self) -> tuple[int, int] | None:
-        assert self.kubelet is not None
-        prefix = f"{self.namespace}/{self.layout.run_dir.name}-leg-"
-        for key in self.kubelet.running():
-            if key.startswith(prefix):
-                pod = key.split("/", 1)[1]
-                pid = self.kubelet.pid_of(self.namespace, pod)
-                leg = int(key[len(prefix) :].split("-")[0])
-                if pid is not None:
-                    self.pod_of_leg[leg] = pod
-                    return leg, pid
+        """With a node harness, its pod process; else a Running leg pod and the pid its trainer wrote."""
+        assert self.watch is not None
+        prefix = f"{RUN_NAME}-leg-"
+        if self.node is not None:
+            pods = [key.split("/", 1)[1] for key in self.node.running() if key.startswith(f"{self.namespace}/")]
+        else:
+            pods = self.watch.running()
+        for pod in pods:
+            if not pod.startswith(prefix):
+                continue
+            leg = int(pod[len(prefix) :].split("-")[0])
+            pid = self.node.pid_of(self.namespace, pod) if self.node is not None else self.progress().get("pid")
+            if pid is not None:
+                self.pod_of_leg[leg] = pod
+                return leg, int(pid)
         return None
 
     async def kill_leg(self, leg: int, pid: int, hard: bool) -> str:
-        assert self.kubelet is not None
         pod = self.pod_of_leg[leg]
-        if hard:
-            await asyncio.to_thread(self.kubelet.pressure_evict, self.namespace, pod)
+        if hard and self.node is not None:
+            await asyncio.to_thread(self.node.pressure_evict, self.namespace, pod)
             return f"hard eviction of pod {pod} by the kubelet (SIGKILL)"
-        eviction: Any = {"apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {"name": pod}}
+        if hard:
+            await asyncio.to_thread(self._core().delete_namespaced_pod, pod, self.namespace, grace_period_seconds=0)
+            return f"force delete of pod {pod} (gracePeriodSeconds=0: SIGKILL)"
+        eviction: Any = {"apiVersion": self.eviction_api, "kind": "Eviction", "metadata": {"name": pod}}
         await asyncio.to_thread(self._core().create_namespaced_pod_eviction, pod, self.namespace, eviction)
-        return f"Eviction of pod {pod} through the API (SIGTERM)"
+        return f"Eviction of pod {pod} through the API ({self.eviction_api}: SIGTERM)"
 
     def leg_log(self, leg: int) -> str:
-        assert self.kubelet is not None
         pod = self.pod_of_leg.get(leg)
-        return self.kubelet.pod_log(self.namespace, pod) if pod else ""
+        if pod is None:
+            return ""
+        if self.node is not None:
+            return self.node.pod_log(self.namespace, pod)
+        with contextlib.suppress(ApiException):
+            return str(self._core().read_namespaced_pod_log(pod, self.namespace))
+        return ""
 
     def leg_ended(self, leg: int) -> dict[str, Any] | None:
-        assert self.kubelet is not None
+        assert self.watch is not None
         pod = self.pod_of_leg.get(leg)
-        if pod is None or self.kubelet.exited_at(f"{self.namespace}/{pod}") is None:
+        if pod is None:
             return None
-        try:
-            status = self._core().read_namespaced_pod_status(pod, self.namespace).status
-        except ApiException as exc:
-            return {"exit_code": None, "reason": f"pod gone ({exc.status})"}
-        for container in status.container_statuses or []:
-            terminated = container.state.terminated if container.state else None
+        if self.node is not None and self.node.exited_at(f"{self.namespace}/{pod}") is None:
+            return None
+        seen = self.watch.get(pod)
+        if seen is None:
+            return {"exit_code": None, "reason": "pod gone"} if pod in self.watch.gone else None
+        status = seen.get("status") or {}
+        for container in status.get("containerStatuses") or []:
+            terminated = (container.get("state") or {}).get("terminated")
             if terminated is not None:
-                return {"exit_code": terminated.exit_code, "reason": status.reason or terminated.reason}
+                reason = status.get("reason") or terminated.get("reason")
+                return {"exit_code": terminated.get("exitCode"), "reason": reason}
         return None  # the kubelet has not reported it yet
 
     def check_legs_disjoint(self) -> Check:
-        assert self.kubelet is not None
-        prefix = f"{self.namespace}/{self.layout.run_dir.name}-leg-"
-        spans: list[tuple[str, float | None, float | None]] = [
-            (key.split("/", 1)[1], start, end)
-            for key, (start, end) in self.kubelet.spans.items()
-            if key.startswith(prefix)
-        ]
-        return self.spans_disjoint("legs never overlapped (pod process start and end, from the kubelet)", spans)
+        assert self.watch is not None
+        prefix = f"{RUN_NAME}-leg-"
+        spans: list[tuple[str, float | None, float | None]]
+        if self.node is not None:
+            node_prefix = f"{self.namespace}/{prefix}"
+            spans = [(key.split("/", 1)[1], start, end) for key, (start, end) in self.node.spans.items()
+                     if key.startswith(node_prefix)]  # fmt: skip
+            return self.spans_disjoint("legs never overlapped (pod process start and end, from the kubelet)", spans)
+        spans = [(name, start, end) for name, (start, end) in self.watch.spans.items() if name.startswith(prefix)]
+        return self.spans_disjoint("legs never overlapped (container start and finish, from the API)", spans)
 
     async def check_nothing_left(self) -> Check:
         """The run's Jobs are deleted when it ends and their pods follow (garbage collector); wait for both."""
-        assert self.kubelet is not None
-        selector = f"{LABEL_RUN}={self.layout.run_dir.name}"
+        selector = f"{LABEL_RUN}={RUN_NAME}"
         batch: Any = kubernetes.client.BatchV1Api(self.kube)
         deadline = time.monotonic() + 60
         while True:
             jobs = await asyncio.to_thread(batch.list_namespaced_job, self.namespace, label_selector=selector)
             pods = await asyncio.to_thread(self._core().list_namespaced_pod, self.namespace, label_selector=selector)
-            running = [key for key in self.kubelet.running() if key.startswith(f"{self.namespace}/")]
             left = [f"Job {j.metadata.name}" for j in jobs.items] + [f"pod {p.metadata.name}" for p in pods.items]
+            if self.node is not None:
+                left += [f"process of {key}" for key in self.node.running() if key.startswith(f"{self.namespace}/")]
             hosts = (self.controller.pid,) if self.controller is not None else ()
-            left += [f"process of {key}" for key in running] + self.processes_on_volume(hosts)
+            left += self.processes_on_volume(hosts)
             if not left or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
@@ -207,7 +396,7 @@ class KubernetesDrill(Drill):
         events = await asyncio.to_thread(
             self._core().list_namespaced_event,
             self.namespace,
-            field_selector=f"involvedObject.name={self.layout.run_dir.name},reason=CheckpointQuarantined",
+            field_selector=f"involvedObject.name={RUN_NAME},reason=CheckpointQuarantined",
         )
         return "\n".join(e.message or "" for e in events.items)
 
@@ -217,22 +406,9 @@ class KubernetesDrill(Drill):
         phase = None
         while time.monotonic() < deadline:
             run = await asyncio.to_thread(self._custom().get_namespaced_custom_object, GROUP, VERSION, self.namespace,
-                                          PLURAL, self.layout.run_dir.name)  # fmt: skip
+                                          PLURAL, RUN_NAME)  # fmt: skip
             phase = (run.get("status") or {}).get("phase")
             if phase == "Succeeded":
                 break
             await asyncio.sleep(0.5)
         return Check("TrainingRun object says Succeeded", phase == "Succeeded", f"status.phase {phase}")
-
-
-def envtest_missing() -> str | None:
-    """Why the Kubernetes drill cannot run here, or None."""
-    from controller.envtest.control_plane import assets_dir, missing_binaries
-
-    missing = missing_binaries()
-    if missing:
-        return (
-            f"envtest binaries missing in {assets_dir()} ({', '.join(missing)}): run `make envtest` or set "
-            "KUBEBUILDER_ASSETS"
-        )
-    return None

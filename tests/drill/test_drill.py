@@ -73,7 +73,8 @@ def test_a_failed_check_or_an_unrecovered_fault_fails_the_drill() -> None:
         (["--faults", "0"], "--faults: must be at least 1"),
         (["--kinds", "sigkill,meteor"], "unknown fault 'meteor'"),
         (["--backend", "kubernetes", "--kinds", "worker-restart"], "unknown fault 'worker-restart' for the kubernetes"),
-        (["--backend", "kubernetes"], "envtest binaries missing in /nonexistent"),
+        (["--backend", "kubernetes", "--kubeconfig", "/nonexistent"], "--kubeconfig /nonexistent: no such file"),
+        (["--backend", "kubernetes", "--kinds", "corrupt-newest"], "'corrupt-newest' needs the trainer's process"),
     ],
 )
 def test_bad_arguments_are_one_line_and_exit_2(args: list[str], words: str, tmp_path: Path) -> None:

@@ -1,14 +1,13 @@
 """Fixtures of the Kubernetes tier: one envtest control plane per session, the process kubelet, the CRD.
 
-Tests marked `cluster` need the control plane; when its binaries are absent they are skipped, and the
-run says so loudly (a warning and a line in the terminal summary), so a green run never hides them.
+Tests marked `cluster` need the control plane; when its binaries are absent they are skipped, and the run says
+so loudly (each skip's reason, and a red section of the terminal summary), so a green run never hides them.
+Not as a warning: with warnings as errors, a warning at collection stops the whole run (INTERNALERROR, exit 3).
 """
 
 from __future__ import annotations
 
-import os
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,9 @@ from typing import Any
 import kubernetes
 import pytest
 
-from controller.envtest.control_plane import ControlPlane, assets_dir, missing_binaries
-from controller.envtest.objects import install_crd, make_namespace
-from controller.envtest.process_kubelet import ProcessKubelet
+from relay_testing.control_plane import ControlPlane, assets_dir, missing_binaries
+from relay_testing.objects import install_crd, make_namespace
+from relay_testing.process_kubelet import ProcessKubelet
 
 _MISSING = missing_binaries()
 _SKIP_REASON = (
@@ -30,17 +29,17 @@ _SKIP_REASON = (
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not _MISSING:
         return
-    skipped = [item for item in items if item.get_closest_marker("cluster")]
-    for item in skipped:
-        item.add_marker(pytest.mark.skip(reason=_SKIP_REASON))
-    if skipped:
-        warnings.warn(_SKIP_REASON, pytest.PytestWarning, stacklevel=1)
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.skip(reason=_SKIP_REASON))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _MISSING:
-        terminalreporter.write_sep("!", "KUBERNETES CLUSTER TIER SKIPPED", red=True, bold=True)
-        terminalreporter.write_line(_SKIP_REASON, red=True)
+    if not _MISSING:
+        return
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if _SKIP_REASON in str(r.longrepr)]
+    terminalreporter.write_sep("!", "KUBERNETES CLUSTER TIER SKIPPED", red=True, bold=True)
+    terminalreporter.write_line(f"{len(skipped)} cluster tests skipped: {_SKIP_REASON}", red=True)
 
 
 @pytest.fixture(scope="session")
@@ -77,14 +76,7 @@ def volume_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def kubelet(
     control_plane: ControlPlane, volume_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProcessKubelet]:
-    here = str(Path(__file__).resolve().parent)
-    pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p)
-    harness = ProcessKubelet(
-        control_plane.api_client(),
-        volume_root,
-        tmp_path_factory.mktemp("kubelet"),
-        extra_env={"PYTHONPATH": pythonpath},
-    )
+    harness = ProcessKubelet(control_plane.api_client(), volume_root, tmp_path_factory.mktemp("kubelet"))
     harness.start()
     yield harness
     harness.stop()
@@ -93,7 +85,7 @@ def kubelet(
 @pytest.fixture
 def standin_kubelet(kubelet: ProcessKubelet) -> Iterator[ProcessKubelet]:
     """The kubelet, running the light stand-in trainer instead of `python -m trainer`."""
-    kubelet.module_map = {"trainer": "standin_trainer"}
+    kubelet.module_map = {"trainer": "relay_testing.standin_trainer"}
     yield kubelet
     kubelet.module_map = {}
 

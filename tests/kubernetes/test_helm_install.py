@@ -32,8 +32,8 @@ import yaml
 from kubernetes.client.rest import ApiException
 from temporalio.testing import WorkflowEnvironment
 
-from controller.envtest.control_plane import ControlPlane, free_port
-from controller.envtest.process_kubelet import LocalPod, ProcessKubelet
+from relay_testing.control_plane import ControlPlane, free_port
+from relay_testing.process_kubelet import LocalPod, ProcessKubelet
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
 

@@ -16,10 +16,11 @@ import pytest
 from conftest import make_training_run
 
 from controller.backends.base import LegOutcomeKind, LegSpec, LegState, classify_termination
-from controller.envtest.process_kubelet import ProcessKubelet
 from controller.kubernetes.backend import KubernetesBackend, LegConflict
-from controller.kubernetes.jobs import ANNOTATION_TERMINATION
+from controller.kubernetes.jobs import ANNOTATION_TERMINATION, POD_FAILURE_POLICY
+from controller.kubernetes.server import evict_pod, server_features
 from controller.spec import TrainingRunSpec
+from relay_testing.process_kubelet import ProcessKubelet
 from trainer import volume
 
 pytestmark = pytest.mark.cluster
@@ -96,19 +97,13 @@ def test_evicted_pod_is_a_preemption_with_a_checkpoint_and_no_replacement_pod_ru
     name = f"run-{uuid.uuid4().hex[:6]}"
     make_training_run(kube, namespace, name, SPEC)
     leg = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "1000", "RELAY_STANDIN_STEP_S": "0.05"})
-    core = kubernetes.client.CoreV1Api(kube)
 
     async def scenario() -> Any:
         await backend.launch(leg)
         await until(backend, leg, {LegState.RUNNING})
         await asyncio.sleep(0.5)
         (pod,) = pods_of(kube, namespace, f"{name}-leg-0")
-        eviction = {
-            "apiVersion": "policy/v1beta1",
-            "kind": "Eviction",
-            "metadata": {"name": pod.metadata.name, "namespace": namespace},
-        }
-        core.create_namespaced_pod_eviction(pod.metadata.name, namespace, eviction)
+        assert evict_pod(kube, namespace, pod.metadata.name)  # policy/v1beta1 on 1.20, policy/v1 on 1.21+
         observation = await until(backend, leg, {LegState.TERMINATED})
         await backend.close()
         return observation
@@ -121,6 +116,11 @@ def test_evicted_pod_is_a_preemption_with_a_checkpoint_and_no_replacement_pod_ru
     assert latest is not None and latest.step > 0
     job = kubernetes.client.BatchV1Api(kube).read_namespaced_job(f"{name}-leg-0", namespace)
     assert job.spec.parallelism == 0 and ANNOTATION_TERMINATION in job.metadata.annotations
+    features = server_features(kube)
+    assert features.policy_version == ("v1" if features.minor >= 21 else "v1beta1")
+    policy = kube.sanitize_for_serialization(job.spec).get("podFailurePolicy")
+    assert policy == (POD_FAILURE_POLICY if features.pod_failure_policy else None)
+    assert not evict_pod(kube, namespace, "no-such-pod")  # gone already: False, not an error
     started = [p for p in standin_kubelet.started if p.startswith(f"{namespace}/{name}-leg-0-")]
     assert len(started) == 1, f"a replacement pod ran next to the evicted one: {started}"
 

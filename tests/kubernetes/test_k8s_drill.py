@@ -1,8 +1,10 @@
 """The drill on the Kubernetes backend: a seeded eviction, corrupted checkpoint and controller kill lose nothing.
 
-It runs on the session's envtest control plane and process kubelet (lent to the drill, which otherwise
-starts its own), with `relay controller` as its own OS process and the real trainer in every pod. The
-drill's checks are what a user relies on; this test also checks each fault left its own evidence.
+It runs on the session's envtest control plane, pointed at its kubeconfig like at any cluster, with the process
+kubelet lent as the node harness (relay_testing.drill.lend), `relay controller` as its own OS process and the
+real trainer in every pod. The drill's checks are what a user relies on; this test also checks each fault left
+its own evidence. The same drill without the harness (API-level faults only: policy/v1beta1 Eviction here on
+1.20, force delete) is the second test.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ import kubernetes
 import pytest
 
 from controller.drill import KUBERNETES_FAULTS, format_result, plan
-from controller.drill.kubernetes import KubernetesDrill
-from controller.envtest.process_kubelet import ProcessKubelet
+from controller.drill.kubernetes import API_FAULTS, KubernetesDrill
+from relay_testing.drill import lend
+from relay_testing.process_kubelet import ProcessKubelet
 
 pytestmark = pytest.mark.cluster
 SEED, FAULTS = 43, 3  # plans sigterm, corrupt-newest, controller-restart (the new controller finishes the run)
+API_SEED, API_FAULTS_N = 14, 2  # plans sigterm, then sigkill (a force delete without the node harness)
 
 
 def test_kubernetes_drill_evict_controller_kill_and_corruption_lose_nothing(
@@ -30,10 +34,9 @@ def test_kubernetes_drill_evict_controller_kill_and_corruption_lose_nothing(
     namespace = f"drill-{uuid.uuid4().hex[:6]}"
     kinds = tuple(k for k in KUBERNETES_FAULTS if k != "enospc")  # ENOSPC is the local drill's test
     out = io.StringIO()
-    drill = KubernetesDrill(
-        tmp_path, SEED, FAULTS, kinds, namespace=namespace, plane=control_plane, kubelet=kubelet, out=out
-    )
-    result = asyncio.run(drill.execute())
+    with lend(control_plane, kubelet, namespace, tmp_path / "volume") as cluster:
+        drill = KubernetesDrill(tmp_path, SEED, FAULTS, kinds, cluster=cluster, node=kubelet, out=out)
+        result = asyncio.run(drill.execute())
     table = format_result(result)
     assert result.passed, f"{out.getvalue()}\n{table}"
 
@@ -55,3 +58,23 @@ def test_kubernetes_drill_evict_controller_kill_and_corruption_lose_nothing(
         namespace, field_selector="involvedObject.name=drill"
     )
     assert {"Preempted", "CheckpointQuarantined"} <= {event.reason for event in events.items}
+
+
+def test_kubernetes_drill_with_api_level_faults_only_as_on_a_real_cluster(
+    control_plane: Any, crd_installed: Any, kubelet: ProcessKubelet, tmp_path: Path
+) -> None:
+    """No node harness handed in: Eviction through the version the server offers, force delete, a restart."""
+    namespace = f"drill-{uuid.uuid4().hex[:6]}"
+    out = io.StringIO()
+    with lend(control_plane, kubelet, namespace, tmp_path / "volume") as cluster:
+        drill = KubernetesDrill(tmp_path, API_SEED, API_FAULTS_N, API_FAULTS, cluster=cluster, out=out)
+        result = asyncio.run(drill.execute())
+    assert result.passed, f"{out.getvalue()}\n{format_result(result)}"
+    assert "Eviction via policy/v1beta1" in out.getvalue()  # envtest here is 1.20: no policy/v1 Eviction yet
+    assert [f.kind for f in result.faults] == [f.kind for f in plan(API_SEED, API_FAULTS_N, API_FAULTS)]
+    kinds = {f.kind: f for f in result.faults}
+    assert {"sigterm", "sigkill"} <= set(kinds)
+    assert "policy/v1beta1: SIGTERM" in kinds["sigterm"].detail and kinds["sigterm"].steps_lost == 0
+    assert "force delete of pod" in kinds["sigkill"].detail
+    checks = {check.name: check for check in result.checks}
+    assert checks["legs never overlapped (container start and finish, from the API)"].ok

@@ -19,9 +19,9 @@ from typing import Any
 import kubernetes
 import pytest
 
-from controller.envtest.process_kubelet import ProcessKubelet
 from controller.kubernetes.main import run_controller
 from controller.spec import workflow_id
+from relay_testing.process_kubelet import ProcessKubelet
 from trainer import volume
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
@@ -231,6 +231,59 @@ async def test_missing_claim_fails_the_run_naming_the_field_and_starts_no_job(
     assert jobs.items == []
     with pytest.raises(Exception, match="not found"):
         await temporal_env.client.get_workflow_handle(workflow_id(namespace, name)).describe()
+
+
+def volume_ready(run: dict[str, Any]) -> dict[str, Any] | None:
+    return next((c for c in (run.get("status") or {}).get("conditions") or [] if c["type"] == "VolumeReady"), None)
+
+
+async def test_a_pending_claim_is_named_with_its_fix_until_bound_then_the_run_succeeds(
+    controller: Any, kube: Any, namespace: str, standin_kubelet: ProcessKubelet
+) -> None:
+    standin_kubelet.extra_env.update({"RELAY_STANDIN_STEPS": "10", "RELAY_STANDIN_STEP_S": "0.05"})
+    cluster = Cluster(kube, namespace)
+    claim, storage_class = "relay-pending", "relay-no-provisioner"
+    # A class that no provisioner serves: the claim stays Pending, as the chart's default does on most clusters.
+    pvc = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": storage_class,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    await asyncio.to_thread(cluster.core.create_namespaced_persistent_volume_claim, namespace, pvc)
+    name = f"pending-{uuid.uuid4().hex[:6]}"
+    await cluster.apply(name, run_spec(storage={"claimName": claim}, training={"maxSteps": 10}))
+    run = await cluster.until(name, lambda r: volume_ready(r) is not None, timeout_s=60)
+    condition = volume_ready(run)
+    assert condition is not None and condition["status"] == "False" and condition["reason"] == "ClaimPending"
+    assert condition["message"] == (
+        f"claim {claim} is Pending (StorageClass {storage_class}): "
+        "set persistence.storageClassName to an RWX class, or persistence.existingClaim"
+    )
+    assert "ClaimPending" in await cluster.events(name)
+    # What a provisioner does: a volume pre-bound to the claim; the PV controller binds it within its sync.
+    pv_name = f"pv-{namespace}-{claim}"
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": pv_name},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": storage_class,
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": f"/tmp/{pv_name}"},
+            "claimRef": {"namespace": namespace, "name": claim},
+        },
+    }
+    await asyncio.to_thread(cluster.core.create_persistent_volume, pv)
+    run = await cluster.until(name, phase("Succeeded"), timeout_s=150)
+    assert volume_ready(run) is None
+    assert "ClaimBound" in await cluster.events(name)
 
 
 async def test_schema_invalid_run_is_refused_by_the_api_server_naming_the_fields(

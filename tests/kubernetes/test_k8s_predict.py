@@ -31,12 +31,12 @@ from test_k8s_real_trainer import real_kubelet as real_kubelet  # the kubelet ru
 
 from controller.activities import PredictRequest, PredictResult
 from controller.backends.base import PredictJob
-from controller.envtest.process_kubelet import ProcessKubelet
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.jobs import LABEL_PREDICT_RUN
 from controller.snapshot import snapshot_dataset
 from controller.spec import DatasetSpec, TrainingRunSpec, trainer_config
 from controller.worker import build_worker
+from relay_testing.process_kubelet import ProcessKubelet
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
 REPO = Path(__file__).resolve().parents[2]

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from test_k8s_operator import CONTROLLERS, Cluster, ControllerProcess, phase, run_spec
 
-from controller.envtest.process_kubelet import ProcessKubelet
+from relay_testing.process_kubelet import ProcessKubelet
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
 RBAC = Path(__file__).resolve().parents[2] / "manifests" / "rbac" / "controller.yaml"

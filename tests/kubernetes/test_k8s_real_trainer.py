@@ -22,9 +22,9 @@ import pytest
 from test_k8s_operator import Cluster, first_checkpoint, phase
 from test_k8s_operator import controller as controller  # the operator fixture, shared
 
-from controller.envtest.control_plane import assets_dir
-from controller.envtest.process_kubelet import ProcessKubelet
 from controller.snapshot import write_rows_file
+from relay_testing.control_plane import assets_dir
+from relay_testing.process_kubelet import ProcessKubelet
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
 STEPS = 16

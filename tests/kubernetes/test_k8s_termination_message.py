@@ -12,8 +12,8 @@ from typing import Any
 import kubernetes
 import pytest
 
-from controller.envtest.process_kubelet import ProcessKubelet
 from controller.kubernetes.legs import pod_termination
+from relay_testing.process_kubelet import ProcessKubelet
 from trainer.volume import TERMINATION_LOG_ENV
 
 pytestmark = pytest.mark.cluster

@@ -1,6 +1,6 @@
 """The scale benchmark's stand-in leg: the test tier's stand-in trainer, training until the benchmark says stop.
 
-Same command line and volume contract as `tests/kubernetes/standin_trainer.py` (whose checkpoint writer it uses:
+Same command line and volume contract as `relay_testing/standin_trainer.py` (whose checkpoint writer it uses:
 real checkpoints with manifests, progress.json every step, final/ with metrics.json, SIGTERM -> checkpoint and
 exit 75), but a leg ends when the file named by RELAY_STANDIN_FINISH_FILE exists (the process kubelet runs pods
 as local processes, so a host path reaches them all), not after a fixed number of steps. So every leg of a level
@@ -19,8 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from standin_trainer import _save  # tests/kubernetes, on the pods' PYTHONPATH
-
+from relay_testing.standin_trainer import save_checkpoint
 from trainer import volume
 
 
@@ -42,13 +41,13 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
     while not finish.exists():
         if stop["requested"]:
-            _save(layout, step, state)
+            save_checkpoint(layout, step, state)
             return int(volume.ExitCode.PREEMPTED)
         time.sleep(step_s)
         step += 1
         state = hashlib.sha256(f"{state}:{step}".encode()).hexdigest()
         if step % every == 0:
-            _save(layout, step, state)
+            save_checkpoint(layout, step, state)
         volume.write_progress(layout, {"step": step, "epoch": 0, "loss": 1.0 / (step + 1)})
     tmp = layout.run_dir / f"{volume.TMP_PREFIX}final"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,5 +1,7 @@
 """A light stand-in for `python -m trainer train`, for tests and the benchmark that measure the controller.
 
+Run by the process kubelet as `python -m relay_testing.standin_trainer` in place of `python -m trainer`.
+
 Same command line, same volume contract (checkpoints with manifests written last, progress.json,
 final/ with metrics.json, exit codes 0/1/65/75, SIGTERM -> checkpoint and exit 75), no torch. The
 "weights" are a hash chain over the steps, so a resumed run ends with the same final file as an
@@ -21,7 +23,8 @@ from pathlib import Path
 from trainer import volume
 
 
-def _save(layout: volume.RunLayout, step: int, state: str) -> None:
+def save_checkpoint(layout: volume.RunLayout, step: int, state: str) -> None:
+    """A real checkpoint of the stand-in's state: written under a temporary name, manifest last, then renamed."""
     layout.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     target = layout.checkpoints_dir / volume.checkpoint_dir_name(step)
     if target.exists():
@@ -58,14 +61,14 @@ def main(argv: list[str]) -> int:
     print(f"stand-in: starting at step {step} of {steps}", flush=True)
     while step < steps:
         if stop["requested"]:
-            _save(layout, step, state)
+            save_checkpoint(layout, step, state)
             print(f"stand-in: SIGTERM, saved step {step}", flush=True)
             return int(volume.ExitCode.PREEMPTED)
         time.sleep(step_s)
         step += 1
         state = hashlib.sha256(f"{state}:{step}".encode()).hexdigest()
         if step % every == 0:
-            _save(layout, step, state)
+            save_checkpoint(layout, step, state)
         volume.write_progress(layout, {"step": step, "total_steps": steps, "epoch": 0, "loss": 1.0 / (step + 1)})
     final = layout.final_dir
     tmp = layout.run_dir / f"{volume.TMP_PREFIX}final"

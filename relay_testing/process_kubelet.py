@@ -28,7 +28,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
-from controller.envtest.control_plane import die_with_parent
+from relay_testing.control_plane import REPO_ROOT, die_with_parent
 
 
 def _now() -> str:
@@ -68,7 +68,7 @@ class ProcessKubelet:
         self.gpus = gpus
         self.start_delay_s = start_delay_s
         self.extra_env = extra_env or {}
-        # `python -m X` -> `python -m module_map[X]` (tests swap the trainer for a light stand-in).
+        # `python -m X` -> `python -m module_map[X]` (tests swap the trainer for relay_testing.standin_trainer).
         self.module_map = module_map or {}
         self.pods: dict[str, LocalPod] = {}  # by uid
         # "<ns>/<name>" -> its process's (start, end) time.time(), end None while it runs; in start order.
@@ -212,6 +212,9 @@ class ProcessKubelet:
                     argv[2] = self.module_map[argv[2]]
             env = dict(os.environ)
             env.update(self.extra_env)
+            # A pod runs in its own folder, so the stand-ins (`python -m relay_testing.standin_trainer`) are found
+            # through the path of the checkout they come from, which is not an installed package.
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
             for item in container.get("env", []):
                 env[item["name"]] = self._rewrite(str(item.get("value", "")), mapping)
             log = open(pod.workdir / "container.log", "wb")  # noqa: SIM115 - closed when the process ends

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -26,7 +27,7 @@ from pathlib import Path
 import kubernetes
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
 
@@ -42,6 +43,13 @@ def die_with_parent() -> None:
     """preexec_fn: SIGKILL this child when the thread that started it ends (Linux prctl PR_SET_PDEATHSIG)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def server_minor() -> int:
+    """The minor version of the kube-apiserver binary (20 for v1.20.2); 99 when it does not say."""
+    result = subprocess.run([str(assets_dir() / "kube-apiserver"), "--version"], capture_output=True, text=True)
+    match = re.search(r"v1\.(\d+)\.", result.stdout)
+    return int(match.group(1)) if match else 99
 
 
 def missing_binaries() -> list[str]:
@@ -130,6 +138,8 @@ class ControlPlane:
             capture_output=True,
         )
         client_port, peer_port, api_port = free_port(), free_port(), free_port()
+        # The insecure ports were turned off by flag until 1.24 removed the flags (and the ports) altogether.
+        insecure_off = ["--insecure-port=0"] if server_minor() < 24 else []
         self._spawn(
             "etcd",
             [
@@ -158,13 +168,14 @@ class ControlPlane:
                 "--service-account-issuer=https://kubernetes.default.svc",
                 "--service-cluster-ip-range=10.0.0.0/24",
                 "--enable-priority-and-fairness=false",
-                "--insecure-port=0",
+                *insecure_off,
             ],
         )
         self.kubeconfig = root / "kubeconfig"
         self._wait_ready()
         write_kubeconfig(self.kubeconfig, self.server, self.token, self.ca_cert)
-        common = [f"--kubeconfig={self.kubeconfig}", "--bind-address=127.0.0.1", "--secure-port=0", "--port=0"]
+        common = [f"--kubeconfig={self.kubeconfig}", "--bind-address=127.0.0.1", "--secure-port=0"]
+        common += ["--port=0"] if insecure_off else []
         self._spawn(
             "kube-controller-manager",
             [
