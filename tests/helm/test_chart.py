@@ -306,6 +306,19 @@ def test_created_claim_is_read_write_many_and_kept_on_uninstall(chart: Any) -> N
     assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
 
 
+def test_a_claim_on_the_default_storage_class_comes_with_the_hint_and_the_supported_range_is_declared(
+    chart: Any,
+) -> None:
+    values = ci_values(CHART / "ci" / "embedded-temporal-values.yaml")
+    _, named = render(chart, values)
+    values["persistence"] = {**values["persistence"], "storageClassName": ""}
+    _, default = render(chart, values)
+    assert "persistence.storageClassName" not in named
+    assert "stays Pending, set persistence.storageClassName" in default and "VolumeReady=False" in default
+    chart_yaml = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
+    assert chart_yaml["kubeVersion"] == ">=1.20.0-0"  # the oldest the cluster tier runs; no cap on newer ones
+
+
 # ------------------------------------------------------------------ RBAC
 
 
