@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from trainer.data import epoch_batches, micro_batches_per_epoch, steps_per_epoch
-from trainer.train import classification_metrics
+from trainer.evaluation import classification_metrics
 
 
 def lengths(rows: int) -> list[int]:

@@ -28,7 +28,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trainer import faults
 from trainer.volume import (
     TMP_PREFIX,
     CheckpointInfo,
@@ -65,13 +65,6 @@ MODEL_CONFIG_FILE = "model_config.json"
 # What load_checkpoint reads besides the optimizer tensors: a checkpoint whose manifest lacks one is invalid.
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_META_FILE, RNG_FILE, STATE_FILE)
 RETENTION_METRIC = "loss"  # the interval's mean training loss; lower is better
-
-# Test-only hook (documented in trainer_image/README.md): SIGKILL this process inside the writer of the
-# checkpoint for this step, after its first file is on disk and before its manifest exists.
-KILL_IN_WRITE_ENV = "RELAY_TEST_KILL_IN_CHECKPOINT_WRITE"
-# Test-only hook: sleep this long on the writer thread before copying a checkpoint's tensors.
-COPY_DELAY_ENV = "RELAY_TEST_CHECKPOINT_COPY_DELAY_S"
-WRITE_DELAY_ENV = "RELAY_TEST_CHECKPOINT_WRITE_DELAY_S"
 
 
 @dataclass
@@ -125,9 +118,7 @@ def finish_copies(state: HostState) -> None:
     before the next optimizer.step(), the first thing that changes them."""
     if not state.deferred:
         return
-    delay = float(os.environ.get(COPY_DELAY_ENV, "0") or 0)
-    if delay:
-        time.sleep(delay)  # test hook: a slow copy must still hold the state of its own step
+    faults.active().before_checkpoint_copy()  # tests only: a slow copy must still hold its own step's state
     for target, source in state.deferred:
         target.copy_(source, non_blocking=source.is_cuda)
     if torch.cuda.is_available():
@@ -299,12 +290,7 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
     tmp.mkdir()
     hashes: dict[str, str] = {}
     hashes[MODEL_FILE] = write_safetensors(tmp / MODEL_FILE, state.model, {"format": "pt"})
-    write_delay = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
-    if write_delay:
-        time.sleep(write_delay)  # test hook: a slow write, so a drill can SIGKILL the trainer inside it
-    if os.environ.get(KILL_IN_WRITE_ENV) == str(state.step):
-        log.info("test hook %s: SIGKILL inside the write of step %d", KILL_IN_WRITE_ENV, state.step)
-        os.kill(os.getpid(), signal.SIGKILL)
+    faults.active().in_checkpoint_write(state.step)  # tests only: a slow write, or a SIGKILL inside it
     for key, tensors in sorted(state.optimizer_tensors.items()):
         name = f"optimizer.{key}.safetensors"
         hashes[name] = write_safetensors(tmp / name, tensors)

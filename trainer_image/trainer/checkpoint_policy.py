@@ -1,0 +1,182 @@
+"""Checkpoint policy: when a step is checkpointed, what a checkpoint captures, and what the training thread pays.
+
+A due checkpoint is captured on the training thread (the state copied into reused host buffers; parameters and
+optimizer moments are copied by the writer thread while the next forward/backward only read them) and written
+off-thread by checkpoint.AsyncCheckpointWriter, at most one write in flight. The training thread's cost, the
+stall, is the capture plus any wait for the previous write or for the copy before the next optimizer.step();
+it is kept per checkpoint in LegStats.stall_seconds and logged with the checkpoint line. The last step of a
+run and the step a SIGTERM stops at are always saved (synchronously) before the leg goes on or exits.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from trainer import checkpoint as ckpt
+from trainer.config import TrainerConfig
+from trainer.leg_state import Learner, LegStats, Plan, Totals
+from trainer.reporting import Reporter
+from trainer.volume import CheckpointInfo, RunLayout
+
+DATA_ORDER = "trainer.data.epoch_batches(lengths, batch_size, seed, epoch), generator seed*1000003+epoch"
+# trainer_state.json fields also kept in the manifest's `extra`, so a reader need not open the state file.
+MANIFEST_EXTRA_FIELDS = (
+    "batch_in_epoch",
+    "total_steps",
+    "steps_per_epoch",
+    "torch_threads",
+    "snapshot_sha256",
+    "samples_seen",
+    "device",
+)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What every checkpoint of the run records about its inputs and build, besides the config."""
+
+    train_rows: int
+    snapshot_sha256: str
+    torch_version: str
+
+
+class CheckpointPolicy:
+    """Decides and takes the leg's checkpoints; owns the writer thread (close it when the leg ends)."""
+
+    def __init__(
+        self,
+        *,
+        layout: RunLayout,
+        config: TrainerConfig,
+        plan: Plan,
+        learner: Learner,
+        totals: Totals,
+        facts: RunFacts,
+        last_saved_step: int | None,
+        reporter: Reporter,
+        stats: LegStats,
+    ) -> None:
+        self.config = config
+        self.plan = plan
+        self.learner = learner
+        self.totals = totals
+        self.facts = facts
+        self.reporter = reporter
+        self.stats = stats
+        self.last_saved_step = last_saved_step if last_saved_step is not None else -1
+        self.writer = ckpt.AsyncCheckpointWriter(layout.checkpoints_dir, config.keep_last)
+        self._config_json = config.to_json_text()
+        self._identity = config.identity_hash()
+        self._last_checkpoint_time = time.monotonic()
+
+    # ---------------------------------------------------------------- what a checkpoint holds
+
+    def trainer_state(self, step: int) -> dict[str, Any]:
+        """trainer_state.json: the data position after `step` steps, the totals, and the run's fixed facts."""
+        plan = self.plan
+        return {
+            "step": step,
+            "epoch": plan.epoch(step),
+            "batch_in_epoch": plan.first_micro_batch(step),
+            "total_steps": plan.total_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "micro_batches_per_epoch": plan.micro_batches_per_epoch,
+            "data_order": DATA_ORDER,
+            "seed": self.config.seed,
+            "train_rows": self.facts.train_rows,
+            "loss_sum": self.totals.loss_sum,
+            "samples_seen": self.totals.samples_seen,
+            "recent_losses": list(self.totals.recent_losses),
+            "torch_threads": self.config.torch_threads,
+            "device": self.learner.device.type,
+            "precision": self.learner.precision,
+            "snapshot_sha256": self.facts.snapshot_sha256,
+            "torch_version": self.facts.torch_version,
+        }
+
+    def capture(self, step: int, *, emergency: bool = False) -> ckpt.HostState:
+        """The state after `step` steps, taken into host memory (the deferred tensor copies finish on the
+        writer thread before the next optimizer.step(); see before_optimizer_step)."""
+        state = self.trainer_state(step)
+        learner = self.learner
+        return ckpt.capture(
+            model=learner.model,
+            optimizer=learner.optimizer,
+            scheduler=learner.scheduler,
+            trainer_state=state,
+            config_json=self._config_json,
+            config_hash=self._identity,
+            metrics={
+                "loss": self.totals.mean_recent_loss,
+                "train_loss": self.totals.loss_sum / step if step else float("nan"),
+                "learning_rate": learner.learning_rate,
+            },
+            extra={key: state[key] for key in MANIFEST_EXTRA_FIELDS} | {"emergency": emergency},
+            buffers=self.writer.buffers,
+        )
+
+    # ---------------------------------------------------------------- during the loop
+
+    def before_optimizer_step(self) -> None:
+        """Wait for a checkpoint's copy of the weights to finish before they change; the wait counts as that
+        checkpoint's stall."""
+        waited = self.writer.wait_copied()
+        if waited and self.stats.stall_seconds:
+            self.stats.stall_seconds[-1] += waited
+            if self.last_saved_step in self.reporter.stalls:
+                self.reporter.stalls[self.last_saved_step] = self.stats.stall_seconds[-1]
+
+    def poll(self) -> None:
+        """Report a write that finished since the last call."""
+        self._note_saved(self.writer.poll())
+
+    def due(self, step: int) -> bool:
+        """Whether the state after `step` steps is checkpointed now (by step count or by elapsed time; the
+        last step is saved by save_last instead)."""
+        every_steps, every_seconds = self.config.checkpoint_every_steps, self.config.checkpoint_every_seconds
+        due = (every_steps is not None and step % every_steps == 0) or (
+            every_seconds is not None and time.monotonic() - self._last_checkpoint_time >= every_seconds
+        )
+        return due and step < self.plan.total_steps
+
+    def checkpoint(self, step: int) -> None:
+        """Capture the state after `step` steps and hand it to the writer thread; records the stall."""
+        stall_started = time.perf_counter()
+        self._note_saved(self.writer.wait())  # at most one write in flight
+        self.writer.submit(self.capture(step))  # the state is copied here; the files are written off-thread
+        stall = time.perf_counter() - stall_started
+        self.stats.stall_seconds.append(stall)
+        self.reporter.stalls[step] = stall
+        self._last_checkpoint_time = time.monotonic()
+        self.last_saved_step = step
+
+    # ---------------------------------------------------------------- at the end of the leg
+
+    def save_last(self, step: int) -> None:
+        """Training complete: wait for the write in flight, save the last step unless it is saved, close the
+        writer. A preemption during evaluation or the final save then resumes straight into evaluation."""
+        self._note_saved(self.writer.wait())
+        if self.last_saved_step != step:
+            self.reporter.update(state="checkpointing")
+            self._note_saved(self.writer.save_now(self.capture(step)))
+        self.writer.close()
+
+    def emergency_save(self, step: int) -> None:
+        """Stop requested: wait for the write in flight, save `step` (marked emergency) unless it is saved,
+        close the writer."""
+        self._note_saved(self.writer.wait())
+        if self.last_saved_step != step:
+            self._note_saved(self.writer.save_now(self.capture(step, emergency=True)))
+        self.writer.close()
+
+    def close(self) -> None:
+        """Wait for any write in flight and stop the writer thread (again harmless)."""
+        self.writer.close()
+
+    def _note_saved(self, info: CheckpointInfo | None) -> None:
+        if info is None:
+            return
+        self.stats.checkpoint_bytes = info.total_bytes
+        self.reporter.checkpoint_saved(info)
