@@ -3,9 +3,11 @@
 `RelayActivities(backend, volume_root, status_sink)` is built by the worker with its dependencies:
 a leg Backend (local processes or Kubernetes Jobs), the volume root as this process sees it, and a
 StatusSink that publishes the run's status (the TrainingRun subresource + Events on Kubernetes, a
-log line locally). One pydantic model in and one out of every activity. The controller only reads
-checkpoints (never quarantines or deletes them) and never imports torch: predictions run the trainer
-through the backend (a local process, or a one-shot Job on Kubernetes).
+log line locally). It implements `controller.messages.RelayActivityInterface`, where the
+activities' names and their request/result models live (the workflows import that module, not this
+one). The controller only reads checkpoints (never quarantines or deletes them) and never imports
+torch: predictions run the trainer through the backend (a local process, or a one-shot Job on
+Kubernetes).
 """
 
 from __future__ import annotations
@@ -19,24 +21,40 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import BaseModel, Field
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from controller.backends.base import (
     Backend,
-    LegHandle,
     LegObservation,
     LegOutcomeKind,
-    LegSpec,
     LegState,
     LegTermination,
     PredictFailed,
-    Prediction,
     PredictJob,
     classify_termination,
 )
-from controller.spec import DatasetSpec, TrainingRunSpec, trainer_config
+from controller.messages import (
+    AwaitHeartbeat,
+    AwaitLegRequest,
+    AwaitLegResult,
+    EvaluateResult,
+    LaunchLegRequest,
+    LaunchLegResult,
+    LegProgress,
+    PredictRequest,
+    PredictResult,
+    PrepareRunRequest,
+    PrepareRunResult,
+    PublishStatusRequest,
+    RecordLegRequest,
+    RelayActivityInterface,
+    RunRef,
+    SnapshotRequest,
+    SnapshotResult,
+    StopLegRequest,
+)
+from controller.spec import TrainingRunSpec, trainer_config
 from controller.status import CheckpointStatus, LegStatus, QuarantinedStatus, RunEvent, RunStatus, rfc3339
 from trainer import volume
 
@@ -44,7 +62,6 @@ log = logging.getLogger(__name__)
 
 # Error types the workflow treats as final (ApplicationError.type); also set non_retryable.
 INVALID_DATASET = "InvalidDataset"
-INVALID_MODEL = "InvalidModel"
 MISSING_FINAL_MODEL = "MissingFinalModel"
 PREDICT_FAILED = "PredictFailed"
 
@@ -62,117 +79,6 @@ class LogStatusSink:
         for event in events:
             level = logging.WARNING if event.type == "Warning" else logging.INFO
             log.log(level, "%s/%s %s: %s", namespace, name, event.reason, event.message)
-
-
-# ---------------------------------------------------------------- activity inputs and outputs
-
-
-class RunRef(BaseModel):
-    namespace: str
-    name: str
-
-
-class SnapshotRequest(RunRef):
-    dataset: DatasetSpec
-    num_labels: int = Field(ge=2)
-
-
-class SnapshotResult(BaseModel):
-    sha256: str
-    path: str  # "snapshots/<sha256>", relative to the volume root
-    rows: dict[str, int]
-    fields: list[str]
-    reused: bool
-
-
-class PrepareRunRequest(RunRef):
-    spec: TrainingRunSpec
-    snapshot: SnapshotResult
-
-
-class PrepareRunResult(BaseModel):
-    run_path: str  # "runs/<ns>/<name>"
-    config_path: str
-    total_steps: int | None
-    latest_checkpoint: CheckpointStatus | None
-    next_leg: int = 0  # legs of earlier workflows of this run keep their numbers (and records)
-
-
-class LaunchLegRequest(BaseModel):
-    leg: LegSpec
-
-
-class LaunchLegResult(BaseModel):
-    handle: LegHandle
-    start_step: int
-    started_at: str
-
-
-class LegProgress(BaseModel):
-    """What the volume says about a running leg: the trainer's progress.json and the newest checkpoint."""
-
-    step: int = 0
-    total_steps: int | None = None
-    epoch: int = 0
-    loss: float | None = None
-    samples_per_second: float | None = None
-    eta_seconds: float | None = None
-    latest_checkpoint: CheckpointStatus | None = None
-    quarantined: list[QuarantinedStatus] = Field(default_factory=list)
-
-
-class AwaitLegRequest(BaseModel):
-    leg: LegSpec
-    # Send a real SIGTERM once the trainer reports reaching one of these steps (demo/test preemptions).
-    preempt_at_steps: list[int] = Field(default_factory=list)
-    # Return after this long even if the leg still runs, so the workflow can update its status.
-    max_wait_s: float = Field(10.0, gt=0)
-    poll_interval_s: float = Field(1.0, gt=0)
-    grace_s: float = Field(60.0, gt=0)
-
-
-class AwaitLegResult(BaseModel):
-    terminated: bool
-    outcome: LegOutcomeKind | None = None
-    termination: LegTermination | None = None
-    detail: str = ""
-    progress: LegProgress
-    injected_preempt_at: int | None = None  # the preempt_at_steps entry used by this call, if any
-
-
-class AwaitHeartbeat(BaseModel):
-    progress: LegProgress
-    injected_preempt_at: int | None = None
-
-
-class StopLegRequest(BaseModel):
-    leg: LegSpec
-    grace_s: float = Field(60.0, gt=0)
-
-
-class RecordLegRequest(RunRef):
-    record: LegStatus
-
-
-class PublishStatusRequest(RunRef):
-    status: RunStatus
-    events: list[RunEvent] = Field(default_factory=list)
-
-
-class EvaluateResult(BaseModel):
-    metrics: dict[str, float]
-    model_path: str  # "runs/<ns>/<name>/final"
-
-
-class PredictRequest(RunRef):
-    texts: list[str] = Field(min_length=1)
-    model_path: str | None = None  # relative to the volume root; default: the run's final model
-    timeout_s: float = 600.0  # for the trainer to finish, pod scheduling and start included
-
-
-class PredictResult(BaseModel):
-    model_path: str
-    predictions: list[Prediction]
 
 
 # ---------------------------------------------------------------- helpers
@@ -248,7 +154,7 @@ def _describe_termination(termination: LegTermination) -> str:
 # ---------------------------------------------------------------- the activities
 
 
-class RelayActivities:
+class RelayActivities(RelayActivityInterface):
     """The activities, bound to a backend, a volume root and a status sink."""
 
     def __init__(
@@ -493,32 +399,3 @@ def _read_record(path: Path) -> LegStatus | None:
         return LegStatus.model_validate(volume.read_json(path))
     except (OSError, ValueError):
         return None
-
-
-def leg_record(volume_root: Path | str, namespace: str, name: str, leg: int) -> LegStatus | None:
-    """legs/<n>.json of a run, or None."""
-    return _read_record(volume.RunLayout.for_run(volume_root, namespace, name).leg_record_path(leg))
-
-
-__all__ = [
-    "AwaitLegRequest",
-    "AwaitLegResult",
-    "EvaluateResult",
-    "LaunchLegRequest",
-    "LaunchLegResult",
-    "LegProgress",
-    "LogStatusSink",
-    "PredictRequest",
-    "PredictResult",
-    "Prediction",
-    "PrepareRunRequest",
-    "PrepareRunResult",
-    "PublishStatusRequest",
-    "RecordLegRequest",
-    "RelayActivities",
-    "RunRef",
-    "SnapshotRequest",
-    "SnapshotResult",
-    "StatusSink",
-    "StopLegRequest",
-]

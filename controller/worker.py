@@ -12,7 +12,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter
 from temporalio.worker import PollerBehaviorAutoscaling, Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from controller.activities import RelayActivities, StatusSink
 from controller.backends.base import Backend
@@ -28,14 +28,14 @@ WORKFLOWS = [CheckpointedBertTrainingWorkflow, BertInferenceWorkflow]
 # queue for a slot (64 slots held back a 100-run controller). A slot is a coroutine, blocking work runs in
 # threads, so a generous bound costs nothing while idle.
 MAX_CONCURRENT_ACTIVITIES = 1000
-# The sandbox runs a workflow's module afresh for every workflow it starts or replays, unless the module is
-# passed through. This one defines pydantic models, so each run cost ~7 ms of event-loop time (more under load)
-# and ~180 KB for as long as it is cached: 90 MB of the controller at 500 concurrent runs. Passed through, the
-# module's own calls are not checked for non-determinism at run time; tests/workflow checks them (its workers
-# and its history replayer use the default sandbox).
-WORKFLOW_RUNNER = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules("controller.workflows")
-)
+# Temporal's default sandbox: every workflow run imports the workflow modules afresh and runs them with
+# non-deterministic calls (clock, randomness, I/O) refused, in production as in tests/workflow. A run pays for
+# re-importing controller.workflows and controller.decisions alone; the pydantic models and enums come from
+# modules they pass through (controller.messages, spec, status, backends.base), loaded once per process.
+# bench/bench_sandbox.py (100 runs at once, medians of 3): +63 KB and +8 ms of CPU per run against passing
+# controller.workflows through, so ~31 MB at 500 cached runs. With the models still defined in the workflow
+# module it was +204 KB per run (~100 MB at 500).
+WORKFLOW_RUNNER = SandboxedWorkflowRunner()
 
 
 async def connect(address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE) -> Client:

@@ -1,11 +1,13 @@
 """The Temporal workflows: CheckpointedBertTrainingWorkflow (one per TrainingRun) and BertInferenceWorkflow.
 
-Deterministic orchestration only; every side effect is an activity (controller/activities.py). The
-training workflow snapshots the dataset, then runs legs until one completes: launch, watch (heartbeats
-carry the newest checkpoint), classify, decide (resume after a preemption, back off after a failure,
-stop on invalid input), then verifies the final model and records its held-out metrics. All state lives
-in one `WorkflowState` handed on at continue-as-new (every `legs_per_run` legs, or when Temporal
-suggests it), so history stays bounded for week-long runs.
+Deterministic orchestration only; every side effect is an activity, called by method reference on
+`RelayActivityInterface` (controller/messages.py; the implementation in controller/activities.py
+is never imported here). The training workflow snapshots the dataset, then runs legs until one
+completes: launch, watch (heartbeats carry the newest checkpoint), classify, then carries out what
+`controller.decisions.decide` returns (resume after a preemption, back off after a failure, stop on
+invalid input), then verifies the final model and records its held-out metrics. All state lives in one
+`WorkflowState` handed on at continue-as-new (every `legs_per_run` legs, or when Temporal suggests it),
+so history stays bounded for week-long runs.
 """
 
 from __future__ import annotations
@@ -14,32 +16,36 @@ import asyncio
 import functools
 from datetime import timedelta
 
-from pydantic import BaseModel, Field
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
+from controller.decisions import Action, LegEnd, RunCounts, decide, on_fallback_profile
+
+# Models and enums only (no I/O): passed through, so they are loaded once per process instead of once per run
+# in the sandbox (bench/bench_sandbox.py measures what a run costs).
 with workflow.unsafe.imports_passed_through():
-    from controller.activities import (
+    from controller.backends.base import LegOutcomeKind, LegSpec
+    from controller.messages import (
         AwaitLegRequest,
         AwaitLegResult,
-        EvaluateResult,
         LaunchLegRequest,
         LaunchLegResult,
         LegProgress,
+        PauseRequest,
         PredictRequest,
         PredictResult,
         PrepareRunRequest,
-        PrepareRunResult,
         PublishStatusRequest,
         RecordLegRequest,
+        RelayActivityInterface,
+        ResumeRequest,
         RunRef,
         SnapshotRequest,
-        SnapshotResult,
         StopLegRequest,
+        TrainingRunInput,
+        WorkflowState,
     )
-    from controller.backends.base import LegOutcomeKind, LegSpec
-    from controller.spec import TrainingRunSpec
     from controller.status import (
         CheckpointStatus,
         LegStatus,
@@ -52,42 +58,6 @@ with workflow.unsafe.imports_passed_through():
 
 TRAINING_RUN_FAILED = "TrainingRunFailed"
 MAX_LEGS_IN_STATE = 200  # legs kept in the workflow's status across continue-as-new (all are on the volume)
-
-
-class WorkflowState(BaseModel):
-    """Everything the training workflow knows; handed on whole at continue-as-new."""
-
-    status: RunStatus
-    snapshot: SnapshotResult | None = None
-    prepared: PrepareRunResult | None = None
-    next_leg: int = 0
-    pending_preempts: list[int] = Field(default_factory=list)
-    paused: bool = False
-    pause_reason: str = ""
-
-
-class TrainingRunInput(BaseModel):
-    """Start (or continue) the workflow of one TrainingRun."""
-
-    namespace: str
-    name: str
-    spec: TrainingRunSpec
-    owner_uid: str | None = None
-    # Demo/test preemptions: SIGTERM the running leg when it reports reaching each of these steps (once each).
-    preempt_at_steps: list[int] = Field(default_factory=list)
-    legs_per_run: int = Field(20, ge=1, description="Continue-as-new after this many legs.")
-    await_window_s: float = Field(10.0, gt=0, description="How often the workflow refreshes its status.")
-    poll_interval_s: float = Field(1.0, gt=0, description="How often await_leg looks at the leg and the volume.")
-    heartbeat_timeout_s: float = Field(30.0, gt=0)
-    state: WorkflowState | None = None
-
-
-class PauseRequest(BaseModel):
-    reason: str = "requested"
-
-
-class ResumeRequest(BaseModel):
-    reason: str = "requested"
 
 
 class _RunFailed(Exception):
@@ -191,10 +161,9 @@ class CheckpointedBertTrainingWorkflow:
             self._set_phase(Phase.SNAPSHOTTING, "snapshotting the dataset")
             await self._publish()
             try:
-                state.snapshot = await workflow.execute_activity(
-                    "snapshot_dataset",
+                state.snapshot = await workflow.execute_activity_method(
+                    RelayActivityInterface.snapshot_dataset,
                     SnapshotRequest(**ref, dataset=spec.dataset, num_labels=spec.training.num_labels),
-                    result_type=SnapshotResult,
                     start_to_close_timeout=timedelta(hours=6),
                     heartbeat_timeout=timedelta(minutes=1),
                     retry_policy=RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(minutes=2)),
@@ -212,10 +181,9 @@ class CheckpointedBertTrainingWorkflow:
             self._event("Normal", "SnapshotReady", f"{verb} snapshot {snap.sha256[:12]} ({rows})")
         if state.prepared is None:
             try:
-                state.prepared = await workflow.execute_activity(
-                    "prepare_run",
+                state.prepared = await workflow.execute_activity_method(
+                    RelayActivityInterface.prepare_run,
                     PrepareRunRequest(**ref, spec=spec, snapshot=state.snapshot),
-                    result_type=PrepareRunResult,
                     start_to_close_timeout=timedelta(minutes=2),
                     retry_policy=RetryPolicy(maximum_attempts=5),
                 )
@@ -231,12 +199,6 @@ class CheckpointedBertTrainingWorkflow:
 
     def _leg_spec(self, leg: int) -> LegSpec:
         state = self._require_state()
-        scheduling = self._input.spec.scheduling
-        fallback = (
-            scheduling.fallback is not None
-            and scheduling.fallback_after_preemptions is not None
-            and state.status.preemptions >= scheduling.fallback_after_preemptions
-        )
         assert state.snapshot is not None and state.prepared is not None
         return LegSpec(
             namespace=self._input.namespace,
@@ -245,7 +207,7 @@ class CheckpointedBertTrainingWorkflow:
             run_path=state.prepared.run_path,
             snapshot_path=state.snapshot.path,
             spec=self._input.spec,
-            use_fallback_profile=fallback,
+            use_fallback_profile=on_fallback_profile(state.status.preemptions, self._input.spec.scheduling),
             owner_uid=self._input.owner_uid,
         )
 
@@ -254,10 +216,9 @@ class CheckpointedBertTrainingWorkflow:
         state, run_input = self._require_state(), self._input
         grace = float(run_input.spec.termination_grace_period_seconds)
         try:
-            launched = await workflow.execute_activity(
-                "launch_leg",
+            launched = await workflow.execute_activity_method(
+                RelayActivityInterface.launch_leg,
                 LaunchLegRequest(leg=leg),
-                result_type=LaunchLegResult,
                 start_to_close_timeout=timedelta(minutes=5),
                 retry_policy=RetryPolicy(maximum_attempts=10, maximum_interval=timedelta(seconds=30)),
             )
@@ -265,8 +226,9 @@ class CheckpointedBertTrainingWorkflow:
             _reraise_cancellation(error)
             record = LegStatus(leg=leg.leg, started_at=self._now())
             state.status.legs.append(record)
-            await self._after_failure(leg, record, LegOutcomeKind.FAILED, f"could not launch: {error.cause}")
-            return False
+            return await self._carry_out(
+                record, LegEnd(leg.leg, LegOutcomeKind.FAILED, f"could not launch: {error.cause}")
+            )
         record = self._leg_started(leg, launched)
         await self._publish()
 
@@ -276,8 +238,8 @@ class CheckpointedBertTrainingWorkflow:
             return handle.done() or (state.paused and not stop_sent)
 
         while True:
-            handle = workflow.start_activity(
-                "await_leg",
+            handle = workflow.start_activity_method(
+                RelayActivityInterface.await_leg,
                 AwaitLegRequest(
                     leg=leg,
                     preempt_at_steps=list(state.pending_preempts),
@@ -285,7 +247,6 @@ class CheckpointedBertTrainingWorkflow:
                     poll_interval_s=run_input.poll_interval_s,
                     grace_s=grace,
                 ),
-                result_type=AwaitLegResult,
                 start_to_close_timeout=timedelta(seconds=run_input.await_window_s + 2 * grace + 120),
                 heartbeat_timeout=timedelta(seconds=run_input.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
@@ -294,8 +255,8 @@ class CheckpointedBertTrainingWorkflow:
             if not handle.done():
                 stop_sent = True
                 self._event("Normal", "Pausing", f"leg {leg.leg}: SIGTERM, waiting for its checkpoint")
-                await workflow.execute_activity(
-                    "stop_leg",
+                await workflow.execute_activity_method(
+                    RelayActivityInterface.stop_leg,
                     StopLegRequest(leg=leg, grace_s=grace),
                     start_to_close_timeout=timedelta(seconds=2 * grace + 120),
                     retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)),
@@ -313,56 +274,46 @@ class CheckpointedBertTrainingWorkflow:
         assert result.outcome is not None
         record.end_step = result.progress.latest_checkpoint.step if result.progress.latest_checkpoint else None
         record.ended_at = self._now()
-        state.status.current_leg = None
-        state.next_leg = leg.leg + 1
-        outcome, detail = result.outcome, result.detail
-        if result.injected_preempt_at is not None and outcome == LegOutcomeKind.PREEMPTED:
+        detail = result.detail
+        if result.injected_preempt_at is not None and result.outcome == LegOutcomeKind.PREEMPTED:
             detail = f"injected preemption at step {result.injected_preempt_at}: {detail}"
+        return await self._carry_out(record, LegEnd(leg.leg, result.outcome, detail, stopped_for_pause=stop_sent))
 
-        if outcome == LegOutcomeKind.COMPLETED:
-            self._finish_record(record, "completed", detail)
-            self._event("Normal", "LegCompleted", f"leg {leg.leg} completed training at step {state.status.step}")
-            await self._record(record)
-            return True
-        if stop_sent and outcome in (LegOutcomeKind.PREEMPTED, LegOutcomeKind.FAILED):
-            self._finish_record(record, "paused", f"paused ({state.pause_reason}): {detail}")
-            self._event("Normal", "Paused", f"leg {leg.leg} stopped at checkpoint step {record.end_step}")
-            await self._record(record)
-            return False
-        if outcome == LegOutcomeKind.PREEMPTED:
-            state.status.preemptions += 1
-            self._finish_record(record, "preempted", detail)
-            where = f"checkpoint step {record.end_step}" if record.end_step is not None else "the start"
-            self._event("Warning", "Preempted", f"leg {leg.leg} preempted ({detail}); resuming from {where}")
-            await self._record(record)
-            budget = run_input.spec.retries.max_preemptions
-            if state.status.preemptions > budget:
-                raise _RunFailed("PreemptionBudgetExhausted", f"more than {budget} preemptions (maxPreemptions)")
-            return False
-        if outcome == LegOutcomeKind.INVALID:
-            self._finish_record(record, "invalid", detail)
-            await self._record(record)
-            raise _RunFailed("InvalidInput", f"leg {leg.leg}: the trainer rejected its input ({detail})")
-        await self._after_failure(leg, record, outcome, detail)
-        return False
+    async def _carry_out(self, record: LegStatus, end: LegEnd) -> bool:
+        """Decide what follows the leg that ended and do it; True when training is complete.
 
-    async def _after_failure(self, leg: LegSpec, record: LegStatus, outcome: LegOutcomeKind, detail: str) -> None:
-        """Count a failed or stuck leg against maxFailures and back off exponentially before the next."""
-        state, retries = self._require_state(), self._input.spec.retries
-        state.status.failures += 1
+        The order of activities and timers here is what recorded histories replay against: record_leg,
+        then the run's failure (STOP) or, for BACK_OFF, publish_status and the backoff timer.
+        """
+        state, spec = self._require_state(), self._input.spec
+        counts = RunCounts(preemptions=state.status.preemptions, failures=state.status.failures)
+        decision = decide(counts, end, spec.retries, spec.scheduling)
+        state.status.preemptions, state.status.failures = decision.counts.preemptions, decision.counts.failures
         state.status.current_leg = None
-        state.next_leg = leg.leg + 1
+        state.next_leg = end.leg + 1
         record.ended_at = record.ended_at or self._now()
-        self._finish_record(record, "stuck" if outcome == LegOutcomeKind.STUCK else "failed", detail)
+        paused = decision.action == Action.PAUSE
+        self._finish_record(
+            record, decision.recorded, f"paused ({state.pause_reason}): {end.detail}" if paused else end.detail
+        )
+        if decision.action == Action.FINISH:
+            self._event("Normal", "LegCompleted", f"leg {end.leg} completed training at step {state.status.step}")
+        elif paused:
+            self._event("Normal", "Paused", f"leg {end.leg} stopped at checkpoint step {record.end_step}")
+        elif decision.recorded == "preempted":
+            where = f"checkpoint step {record.end_step}" if record.end_step is not None else "the start"
+            self._event("Warning", "Preempted", f"leg {end.leg} preempted ({end.detail}); resuming from {where}")
         await self._record(record)
-        if state.status.failures > retries.max_failures:
-            raise _RunFailed("FailureBudgetExhausted", f"leg {leg.leg} failed ({detail}); maxFailures exhausted")
-        backoff = min(retries.backoff_seconds * 2 ** (state.status.failures - 1), retries.max_backoff_seconds)
-        self._event("Warning", "LegFailed", f"leg {leg.leg} failed ({detail}); retrying in {backoff:g}s")
-        state.status.message = f"leg {leg.leg} failed; next leg in {backoff:g}s"
-        await self._publish()
-        if backoff > 0:
-            await workflow.sleep(timedelta(seconds=backoff))
+        if decision.action == Action.STOP:
+            raise _RunFailed(decision.stop_reason, decision.stop_message)
+        if decision.action == Action.BACK_OFF:
+            backoff = decision.backoff_s
+            self._event("Warning", "LegFailed", f"leg {end.leg} failed ({end.detail}); retrying in {backoff:g}s")
+            state.status.message = f"leg {end.leg} failed; next leg in {backoff:g}s"
+            await self._publish()
+            if backoff > 0:
+                await workflow.sleep(timedelta(seconds=backoff))
+        return decision.action == Action.FINISH
 
     async def _wait_while_paused(self) -> None:
         state = self._require_state()
@@ -379,10 +330,9 @@ class CheckpointedBertTrainingWorkflow:
         await self._publish()
         ref = RunRef(namespace=self._input.namespace, name=self._input.name)
         try:
-            result = await workflow.execute_activity(
-                "evaluate",
+            result = await workflow.execute_activity_method(
+                RelayActivityInterface.evaluate,
                 ref,
-                result_type=EvaluateResult,
                 start_to_close_timeout=timedelta(minutes=30),
                 retry_policy=RetryPolicy(maximum_attempts=3),
             )
@@ -402,8 +352,8 @@ class CheckpointedBertTrainingWorkflow:
         state.status.set_condition("Ready", "False", "Finished", "training finished", self._now())
         self._event("Normal", "Succeeded", f"final model at {result.model_path}; {summary}")
         try:
-            await workflow.execute_activity(
-                "cleanup_run",
+            await workflow.execute_activity_method(
+                RelayActivityInterface.cleanup_run,
                 ref,
                 start_to_close_timeout=timedelta(minutes=2),
                 retry_policy=RetryPolicy(maximum_attempts=3),
@@ -429,8 +379,8 @@ class CheckpointedBertTrainingWorkflow:
         grace = self._input.spec.termination_grace_period_seconds
         if leg is not None and state.status.current_leg == leg.leg:
             try:
-                await workflow.execute_activity(
-                    "stop_leg",
+                await workflow.execute_activity_method(
+                    RelayActivityInterface.stop_leg,
                     StopLegRequest(leg=leg, grace_s=float(grace)),
                     start_to_close_timeout=timedelta(seconds=2 * grace + 120),
                     retry_policy=RetryPolicy(maximum_attempts=5),
@@ -505,8 +455,8 @@ class CheckpointedBertTrainingWorkflow:
         record.reason = reason
 
     async def _record(self, record: LegStatus) -> None:
-        await workflow.execute_activity(
-            "record_leg",
+        await workflow.execute_activity_method(
+            RelayActivityInterface.record_leg,
             RecordLegRequest(namespace=self._input.namespace, name=self._input.name, record=record),
             start_to_close_timeout=timedelta(minutes=1),
             retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10), maximum_attempts=20),
@@ -528,8 +478,8 @@ class CheckpointedBertTrainingWorkflow:
         events, self._events = self._events, []
         self._published = state.status.model_copy(deep=True)
         try:
-            await workflow.execute_activity(
-                "publish_status",
+            await workflow.execute_activity_method(
+                RelayActivityInterface.publish_status,
                 PublishStatusRequest(
                     namespace=self._input.namespace, name=self._input.name, status=state.status, events=events
                 ),
@@ -559,10 +509,9 @@ class BertInferenceWorkflow:
 
     @workflow.run
     async def run(self, request: PredictRequest) -> PredictResult:
-        return await workflow.execute_activity(
-            "predict",
+        return await workflow.execute_activity_method(
+            RelayActivityInterface.predict,
             request,
-            result_type=PredictResult,
             start_to_close_timeout=timedelta(seconds=request.timeout_s + 60),
             heartbeat_timeout=timedelta(seconds=30),  # a lost worker's predict Job is retried (adopted) soon
             retry_policy=RetryPolicy(maximum_attempts=2),

@@ -11,18 +11,18 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from controller.activities import (
+from controller.activities import RelayActivities
+from controller.backends.base import LegHandle, LegObservation, LegOutcomeKind, LegSpec, LegState, LegTermination
+from controller.messages import (
     AwaitHeartbeat,
     AwaitLegRequest,
     LaunchLegRequest,
     LegProgress,
     PrepareRunRequest,
-    RelayActivities,
     RunRef,
     SnapshotRequest,
     SnapshotResult,
 )
-from controller.backends.base import LegHandle, LegObservation, LegOutcomeKind, LegSpec, LegState, LegTermination
 from controller.spec import DatasetSpec, TrainingRunSpec, trainer_config
 from trainer.config import TrainerConfig, TrainingSettings
 from trainer.volume import RunLayout, atomic_write_json, checkpoint_dir_name, write_manifest, write_progress

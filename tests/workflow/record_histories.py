@@ -21,8 +21,9 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from workflow_fakes import ScriptedActivities, spec
 
+from controller.messages import PauseRequest, TrainingRunInput
 from controller.status import Phase
-from controller.workflows import CheckpointedBertTrainingWorkflow, PauseRequest, TrainingRunInput
+from controller.workflows import CheckpointedBertTrainingWorkflow
 
 OUT = Path(__file__).resolve().parent / "histories"
 

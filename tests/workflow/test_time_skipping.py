@@ -11,8 +11,9 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from workflow_fakes import ScriptedActivities, spec
 
+from controller.messages import TrainingRunInput
 from controller.status import Phase
-from controller.workflows import CheckpointedBertTrainingWorkflow, TrainingRunInput
+from controller.workflows import CheckpointedBertTrainingWorkflow
 
 pytestmark = pytest.mark.anyio
 

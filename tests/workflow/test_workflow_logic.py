@@ -14,14 +14,9 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 from workflow_fakes import ScriptedActivities, spec
 
+from controller.messages import PauseRequest, ResumeRequest, TrainingRunInput
 from controller.status import CheckpointStatus, Phase, RunStatus
-from controller.workflows import (
-    BertInferenceWorkflow,
-    CheckpointedBertTrainingWorkflow,
-    PauseRequest,
-    ResumeRequest,
-    TrainingRunInput,
-)
+from controller.workflows import BertInferenceWorkflow, CheckpointedBertTrainingWorkflow
 
 pytestmark = pytest.mark.anyio
 

@@ -14,7 +14,8 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from controller.activities import (
+from controller.backends.base import LegHandle, LegObservation, LegState, LegTermination, classify_termination
+from controller.messages import (
     AwaitLegRequest,
     AwaitLegResult,
     EvaluateResult,
@@ -30,7 +31,6 @@ from controller.activities import (
     SnapshotResult,
     StopLegRequest,
 )
-from controller.backends.base import LegHandle, LegObservation, LegState, LegTermination, classify_termination
 from controller.spec import DatasetSpec, RetrySpec, TrainingRunSpec
 from controller.status import CheckpointStatus, LegStatus, RunStatus
 from trainer.config import TrainingSettings
