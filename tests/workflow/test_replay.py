@@ -12,6 +12,7 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from controller.worker import WORKFLOW_RUNNER
 from controller.workflows import BertInferenceWorkflow, CheckpointedBertTrainingWorkflow
 
 pytestmark = pytest.mark.anyio
@@ -34,8 +35,10 @@ def test_every_recorded_path_is_present():
 async def test_replays_without_nondeterminism(path: Path):
     history = WorkflowHistory.from_json(f"trainingrun-default-{path.stem}", path.read_text(encoding="utf-8"))
     assert len(history.events) > 10  # a real history, not an empty file
-    replayer = Replayer(
-        workflows=[CheckpointedBertTrainingWorkflow, BertInferenceWorkflow], data_converter=pydantic_data_converter
+    replayer = Replayer(  # the production worker's sandbox: what it refuses or re-imports, the replay does too
+        workflows=[CheckpointedBertTrainingWorkflow, BertInferenceWorkflow],
+        data_converter=pydantic_data_converter,
+        workflow_runner=WORKFLOW_RUNNER,
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None, f"{path.name}: {result.replay_failure}"
