@@ -1,9 +1,11 @@
-"""What the API server offers: its version (from /version) and the policy API version, read once per client.
+"""What the API server offers: its version (from /version) and the Eviction API version, read once per client.
 
 Users run Kubernetes 1.28 to 1.34; the test control plane is 1.20. Relay uses a newer API where the
 server has it and the old one only where it must:
-- Eviction (and any PodDisruptionBudget) through `policy/v1` when discovery lists it (1.21+; `v1beta1`
-  was removed in 1.25), else `policy/v1beta1` (1.20). `evict_pod` is the one place that decides.
+- Eviction through `policy/v1` when discovery of `/api/v1` says `pods/eviction` takes it (1.22+;
+  `v1beta1` was removed in 1.25), else `policy/v1beta1` (1.20, 1.21: there `policy/v1` already lists
+  PodDisruptionBudget but not Eviction, so the group's version list is not enough). `evict_pod` is the
+  one place that decides. Relay creates no PodDisruptionBudget.
 - A Job `podFailurePolicy` from 1.26 on (beta and on by default there; GA in 1.31), see
   `controller.kubernetes.jobs.POD_FAILURE_POLICY`.
 
@@ -31,7 +33,7 @@ class ServerFeatures:
 
     major: int
     minor: int
-    policy_version: str  # "v1" or "v1beta1"
+    policy_version: str  # of Eviction: "v1" or "v1beta1"
 
     @property
     def pod_failure_policy(self) -> bool:
@@ -46,9 +48,12 @@ def parse_version(major: str, minor: str) -> tuple[int, int]:
     return int(major), int(found.group(1))
 
 
-def policy_version_of(versions: list[str]) -> str:
-    """The Eviction/PodDisruptionBudget API version to use among those discovery lists for `policy`."""
-    return "v1" if "v1" in versions else "v1beta1"
+def eviction_version_of(resources: list[tuple[str, str | None, str | None]]) -> str:
+    """The policy version `pods/eviction` takes, from /api/v1's discovery (name, group, version) triples."""
+    for name, group, version in resources:
+        if name == "pods/eviction" and group == "policy" and version == "v1":
+            return "v1"
+    return "v1beta1"
 
 
 _cache: weakref.WeakKeyDictionary[kubernetes.client.ApiClient, ServerFeatures] = weakref.WeakKeyDictionary()
@@ -63,8 +68,9 @@ def server_features(api_client: kubernetes.client.ApiClient) -> ServerFeatures:
         return known
     code = kubernetes.client.VersionApi(api_client).get_code()
     major, minor = parse_version(str(code.major), str(code.minor))
-    group = kubernetes.client.PolicyApi(api_client).get_api_group()
-    features = ServerFeatures(major, minor, policy_version_of([v.version for v in group.versions or []]))
+    listing = kubernetes.client.CoreV1Api(api_client).get_api_resources()
+    resources = [(r.name, r.group, r.version) for r in listing.resources or []]
+    features = ServerFeatures(major, minor, eviction_version_of(resources))
     with _lock:
         _cache[api_client] = features
     return features

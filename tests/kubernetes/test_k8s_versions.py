@@ -13,7 +13,7 @@ import pytest
 from controller.backends.base import LegOutcomeKind, LegSpec, PredictJob, classify_termination
 from controller.kubernetes.jobs import ANNOTATION_WORKFLOW, POD_FAILURE_POLICY, build_leg_job, build_predict_job
 from controller.kubernetes.legs import judge_leg
-from controller.kubernetes.server import ServerFeatures, eviction_body, parse_version, policy_version_of
+from controller.kubernetes.server import ServerFeatures, eviction_body, eviction_version_of, parse_version
 from controller.kubernetes.status_sink import claim_problem
 from controller.spec import CustomResourceStatus, ResourceCondition, TrainingRunSpec, workflow_id
 from controller.status import RunStatus
@@ -23,23 +23,28 @@ LEG = LegSpec(namespace="ml", name="bert", leg=0, run_path="runs/ml/bert", snaps
 JOB: dict[str, Any] = {"metadata": {"name": "bert-leg-0", "annotations": {}}, "spec": {"parallelism": 1}, "status": {}}
 
 
+# /api/v1 discovery's pods/eviction entry: policy/v1beta1 up to 1.21 (when policy/v1 served only
+# PodDisruptionBudget), policy/v1 from 1.22; an entry without group/version means the old body too.
 @pytest.mark.parametrize(
-    ("major", "minor", "policy", "pod_failure_policy"),
+    ("major", "minor", "eviction", "policy", "pod_failure_policy"),
     [
-        ("1", "20", ["v1beta1"], False),  # the envtest tier
-        ("1", "24", ["v1", "v1beta1"], False),
-        ("1", "26", ["v1"], True),
-        ("1", "28+", ["v1"], True),  # managed clusters report "28+"
-        ("1", "34", ["v1"], True),
+        ("1", "20", ("policy", "v1beta1"), "v1beta1", False),  # the envtest tier
+        ("1", "20", (None, None), "v1beta1", False),
+        ("1", "21", ("policy", "v1beta1"), "v1beta1", False),
+        ("1", "24", ("policy", "v1"), "v1", False),
+        ("1", "26", ("policy", "v1"), "v1", True),
+        ("1", "28+", ("policy", "v1"), "v1", True),  # managed clusters report "28+"
+        ("1", "34", ("policy", "v1"), "v1", True),
     ],
 )
 def test_server_features_follow_version_and_discovery(
-    major: str, minor: str, policy: list[str], pod_failure_policy: bool
+    major: str, minor: str, eviction: tuple[str | None, str | None], policy: str, pod_failure_policy: bool
 ) -> None:
-    features = ServerFeatures(*parse_version(major, minor), policy_version_of(policy))
+    resources = [("pods", None, None), ("pods/eviction", *eviction), ("pods/log", None, None)]
+    features = ServerFeatures(*parse_version(major, minor), eviction_version_of(resources))
     assert features.pod_failure_policy is pod_failure_policy
-    assert features.policy_version == ("v1" if "v1" in policy else "v1beta1")
-    assert eviction_body("ml", "p", features.policy_version).api_version == f"policy/{features.policy_version}"
+    assert features.policy_version == policy
+    assert eviction_body("ml", "p", features.policy_version).api_version == f"policy/{policy}"
 
 
 def test_unreadable_version_names_the_field() -> None:
