@@ -32,9 +32,11 @@ MAX_CONCURRENT_ACTIVITIES = 1000
 # non-deterministic calls (clock, randomness, I/O) refused, in production as in tests/workflow. A run pays for
 # re-importing controller.workflows and controller.decisions alone; the pydantic models and enums come from
 # modules they pass through (controller.messages, spec, status, backends.base), loaded once per process.
-# bench/bench_sandbox.py (100 runs at once, medians of 3): +63 KB and +8 ms of CPU per run against passing
-# controller.workflows through, so ~31 MB at 500 cached runs. With the models still defined in the workflow
-# module it was +204 KB per run (~100 MB at 500).
+# bench/bench_sandbox.py, against passing controller.workflows through (medians of 3, machine under load 3-9):
+# +63 KB RSS per run with 100 runs at once, +95 KB with 300, and +8 ms of CPU per run start; start latency
+# unchanged. So 30-46 MB at 500 cached runs (the controller's VmHWM at 500 was 464 MB). Importing the two
+# modules allocates ~108 KB (tracemalloc: workflows 72, decisions 36). With the models still defined in the
+# workflow module it was +204 KB per run (~100 MB at 500).
 WORKFLOW_RUNNER = SandboxedWorkflowRunner()
 
 
