@@ -160,3 +160,60 @@ def test_claim_condition_names_the_claim_and_the_fix() -> None:
     status = CustomResourceStatus.from_run_status(RunStatus())
     status.conditions.append(ResourceCondition(type="VolumeReady", status="False", reason=reason))
     assert CustomResourceStatus.model_validate(status.model_dump()).conditions[0].type == "VolumeReady"
+
+
+class _FakeApi:
+    """Answers the sink's three calls and counts them; the claim turns Bound after `pending_reads` reads."""
+
+    def __init__(self, pending_reads: int) -> None:
+        self.pending_reads = pending_reads
+        self.calls: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+
+    def get_namespaced_custom_object(self, *_: Any) -> dict[str, Any]:
+        self._count("get_run")
+        return {"metadata": {"uid": "u"}, "spec": {"storage": {"claimName": "relay-shared"}}}
+
+    def patch_namespaced_custom_object_status(self, *args: Any) -> dict[str, Any]:
+        self._count("patch_status")
+        self.last_status = args[-1]["status"]
+        return {"metadata": {"uid": "u"}}
+
+    def read_namespaced_persistent_volume_claim(self, *_: Any) -> dict[str, Any]:
+        self._count("read_claim")
+        phase = "Pending" if self.calls["read_claim"] <= self.pending_reads else "Bound"
+        return {"spec": {}, "status": {"phase": phase}}
+
+    def create_namespaced_event(self, _namespace: str, body: dict[str, Any]) -> None:
+        self._count(f"event:{body['reason']}")
+
+
+def test_the_sink_reads_a_claim_until_it_is_bound_and_then_never_again() -> None:
+    import asyncio
+
+    import kubernetes
+
+    from controller.kubernetes.status_sink import KubernetesStatusSink
+
+    fake = _FakeApi(pending_reads=2)
+    sink = KubernetesStatusSink(kubernetes.client.ApiClient())
+    sink._custom = sink._core = fake  # type: ignore[assignment]
+
+    async def publish_times(count: int) -> list[list[str]]:
+        seen = []
+        for _ in range(count):
+            await sink.publish("ml", "bert", RunStatus(), [])
+            seen.append([c["type"] for c in fake.last_status["conditions"]])
+        return seen
+
+    seen = asyncio.run(publish_times(6))
+    assert seen == [["VolumeReady"], ["VolumeReady"], [], [], [], []]
+    assert fake.calls == {
+        "get_run": 1,  # the claim's name, once per run
+        "read_claim": 3,  # until Bound, then never again
+        "patch_status": 6,
+        "event:ClaimPending": 1,  # once when it appears, not at every publish
+        "event:ClaimBound": 1,
+    }
