@@ -7,11 +7,11 @@ controller's activities and the drill's checks read the run folder there. The Tr
 with its claim must exist (the Helm chart makes them).
 
 Faults reach a leg through the API, as a cluster delivers them: a preemption notice is an Eviction (policy/v1
-where the server offers it, v1beta1 on servers older than 1.22; the kubelet sends SIGTERM, then SIGKILL after the
-grace period); a hard kill is a delete with gracePeriodSeconds=0. Leg lifetimes come from a watch of the run's
-pods (container start and finish times, or the moment a force-deleted pod vanished); CheckpointQuarantined
-events and the published phase are read back from the API server (what `kubectl describe` and `kubectl get`
-show); "nothing left" means no Job or pod of the run remains.
+where the server offers it, v1beta1 on older servers: controller.kubernetes.server.evict_pod; the kubelet sends
+SIGTERM, then SIGKILL after the grace period); a hard kill is a delete with gracePeriodSeconds=0. Leg lifetimes
+come from a watch of the run's pods (container start and finish times, or the moment a force-deleted pod
+vanished); CheckpointQuarantined events and the published phase are read back from the API server (what
+`kubectl describe` and `kubectl get` show); "nothing left" means no Job or pod of the run remains.
 
 Faults that need the trainer's process itself (SIGKILL inside a checkpoint write, SIGSTOP to corrupt the newest
 checkpoint, a full volume) are offered only by a harness that plays the node (`NodeAccess`: the test support's
@@ -40,6 +40,7 @@ from kubernetes.client.rest import ApiException
 
 from controller.drill.core import RUN_NAME, Check, Drill, DrillError, free_port
 from controller.kubernetes.jobs import LABEL_RUN
+from controller.kubernetes.server import evict_pod, server_features
 from trainer.volume import RunLayout
 
 GROUP, VERSION, PLURAL = "relay.dev", "v1alpha1", "trainingruns"
@@ -89,6 +90,8 @@ class ClusterTarget:
             document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError) as exc:
             return f"--kubeconfig {path}: not a kubeconfig ({exc.__class__.__name__})"
+        if not isinstance(document, dict):
+            return f"--kubeconfig {path}: not a kubeconfig (no mapping)"
         contexts = [c.get("name") for c in document.get("contexts") or [] if isinstance(c, dict)]
         if self.context is not None and self.context not in contexts:
             return f"--context {self.context}: not in {path} (contexts: {', '.join(map(str, contexts)) or 'none'})"
@@ -100,13 +103,6 @@ class ClusterTarget:
         if earlier.exists():
             return f"--run-volume {self.volume}: {earlier.relative_to(self.volume)} holds an earlier drill; remove it"
         return None
-
-
-def eviction_version(kube: kubernetes.client.ApiClient) -> str:
-    """policy/v1 where the server offers it (1.22+), else policy/v1beta1 (removed in 1.25)."""
-    groups = kubernetes.client.ApisApi(kube).get_api_versions().groups or []
-    versions = {v.group_version for g in groups if g.name == "policy" for v in g.versions or []}
-    return "policy/v1" if "policy/v1" in versions else "policy/v1beta1"
 
 
 def _epoch(timestamp: str | None) -> float | None:
@@ -225,9 +221,10 @@ class KubernetesDrill(Drill):
         config = str(self.cluster.kubeconfig_path())
         self.kube = kubernetes.config.new_client_from_config(config_file=config, context=self.cluster.context)
         await asyncio.to_thread(self._check_cluster)
-        self.eviction_api = await asyncio.to_thread(eviction_version, self.kube)
-        self.say(f"cluster {self.kube.configuration.host}, namespace {self.namespace}, Eviction via "
-                 f"{self.eviction_api}, volume {self.volume}")  # fmt: skip
+        features = await asyncio.to_thread(server_features, self.kube)
+        self.eviction_api = f"policy/{features.policy_version}"
+        self.say(f"cluster {self.kube.configuration.host} (Kubernetes {features.major}.{features.minor}), namespace "
+                 f"{self.namespace}, Eviction via {self.eviction_api}, volume {self.volume}")  # fmt: skip
         self.watch = PodWatch(self.kube, self.namespace, f"{LABEL_RUN}={RUN_NAME}").start()
         self._start_controller()
 
@@ -330,8 +327,10 @@ class KubernetesDrill(Drill):
         if hard:
             await asyncio.to_thread(self._core().delete_namespaced_pod, pod, self.namespace, grace_period_seconds=0)
             return f"force delete of pod {pod} (gracePeriodSeconds=0: SIGKILL)"
-        eviction: Any = {"apiVersion": self.eviction_api, "kind": "Eviction", "metadata": {"name": pod}}
-        await asyncio.to_thread(self._core().create_namespaced_pod_eviction, pod, self.namespace, eviction)
+        assert self.kube is not None
+        evicted = await asyncio.to_thread(evict_pod, self.kube, self.namespace, pod)
+        if not evicted:
+            raise DrillError(f"Eviction of pod {pod}: the pod was gone already")
         return f"Eviction of pod {pod} through the API ({self.eviction_api}: SIGTERM)"
 
     def leg_log(self, leg: int) -> str:
