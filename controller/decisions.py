@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from temporalio import workflow
 
-# Workflow code: the sandbox imports this module afresh for every run, so its types are NamedTuples (a frozen
-# dataclass costs ~10 KB and ~1 ms to define, a NamedTuple ~5 KB; bench/bench_sandbox.py). The enum's module is
-# data only: passed through, loaded once per process.
+# Workflow code: the sandbox imports this module afresh for every run, so its types are NamedTuples (defining
+# a frozen dataclass allocates ~10 KB, a NamedTuple ~5 KB, by tracemalloc). The enum's module is data only:
+# passed through, loaded once per process.
 with workflow.unsafe.imports_passed_through():
     from controller.backends.base import LegOutcomeKind
 
