@@ -7,6 +7,7 @@ import random
 
 from trainer.data import epoch_batches, micro_batches_per_epoch, steps_per_epoch
 from trainer.evaluation import classification_metrics
+from trainer.leg_state import Plan, Totals
 
 
 def lengths(rows: int) -> list[int]:
@@ -53,6 +54,29 @@ def test_steps_per_epoch_with_accumulation() -> None:
     assert steps_per_epoch(160, 8, 2) == 10
     assert steps_per_epoch(161, 8, 2) == 11  # 21 micro-batches: the last step accumulates one
     assert steps_per_epoch(7, 8, 4) == 1
+
+
+def test_the_plan_runs_every_micro_batch_of_an_epoch_once() -> None:
+    plan = Plan(total_steps=33, steps_per_epoch=11, micro_batches_per_epoch=21, accumulation=2)
+    for epoch in range(3):
+        first = epoch * plan.steps_per_epoch
+        steps = range(first, first + plan.steps_per_epoch)
+        assert {plan.epoch(step) for step in steps} == {epoch}
+        micro = [index for step in steps for index in plan.micro_batches(step)]
+        assert micro == list(range(21)), "in order, each once; the epoch's last step accumulates one"
+    assert plan.first_micro_batch(12) == 2  # what trainer_state.json records as batch_in_epoch
+
+
+def test_totals_survive_the_trip_through_trainer_state() -> None:
+    totals = Totals()
+    for step in range(60):
+        totals.add_step(0.5 + step / 100, 8)
+    saved = {"step": totals.step, "loss_sum": totals.loss_sum, "samples_seen": totals.samples_seen}
+    saved["recent_losses"] = list(totals.recent_losses)
+    restored = Totals()
+    restored.restore(saved)
+    assert restored == totals and len(restored.recent_losses) == 50
+    assert restored.recent_losses.maxlen == totals.recent_losses.maxlen
 
 
 def test_classification_metrics() -> None:

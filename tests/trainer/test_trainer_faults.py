@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import re
 import signal
+from pathlib import Path
 
 import pytest
-from trainer_helpers import REPO
+from trainer_helpers import REPO, write_config
 
 from trainer import faults as faults_mod
 from trainer.faults import NO_FAULTS, Faults, FaultSettingInvalid
+from trainer.train import run_leg
+from trainer.volume import ExitCode, RunLayout, read_checkpoint
 
 
 def test_no_variables_no_faults() -> None:
@@ -99,6 +102,20 @@ def test_injected_sets_the_active_faults_for_the_block_only() -> None:
     with faults_mod.injected(chosen):
         assert faults_mod.active() is chosen
     assert faults_mod.active() is NO_FAULTS
+
+
+def test_run_leg_injects_faults_handed_in_without_the_environment(
+    snapshot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RELAY_TEST_KILL_AFTER_STEP", "1")  # ignored: the faults handed in win
+    config = write_config(tmp_path / "config.json", maxSteps=6, checkpointEverySteps=4)
+    run_dir = tmp_path / "run"
+    result = run_leg(run_dir, snapshot, config, faults=Faults(sigterm_during_step=3))
+    assert result.exit_code == ExitCode.PREEMPTED, result.message
+    assert "finished step 3 and saved checkpoint step 3" in result.message
+    saved = read_checkpoint(RunLayout(run_dir).checkpoints_dir / "step-000000003", verify_hashes=True)
+    assert saved.extra["emergency"] is True
+    assert faults_mod.active() is NO_FAULTS, "the leg's faults end with the leg"
 
 
 def test_no_other_trainer_module_reads_a_test_variable() -> None:

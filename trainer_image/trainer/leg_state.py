@@ -73,6 +73,14 @@ class Totals:
     samples_seen: int = 0
     recent_losses: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LOSS_WINDOW))
 
+    def restore(self, trainer_state: dict[str, Any]) -> None:
+        """Take the totals a checkpoint's trainer_state.json holds (checkpoint_policy writes them)."""
+        self.step = int(trainer_state["step"])
+        self.loss_sum = float(trainer_state["loss_sum"])
+        self.samples_seen = int(trainer_state["samples_seen"])
+        self.recent_losses.clear()
+        self.recent_losses.extend(float(x) for x in trainer_state["recent_losses"])
+
     def add_step(self, loss: float, samples: int) -> None:
         self.step += 1
         self.loss_sum += loss

@@ -356,10 +356,7 @@ def _restore(verified: VerifiedCheckpoint, learner: Learner, totals: Totals, pla
     learner.model.load_state_dict({k: v.to(learner.device) for k, v in loaded.model.items()})
     learner.optimizer.load_state_dict(loaded.optimizer)
     learner.scheduler.load_state_dict(state["scheduler"])
-    totals.step = int(state["step"])
-    totals.loss_sum = float(state["loss_sum"])
-    totals.samples_seen = int(state["samples_seen"])
-    totals.recent_losses.extend(float(x) for x in state["recent_losses"])
+    totals.restore(state)
     ckpt.restore_rng(loaded.rng)  # last: nothing draws from the RNGs before the next step
 
 
