@@ -331,10 +331,26 @@ def run(out: dict[str, Any]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def run_checkpoint_io(out: dict[str, Any]) -> None:
+    """Only the checkpoint write/restore comparison (about a minute): for measuring a change to checkpoint I/O
+    without regenerating the whole report."""
+    root = os.environ.get("RELAY_BENCH_DIR") or None
+    scratch = Path(tempfile.mkdtemp(prefix="relay-bench-ckpt-", dir=root))
+    try:
+        bench_checkpoint_io(scratch, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 if __name__ == "__main__":
+    import argparse
+
     from trainer.reporting import setup_logging
 
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--part", choices=["all", "checkpoint-io"], default="all", help="run only this part")
     setup_logging()
     results: dict[str, Any] = {}
-    run(results)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    (run_checkpoint_io if parser.parse_args().part == "checkpoint-io" else run)(results)
     print(json.dumps(results, indent=2))

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer.volume import RunLayout, load_progress
+
 REPO = Path(__file__).resolve().parents[1]
 _STEP_LINE = re.compile(r"step (\d+)/(\d+) .*?\| ([0-9.]+) samples/s")
 
@@ -80,15 +82,15 @@ def orchestration_overhead(scratch: Path) -> dict[str, Any]:
     for rep in range(2):  # interleaved: relay leg, then bare trainer, twice
         shutil.rmtree(volume / "runs", ignore_errors=True)
         _relay_run(scratch, file, volume)
-        run_dir = volume / "runs/default/overhead"
-        relay_rate = _steady_rate((run_dir / "legs/0.log").read_text())
-        snapshot = json.loads((volume / "runs/default/overhead/legs/0.pid.json").read_text())["command"][-3]
+        layout = RunLayout.for_run(volume, "default", "overhead")
+        relay_rate = _steady_rate((layout.legs_dir / "0.log").read_text())
+        snapshot = json.loads((layout.legs_dir / "0.pid.json").read_text())["command"][-3]
         bare_dir = scratch / f"bare-{rep}"
         shutil.rmtree(bare_dir, ignore_errors=True)
         bare_dir.mkdir()
         result = subprocess.run(
             [sys.executable, "-m", "trainer", "train", "--run-dir", str(bare_dir), "--snapshot", snapshot,
-             "--config", str(run_dir / "config.json")],
+             "--config", str(layout.config_path)],
             capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         if result.returncode != 0:
@@ -123,22 +125,19 @@ RECOVERY_SPEC = """\
 class ProgressWatcher(threading.Thread):
     """Polls progress.json every 5 ms; keeps, per trainer pid, the time of its first optimizer step."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, layout: RunLayout) -> None:
         super().__init__(daemon=True)
-        self.path = path
+        self.layout = layout
         self.first_step: dict[int, float] = {}
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         while not self.stop_flag.is_set():
-            try:
-                data = json.loads(self.path.read_text())
-            except (OSError, ValueError):
-                data = None
-            if data and data.get("state") == "running" and isinstance(data.get("pid"), int):
-                resumed = data.get("resumed_from_step") or 0
-                if data["step"] > resumed and data["pid"] not in self.first_step:
-                    self.first_step[data["pid"]] = float(data["updated_at"])
+            progress = load_progress(self.layout)
+            if progress and progress.state == "running" and progress.pid is not None:
+                resumed = progress.resumed_from_step or 0
+                if progress.step > resumed and progress.pid not in self.first_step and progress.updated_at:
+                    self.first_step[progress.pid] = progress.updated_at
             time.sleep(0.005)
 
 
@@ -149,7 +148,7 @@ def _trainer_startup(scratch: Path, snapshot: str, config: Path, checkpoints: Pa
     (run_dir / "checkpoints").mkdir(parents=True)
     oldest = sorted(p for p in checkpoints.iterdir() if p.name.startswith("step-"))[0]  # steps remain after it
     shutil.copytree(oldest, run_dir / "checkpoints" / oldest.name)
-    watcher = ProgressWatcher(run_dir / "progress.json")
+    watcher = ProgressWatcher(RunLayout(run_dir))
     watcher.start()
     started = time.time()
     process = subprocess.Popen(
@@ -170,15 +169,15 @@ def recovery_latency(scratch: Path) -> dict[str, Any]:
     volume = scratch / "recovery"
     file = scratch / "recovery.yaml"
     file.write_text(_training_run("recovery", RECOVERY_SPEC))
-    run_dir = volume / "runs/default/recovery"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    watcher = ProgressWatcher(run_dir / "progress.json")
+    layout = RunLayout.for_run(volume, "default", "recovery")
+    layout.run_dir.mkdir(parents=True, exist_ok=True)
+    watcher = ProgressWatcher(layout)
     watcher.start()
     preempt = ["--preempt-at-step", "150", "--preempt-at-step", "400", "--preempt-at-step", "650"]
     preempt += ["--preempt-at-step", "900"]
     _relay_run(scratch, file, volume, *preempt)
     watcher.stop_flag.set()
-    legs = run_dir / "legs"
+    legs = layout.legs_dir
     totals, startups, recoveries = [], [], []
     for n in range(1, 5):
         death = json.loads((legs / f"{n - 1}.exit.json").read_text())["ended_at"]
@@ -189,7 +188,7 @@ def recovery_latency(scratch: Path) -> dict[str, Any]:
         startups.append(first_step - spawned)  # this leg's own load: interpreter, imports, model + checkpoint
         recoveries.append(totals[-1] - startups[-1])
     bare = _trainer_startup(scratch, json.loads((legs / "0.pid.json").read_text())["command"][-3],
-                            run_dir / "config.json", run_dir / "checkpoints")  # fmt: skip
+                            layout.config_path, layout.checkpoints_dir)  # fmt: skip
     return entry(
         statistics.median(recoveries),
         "s",

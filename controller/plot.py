@@ -1,7 +1,8 @@
 """`relay plot`: a run's story in one PNG, drawn only from its run folder (so local and Kubernetes runs alike).
 
 Reads `history.jsonl` (training loss per logged step, the final evaluation), `legs/<n>.json` (each leg's
-start and end step and outcome), `checkpoints/*/manifest.json`, `quarantine/*` and `final/metrics.json`.
+start and end step and outcome), `checkpoints/*/manifest.json`, `quarantine/*` and `final/metrics.json`, all
+through `trainer.volume` (RunLayout and its typed record readers).
 Top: training loss against step, eval loss/accuracy where present, legs shaded, resumes marked with the
 step they resumed from. Bottom: one bar per leg (how it ended), checkpoints as ticks, quarantined ones
 flagged. matplotlib with the Agg backend (no display needed).
@@ -11,14 +12,20 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from trainer.volume import (
+    MANIFEST_NAME,
+    RunLayout,
+    list_checkpoint_dirs,
+    list_quarantined,
+    read_history,
+    read_leg_records,
+)
+
 WIDTH_PX, HEIGHT_PX, DPI = 1200, 700, 100
-_LEG_FILE = re.compile(r"^(\d+)\.json$")
-_QUARANTINED = re.compile(r"^step-(\d+)")
 OUTCOME_COLOURS = {
     "completed": "#2e7d32",
     "preempted": "#ef6c00",
@@ -53,57 +60,36 @@ def _json(path: Path) -> Any:
 
 
 def read_run(run_dir: Path) -> RunHistory:
-    """Everything the picture needs, from the run folder alone."""
+    """Everything the picture needs, from the run folder alone (through the volume contract's typed readers)."""
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir}: no such run folder")
+    layout = RunLayout(run_dir)
     latest: dict[int, tuple[float, float]] = {}  # step -> (time, loss); a redone step keeps its newest line
     processes: dict[int, dict[str, float]] = {}  # trainer pid -> first/last time and step it logged
     saved: set[int] = set()  # every checkpoint written, also those retention removed later
     evals: list[dict[str, float]] = []
-    history = run_dir / "history.jsonl"
-    if history.is_file():
-        for line in history.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                step, at = int(entry["step"]), float(entry.get("time", 0.0))
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a SIGKILL: skip it
-            if isinstance(entry.get("pid"), int):
-                span = processes.setdefault(entry["pid"], {"t0": at, "t1": at, "first": step + 1, "last": step})
-                span["t0"], span["t1"] = min(span["t0"], at), max(span["t1"], at)
-                if entry.get("event") == "start":
-                    span["from"] = step  # the step this trainer resumed from (0 on a fresh start)
-                else:
-                    span["first"], span["last"] = min(span["first"], step), max(span["last"], step)
-            if entry.get("event") == "checkpoint":
-                saved.add(step)
-            elif "eval_loss" in entry:
-                evals.append({"step": step, "loss": float(entry["eval_loss"]), "accuracy": entry.get("eval_accuracy")})
-            elif entry.get("loss") is not None and (step not in latest or at >= latest[step][0]):
-                latest[step] = (at, float(entry["loss"]))
-    legs = []
-    legs_dir = run_dir / "legs"
-    for path in sorted(legs_dir.iterdir() if legs_dir.is_dir() else [], key=lambda p: p.name):
-        if _LEG_FILE.match(path.name):
-            record = _json(path)
-            if isinstance(record, dict) and isinstance(record.get("startStep"), int):
-                legs.append(record)
-    legs.sort(key=lambda r: int(r.get("leg", 0)))
+    for entry in read_history(layout):  # lines cut short by a SIGKILL are skipped
+        step, at = entry.step, entry.time
+        if entry.pid is not None:
+            span = processes.setdefault(entry.pid, {"t0": at, "t1": at, "first": step + 1, "last": step})
+            span["t0"], span["t1"] = min(span["t0"], at), max(span["t1"], at)
+            if entry.event == "start":
+                span["from"] = step  # the step this trainer resumed from (0 on a fresh start)
+            else:
+                span["first"], span["last"] = min(span["first"], step), max(span["last"], step)
+        if entry.event == "checkpoint":
+            saved.add(step)
+        elif entry.eval_loss is not None:
+            evals.append({"step": step, "loss": entry.eval_loss, "accuracy": entry.eval_accuracy})  # type: ignore[dict-item]
+        elif entry.loss is not None and (step not in latest or at >= latest[step][0]):
+            latest[step] = (at, entry.loss)
+    legs = [record.model_dump(mode="json", by_alias=True) for record in read_leg_records(layout)]
     _attach_trained_steps(legs, processes)
-    checkpoints = sorted(
-        int(m.parent.name.removeprefix("step-"))
-        for m in (run_dir / "checkpoints").glob("step-*/manifest.json")
-        if m.parent.name.removeprefix("step-").isdigit()
-    )
-    quarantine_dir = run_dir / "quarantine"
-    quarantined = sorted(
-        int(match.group(1))
-        for match in (_QUARANTINED.match(p.name) for p in (quarantine_dir.iterdir() if quarantine_dir.is_dir() else []))
-        if match
-    )
-    metrics_path = run_dir / "final" / "metrics.json"
+    checkpoints = [
+        step for step, folder in list_checkpoint_dirs(layout.checkpoints_dir) if (folder / MANIFEST_NAME).is_file()
+    ]
+    quarantined = sorted(entry.step for entry in list_quarantined(layout.quarantine_dir) if entry.step >= 0)
+    metrics_path = layout.final_metrics_path
     final_metrics = _json(metrics_path) if metrics_path.is_file() else {}
     if not latest and not legs:
         raise PlotError(f"{run_dir}: nothing to draw (no history.jsonl lines and no legs/<n>.json records)")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from pydantic import ConfigDict, Field
 
 from trainer.config import CamelModel
+from trainer.volume.records import LegRecord
 
 # How many leg records and quarantine entries the TrainingRun .status keeps (the query keeps all of
 # the current workflow run's; legs/<n>.json on the volume keeps every one).
@@ -50,17 +51,9 @@ def rfc3339(moment: datetime | float) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class LegStatus(StatusModel):
-    """One leg: where it started, how far it got and how it ended (outcome None while it runs)."""
-
-    leg: int = Field(ge=0)
-    start_step: int = Field(0, ge=0, description="Step of the checkpoint the leg resumed from (0: fresh start).")
-    end_step: int | None = Field(None, ge=0, description="Newest checkpointed step when the leg ended.")
-    outcome: Literal["completed", "preempted", "failed", "invalid", "stuck", "paused", "cancelled"] | None = None
-    reason: str = Field("", description="Why it ended: exit code, signal, eviction reason, injected preemption.")
-    started_at: str | None = None
-    ended_at: str | None = None
-    backend_id: str = Field("", description="Job name, or pid:<pid> for a local leg.")
+LegStatus: TypeAlias = LegRecord
+"""One leg: where it started, how far it got and how it ended (outcome None while it runs). The same model as
+the volume's legs/<n>.json record (trainer.volume.records.LegRecord): one spelling on disk and in the status."""
 
 
 class CheckpointStatus(StatusModel):

@@ -56,7 +56,8 @@ from typing import Any
 
 from controller import devserver
 from controller.backends.local_leg import process_start_time
-from trainer.volume import RunLayout, parse_step
+from controller.spec import workflow_id
+from trainer.volume import MANIFEST_NAME, RunLayout, parse_step, read_history, read_progress
 
 RUN_NAME = "drill"
 STEP_SLEEP_S = 0.04  # RELAY_TEST_STEP_SLEEP_S for every leg: room to aim faults at steps
@@ -208,7 +209,7 @@ class Drill(abc.ABC):
 
     @abc.abstractmethod
     async def submit(self, document: dict[str, Any]) -> None:
-        """Start the run from its TrainingRun document; the workflow id is trainingrun-<namespace>-<name>."""
+        """Start the run from its TrainingRun document; the workflow id is controller.spec.workflow_id's."""
 
     @abc.abstractmethod
     async def restart_host(self) -> str:
@@ -285,7 +286,8 @@ class Drill(abc.ABC):
     # ---------------------------------------------------------------- observing the run
 
     def progress(self) -> dict[str, Any]:
-        return read_json(self.layout.progress_path) or {}
+        """progress.json through the contract's typed reader (one spelling per key); {} while there is none."""
+        return read_progress(self.layout) or {}
 
     async def wait_for(self, what: str, condition: Any, timeout_s: float, poll_s: float = 0.02) -> Any:
         deadline = time.monotonic() + timeout_s
@@ -299,7 +301,7 @@ class Drill(abc.ABC):
         raise DrillError(f"timed out after {timeout_s:g}s waiting for {what}")
 
     def _run_over(self) -> bool:
-        return (self.layout.final_dir / "manifest.json").exists()
+        return (self.layout.final_dir / MANIFEST_NAME).exists()
 
     async def _training_at(self, step: int) -> tuple[int, int]:
         """Wait until a live trainer is running at or beyond `step`; its (leg, pid)."""
@@ -492,7 +494,7 @@ class Drill(abc.ABC):
         await self.submit(run_document(self.namespace, total_steps))
         # Without a run id: queries and the result follow the run across continue-as-new.
         self.handle = self.client.get_workflow_handle_for(
-            CheckpointedBertTrainingWorkflow.run, f"trainingrun-{self.namespace}-{RUN_NAME}"
+            CheckpointedBertTrainingWorkflow.run, workflow_id(self.namespace, RUN_NAME)
         )
         for fault in faults:
             await self.inject(fault)
@@ -559,11 +561,9 @@ class Drill(abc.ABC):
 
     def _check_trainers_disjoint(self) -> Check:
         by_pid: dict[int, list[float]] = {}
-        history = self.layout.history_path
-        for line in history.read_text().splitlines() if history.exists() else []:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                entry = json.loads(line)
-                by_pid.setdefault(int(entry["pid"]), []).append(float(entry["time"]))
+        for entry in read_history(self.layout):
+            if entry.pid is not None:
+                by_pid.setdefault(entry.pid, []).append(entry.time)
         intervals = sorted((min(t), max(t), pid) for pid, t in by_pid.items())
         clash = [f"pids {a[2]} and {b[2]}" for a, b in itertools.pairwise(intervals) if b[0] < a[1]]
         return Check(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.drill.core import TRAINER_TEST_ENV, Check, Drill, alive, read_json
+from controller.spec import workflow_id
 
 NAMESPACE = "default"
 
@@ -76,7 +77,7 @@ class LocalDrill(Drill):
                 poll_interval_s=0.1,
                 heartbeat_timeout_s=5.0,
             ),
-            id=f"trainingrun-{self.namespace}-{document['metadata']['name']}",
+            id=workflow_id(self.namespace, document["metadata"]["name"]),
             task_queue=self.task_queue,
         )
 

@@ -87,23 +87,27 @@ def test_resume_loads_the_verified_bytes_and_never_writes_the_file(tmp_path: Pat
     assert path.read_bytes() == on_disk
     manifest = json.loads((path.parent / "manifest.json").read_text())
     entry = next(e for e in manifest["files"] if e["path"] == ckpt.MODEL_FILE)
-    assert hashlib.sha256(on_disk).hexdigest() == entry["sha256"]
+    assert [hashlib.sha256(on_disk).hexdigest()] == entry["sha256_chunks"]  # 1.2 MB: one 16 MiB piece
 
 
 def test_a_file_changed_while_verified_is_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer changing the file between its hash and its mapping (none should exist): rejected, named."""
     from trainer import volume
+    from trainer.volume import hashing
 
     checkpoints = tmp_path / "checkpoints"
     write_checkpoint_of(checkpoints / "step-000000001", 1, sample_tensors())
-    real_hash = volume._hash_into
+    real_hash = hashing._submit_spans
+    weights = checkpoints / "step-000000001" / ckpt.MODEL_FILE
 
-    def hash_then_rewrite(handle, digest):  # type: ignore[no-untyped-def]
-        count = real_hash(handle, digest)
-        with open(handle.name, "ab") as other:  # another writer appends after the hash
+    def hash_then_rewrite(data, spans):  # type: ignore[no-untyped-def]
+        pieces = real_hash(data, spans)
+        for piece in pieces:
+            piece.result()
+        with open(weights, "ab") as other:  # another writer appends after the hash
             other.write(b"\0")
-        return count
+        return pieces
 
-    monkeypatch.setattr(volume, "_hash_into", hash_then_rewrite)
+    monkeypatch.setattr(hashing, "_submit_spans", hash_then_rewrite)
     with pytest.raises(CheckpointInvalid, match=r"model\.safetensors: changed while being verified"):
         volume.open_verified_checkpoint(checkpoints / "step-000000001")

@@ -3,6 +3,7 @@ retention, temp-dir cleanup, progress and snapshot manifests."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from trainer.volume import (
     find_latest_checkpoint,
     list_checkpoint_dirs,
     list_quarantined,
+    open_verified_checkpoint,
     parse_step,
     read_checkpoint,
     read_progress,
@@ -216,3 +218,70 @@ def test_shared_modules_do_not_import_torch() -> None:
     code = "import sys, trainer, trainer.volume, trainer.config, trainer.errors; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_large_files_are_listed_per_chunk_and_a_byte_in_a_later_chunk_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Manifest format 2: one sha256 per chunk_bytes piece, each equal to hashlib's over that piece; a flipped
+    byte in the third piece is caught, named by file and byte range, and the checkpoint is not used."""
+    from trainer.volume import hashing, manifests
+
+    monkeypatch.setattr(manifests, "CHUNK_BYTES", 4096)  # small pieces, so a small file has several
+    folder = tmp_path / checkpoint_dir_name(7)
+    folder.mkdir()
+    payload = bytes(range(256)) * 41  # 10496 bytes: pieces of 4096, 4096 and 2304
+    (folder / "model.safetensors").write_bytes(payload)
+    written = write_manifest(folder, step=7, epoch=0, config_hash="h")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format"] == 2 and manifest["chunk_bytes"] == 4096
+    expected = [hashlib.sha256(payload[i : i + 4096]).hexdigest() for i in range(0, len(payload), 4096)]
+    assert manifest["files"] == [{"path": "model.safetensors", "size": len(payload), "sha256_chunks": expected}]
+    assert read_checkpoint(folder, verify_hashes=True).files == written.files
+    assert hashing.file_digests(folder / "model.safetensors", 4096) == tuple(expected)
+
+    damaged = bytearray(payload)
+    damaged[9000] ^= 0x01  # inside the third piece, same size
+    (folder / "model.safetensors").write_bytes(bytes(damaged))
+    assert read_checkpoint(folder, verify_hashes=False).step == 7  # sizes alone cannot tell
+    with pytest.raises(
+        CheckpointInvalid,
+        match=r"model\.safetensors: sha256 does not match manifest \(corrupt; bytes 8192-10496, piece 3 of 3\)",
+    ):
+        read_checkpoint(folder, verify_hashes=True)
+    with pytest.raises(CheckpointInvalid, match=r"piece 3 of 3"):
+        open_verified_checkpoint(folder)
+
+
+def test_a_format_1_checkpoint_still_loads_and_is_still_checked(tmp_path: Path) -> None:
+    """Checkpoints written before per-chunk hashes (one whole-file sha256 per file) verify and load."""
+    folder = tmp_path / checkpoint_dir_name(3)
+    folder.mkdir()
+    weights = bytes(range(256)) * 8192  # 2 MiB: kept as a mapping of the file
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "trainer_state.json").write_text('{"step": 3}')
+    files = [
+        {"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        for name, data in (("model.safetensors", weights), ("trainer_state.json", b'{"step": 3}'))
+    ]
+    manifest = {"format": 1, "step": 3, "epoch": 0, "created_at": 1.0, "config_hash": "h", "metrics": {}}
+    atomic_write_json(folder / "manifest.json", manifest | {"extra": {}, "files": files})
+
+    verified = open_verified_checkpoint(folder, required_files=["model.safetensors", "trainer_state.json"])
+    assert verified.info.step == 3 and bytes(verified.contents["model.safetensors"]) == weights
+    assert bytes(verified.contents["trainer_state.json"]) == b'{"step": 3}'
+    latest, rejected = find_latest_checkpoint(tmp_path, verify_hashes=True)
+    assert latest is not None and latest.step == 3 and not rejected
+
+    (folder / "model.safetensors").write_bytes(weights[:-1] + b"\x00")  # was 0xff
+    with pytest.raises(CheckpointInvalid, match=r"model\.safetensors: sha256 does not match manifest \(corrupt\)$"):
+        read_checkpoint(folder, verify_hashes=True)
+
+
+def test_a_manifest_with_the_wrong_number_of_chunk_hashes_is_refused(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path, 4)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"][0]["sha256_chunks"].append("0" * 64)
+    atomic_write_json(folder / "manifest.json", manifest)
+    with pytest.raises(CheckpointInvalid, match=r"manifest\.json: unreadable manifest .*2 chunk hashes for 70 bytes"):
+        read_checkpoint(folder, verify_hashes=False)

@@ -11,7 +11,8 @@ A checkpoint folder `checkpoints/step-<9 digits>/` holds::
                             thread count, device, snapshot hash; what the data order is derived from
     config.json             the TrainerConfig the run was made with
     model_config.json       the model's config (lets `predict` load a checkpoint)
-    manifest.json           written last by volume.write_manifest: size + sha256 of each file above
+    manifest.json           written last by volume.write_manifest: size + sha256 of each 16 MiB piece of
+                            each file above (manifest format 2; format 1 checkpoints, one sha256 per file, load too)
 
 It is written into `checkpoints/.tmp-step-<N>.<pid>/`, every file fsynced, the manifest written, then the
 folder renamed to `step-<N>` and the parent fsynced: a SIGKILL at any instant leaves either no `step-<N>`
@@ -20,7 +21,6 @@ or a complete one (stale `.tmp-*` folders are removed at the next start).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -50,6 +50,7 @@ from trainer.volume import (
     list_checkpoint_dirs,
     read_checkpoint,
     select_for_deletion,
+    submit_digests,
     write_manifest,
 )
 
@@ -223,9 +224,11 @@ _SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 }
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[str, ...]:
     """Write a safetensors file straight from the tensors' host memory (no serialized copy), fsync it, and
-    return its sha256, computed on a second thread while the file is written and flushed.
+    return the sha256 of each of its pieces (volume.CHUNK_BYTES), hashed on every core while it is written.
 
     Same format as `safetensors.torch.save_file` (header, then each tensor's bytes in name order), so the
     safetensors library loads it; only the memory copy and the serial hash are avoided.
@@ -250,15 +253,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)
     prefix = len(header_bytes).to_bytes(8, "little") + header_bytes
-    digest = hashlib.sha256()
-
-    def hash_all() -> None:
-        digest.update(prefix)
-        for view in views:
-            digest.update(view)  # releases the GIL for large buffers
-
-    hasher = threading.Thread(target=hash_all, name="checkpoint-hash")
-    hasher.start()  # the tensors are private host copies: hashing while writing reads the same bytes
+    # The tensors are private host copies: hashing while writing reads the same bytes, and no one changes them.
+    digests = submit_digests([prefix, *views])
     try:
         with open(path, "wb") as handle:
             handle.write(prefix)
@@ -267,17 +263,18 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
             handle.flush()
             os.fsync(handle.fileno())
     finally:
-        hasher.join()
-    return digest.hexdigest()
+        pieces = [future.result() for future in digests]
+    return tuple(pieces)
 
 
-def _write_durable(path: Path, payload: bytes) -> str:
-    """Write bytes, fsync, and return their sha256 (hashlib releases the GIL on large buffers)."""
+def _write_durable(path: Path, payload: bytes) -> tuple[str, ...]:
+    """Write bytes, fsync, and return the sha256 of each piece (volume.CHUNK_BYTES)."""
+    digests = submit_digests([payload])
     with open(path, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
-    return hashlib.sha256(payload).hexdigest()
+    return tuple(future.result() for future in digests)
 
 
 def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
@@ -288,12 +285,20 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
     tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    hashes: dict[str, str] = {}
-    hashes[MODEL_FILE] = write_safetensors(tmp / MODEL_FILE, state.model, {"format": "pt"})
-    faults.active().in_checkpoint_write(state.step)  # tests only: a slow write, or a SIGKILL inside it
-    for key, tensors in sorted(state.optimizer_tensors.items()):
-        name = f"optimizer.{key}.safetensors"
-        hashes[name] = write_safetensors(tmp / name, tensors)
+    hashes: dict[str, tuple[str, ...]] = {}
+    tensor_files = {MODEL_FILE: (state.model, {"format": "pt"})} | {
+        f"optimizer.{key}.safetensors": (tensors, None) for key, tensors in sorted(state.optimizer_tensors.items())
+    }
+    # Every tensor file is written and fsynced on a thread of its own: the disk flushes them together, where one
+    # after the other it waited for each file's fsync in turn (MiniLM: 0.29 s vs dd's 0.2 s for the same bytes).
+    with ThreadPoolExecutor(max_workers=len(tensor_files), thread_name_prefix="checkpoint-file") as files:
+        written = {
+            name: files.submit(write_safetensors, tmp / name, tensors, metadata)
+            for name, (tensors, metadata) in tensor_files.items()
+        }
+        hashes[MODEL_FILE] = written[MODEL_FILE].result()
+        faults.active().in_checkpoint_write(state.step)  # tests only: a slow write, or a SIGKILL inside it
+        hashes.update({name: future.result() for name, future in written.items()})
     for name, document in (
         (OPTIMIZER_META_FILE, json.dumps(state.optimizer_meta)),
         (RNG_FILE, json.dumps(state.rng)),

@@ -4,25 +4,30 @@ Every log line and every checkpoint also rewrites progress.json (small, fsynced,
 controller polls. `<run-dir>/history.jsonl` gets one JSON line per progress log line, one for the final
 evaluation, an `"event": "start"` line (with `resumed_from`) when a leg begins and an `"event": "checkpoint"`
 line per checkpoint saved. It is not fsynced (a SIGKILL may drop the last lines); a resumed leg appends the
-steps it redoes again, readers keep the newest line per step. progress.json keys: state, step, total_steps,
-epoch, loss, learning_rate, samples_per_s, eta_s, last_checkpoint_step, resumed_from_step, pid, message
-(+ updated_at from volume.write_progress).
+steps it redoes again, readers keep the newest line per step. Both are typed records of the volume contract
+(`trainer.volume.records`: Progress, HistoryEntry), validated on writing; their fields are documented there.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from typing import Any
 
-from trainer.volume import CheckpointInfo, RunLayout, write_progress
+from trainer.volume import (
+    PROGRESS_STATES,
+    CheckpointInfo,
+    HistoryEntry,
+    RunLayout,
+    append_history,
+    write_progress,
+)
 
 log = logging.getLogger("trainer")
 
-STATES = ("starting", "running", "checkpointing", "evaluating", "completed", "preempted", "failed", "invalid")
+STATES = PROGRESS_STATES
 
 
 def setup_logging() -> None:
@@ -75,14 +80,8 @@ class Reporter:
         self._window_loss = 0.0
 
     def history(self, **entry: Any) -> None:
-        """Append one JSON line to history.jsonl (one write call, so a reader never sees half a line)."""
-        entry.update(time=round(time.time(), 3), pid=os.getpid())
-        line = json.dumps(entry, sort_keys=True) + "\n"
-        fd = os.open(self.layout.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        """Append one line to history.jsonl (a HistoryEntry; one write call, so a reader never sees half a line)."""
+        append_history(self.layout, HistoryEntry(**entry, time=round(time.time(), 3), pid=os.getpid()))
 
     def update(self, **changes: Any) -> None:
         if "state" in changes and changes["state"] not in STATES:

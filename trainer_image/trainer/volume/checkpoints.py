@@ -1,0 +1,131 @@
+"""Finding, quarantining and retiring checkpoints: the newest valid one by parsed step, bad ones moved aside
+with their reason, retention (the last K and the best, never the newest), stale temp folders removed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from trainer.volume.durable import fsync_dir
+from trainer.volume.errors import CheckpointInvalid
+from trainer.volume.layout import TMP_PREFIX, parse_step
+from trainer.volume.manifests import CheckpointInfo, VerifiedCheckpoint, open_verified_checkpoint, read_checkpoint
+
+
+def list_checkpoint_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) for every step-N folder, oldest first, ordered by the parsed step number."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [(parse_step(p.name), p) for p in checkpoints_dir.iterdir() if p.is_dir()]
+    return sorted((step, p) for step, p in found if step is not None)
+
+
+def quarantine(folder: Path, quarantine_dir: Path, reason: str) -> Path:
+    """Move a bad checkpoint aside (never delete evidence) with a reason.txt; return its new path."""
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    target = quarantine_dir / f"{folder.name}.{int(time.time() * 1000)}"
+    os.replace(folder, target)
+    (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+    fsync_dir(folder.parent)
+    fsync_dir(quarantine_dir)
+    return target
+
+
+@dataclass(frozen=True)
+class QuarantinedCheckpoint:
+    step: int
+    path: Path
+    reason: str
+
+
+def find_latest_checkpoint(
+    checkpoints_dir: Path,
+    *,
+    verify_hashes: bool,
+    quarantine_dir: Path | None = None,
+    required_files: Collection[str] = (),
+) -> tuple[CheckpointInfo | None, list[QuarantinedCheckpoint]]:
+    """The newest checkpoint that passes verification, newest by parsed step number.
+
+    Invalid ones newer than it are moved to `quarantine_dir` when one is given (the trainer), or
+    only reported (the controller, whose mount is read-only). Returns (latest or None, rejected).
+    """
+    return _newest_valid(
+        checkpoints_dir,
+        quarantine_dir,
+        lambda folder: read_checkpoint(folder, verify_hashes=verify_hashes, required_files=required_files),
+    )
+
+
+def find_latest_verified(
+    checkpoints_dir: Path, *, quarantine_dir: Path | None, required_files: Collection[str] = ()
+) -> tuple[VerifiedCheckpoint | None, list[QuarantinedCheckpoint]]:
+    """find_latest_checkpoint with hashes verified, keeping the verified bytes for loading (the trainer's resume)."""
+    return _newest_valid(
+        checkpoints_dir, quarantine_dir, lambda folder: open_verified_checkpoint(folder, required_files=required_files)
+    )
+
+
+_Checked = TypeVar("_Checked")
+
+
+def _newest_valid(
+    checkpoints_dir: Path, quarantine_dir: Path | None, check: Callable[[Path], _Checked]
+) -> tuple[_Checked | None, list[QuarantinedCheckpoint]]:
+    rejected: list[QuarantinedCheckpoint] = []
+    for step, folder in reversed(list_checkpoint_dirs(checkpoints_dir)):
+        try:
+            return check(folder), rejected
+        except CheckpointInvalid as exc:
+            moved = quarantine(folder, quarantine_dir, str(exc)) if quarantine_dir is not None else folder
+            rejected.append(QuarantinedCheckpoint(step, moved, str(exc)))
+    return None, rejected
+
+
+def list_quarantined(quarantine_dir: Path) -> list[QuarantinedCheckpoint]:
+    """Every checkpoint moved to quarantine so far, with its recorded reason."""
+    if not quarantine_dir.is_dir():
+        return []
+    result = []
+    for folder in sorted(quarantine_dir.iterdir()):
+        step = parse_step(folder.name.split(".")[0])
+        reason_file = folder / "reason.txt"
+        reason = reason_file.read_text(encoding="utf-8").strip() if reason_file.is_file() else "unknown"
+        result.append(QuarantinedCheckpoint(step if step is not None else -1, folder, reason))
+    return result
+
+
+def select_for_deletion(
+    checkpoints: Iterable[CheckpointInfo],
+    *,
+    keep_last: int,
+    best_metric: str | None = None,
+    higher_is_better: bool = True,
+) -> list[CheckpointInfo]:
+    """Retention: keep the newest `keep_last` and the best by `best_metric`; never the newest one."""
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    if not ordered:
+        return []
+    keep = {c.step for c in ordered[-max(1, keep_last) :]}
+    scored = [c for c in ordered if best_metric and best_metric in c.metrics]
+    if scored:
+        sign = 1.0 if higher_is_better else -1.0
+        keep.add(max(scored, key=lambda c: (sign * c.metrics[best_metric or ""], c.step)).step)
+    keep.add(ordered[-1].step)
+    return [c for c in ordered if c.step not in keep]
+
+
+def remove_stale_temp_dirs(checkpoints_dir: Path) -> list[Path]:
+    """Delete half-written `.tmp-*` checkpoint folders left by a killed writer (trainer start only)."""
+    removed = []
+    if checkpoints_dir.is_dir():
+        for path in checkpoints_dir.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed

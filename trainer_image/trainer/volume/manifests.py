@@ -1,0 +1,201 @@
+"""Checkpoint manifests: written last into a checkpoint folder, they make it exist; read and verified before use.
+
+manifest.json lists every file's size and content hashes. Format 2 (written now) holds the sha256 of each
+`chunk_bytes`-long piece of a file (`"sha256_chunks"`), so that a file is hashed on every core and verified while
+it is read (see hashing.py); format 1 (checkpoints written before) holds one `"sha256"` per file and still loads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.volume.durable import atomic_write_json, fsync_file, read_json
+from trainer.volume.errors import CheckpointInvalid
+from trainer.volume.hashing import (
+    CHUNK_BYTES,
+    FileBytes,
+    FileEntry,
+    chunk_spans,
+    file_digests,
+    verify_files,
+)
+from trainer.volume.layout import TMP_PREFIX, parse_step
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = 2
+WHOLE_FILE_FORMAT = 1  # one sha256 per file: older checkpoints, and dataset snapshots
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A checkpoint whose manifest parsed (and, if asked, whose files verified)."""
+
+    path: Path
+    step: int
+    epoch: int
+    created_at: float
+    config_hash: str
+    metrics: dict[str, float]
+    files: tuple[FileEntry, ...]
+    extra: dict[str, Any]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        """Summary for status and queries (no file list)."""
+        return {
+            "path": str(self.path),
+            "step": self.step,
+            "epoch": self.epoch,
+            "created_at": self.created_at,
+            "config_hash": self.config_hash,
+            "metrics": dict(self.metrics),
+            "bytes": self.total_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class VerifiedCheckpoint:
+    """A checkpoint whose every file matched its manifest hashes, with the verified content of each file
+    (by manifest path): loading from `contents` reads nothing that was not verified, and nothing twice."""
+
+    info: CheckpointInfo
+    contents: dict[str, FileBytes]
+
+
+def walk_files(folder: Path) -> list[Path]:
+    """The files a manifest lists: everything under `folder` but the manifest and temp files, sorted."""
+    return sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(TMP_PREFIX)
+    )
+
+
+def entry_json(entry: FileEntry) -> dict[str, Any]:
+    """A file's line in a manifest: "sha256" for a whole-file hash (format 1), "sha256_chunks" otherwise."""
+    if entry.chunk_bytes:
+        return {"path": entry.path, "size": entry.size, "sha256_chunks": list(entry.digests)}
+    return {"path": entry.path, "size": entry.size, "sha256": entry.digests[0]}
+
+
+def parse_entry(raw: Mapping[str, Any], chunk_bytes: int) -> FileEntry:
+    """A manifest's file line (KeyError/TypeError/ValueError when malformed); chunk_bytes 0 for whole-file hashes."""
+    path, size = str(raw["path"]), int(raw["size"])
+    if not chunk_bytes:
+        return FileEntry(path, size, (str(raw["sha256"]),))
+    digests = tuple(str(d) for d in raw["sha256_chunks"])
+    if len(digests) != len(chunk_spans(size, chunk_bytes)):
+        raise ValueError(f"{path}: {len(digests)} chunk hashes for {size} bytes in chunks of {chunk_bytes}")
+    return FileEntry(path, size, digests, chunk_bytes)
+
+
+def write_manifest(
+    folder: Path,
+    *,
+    step: int,
+    epoch: int,
+    config_hash: str,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+    hashes: Mapping[str, tuple[str, ...]] | None = None,
+) -> CheckpointInfo:
+    """Hash every file in `folder`, fsync them, then write manifest.json last (atomically).
+
+    `hashes` may carry the chunk sha256s (pieces of CHUNK_BYTES) already computed while writing, by relative
+    path, to avoid reading those files back; sizes are always taken from the file system.
+    """
+    entries = []
+    for file in walk_files(folder):
+        rel = file.relative_to(folder).as_posix()
+        fsync_file(file)
+        digests = (hashes or {}).get(rel) or file_digests(file, CHUNK_BYTES)
+        entries.append(FileEntry(rel, file.stat().st_size, tuple(digests), CHUNK_BYTES))
+    created_at = time.time()
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "chunk_bytes": CHUNK_BYTES,
+        "step": step,
+        "epoch": epoch,
+        "created_at": created_at,
+        "config_hash": config_hash,
+        "metrics": metrics or {},
+        "extra": extra or {},
+        "files": [entry_json(entry) for entry in entries],
+    }
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    return CheckpointInfo(
+        folder, step, epoch, created_at, config_hash, dict(metrics or {}), tuple(entries), extra or {}
+    )
+
+
+def read_checkpoint(folder: Path, *, verify_hashes: bool, required_files: Collection[str] = ()) -> CheckpointInfo:
+    """Parse and check a checkpoint folder; raise CheckpointInvalid naming the file at fault.
+
+    Without `verify_hashes` only presence and sizes are checked (cheap: for the controller's
+    heartbeats). With it, every file's hashes are recomputed. `required_files` the manifest must list
+    (the loader's needs): a checkpoint written in another format is then invalid (quarantined, the
+    previous one used) instead of failing every later leg. The trainer uses `open_verified_checkpoint`,
+    which verifies the same way and keeps the bytes it hashed.
+    """
+    info = _read_manifest(folder, required_files)
+    if verify_hashes:
+        verify_files(folder, info.files, keep=False)
+    return info
+
+
+def open_verified_checkpoint(folder: Path, *, required_files: Collection[str] = ()) -> VerifiedCheckpoint:
+    """read_checkpoint with verification, keeping what was hashed (see hashing.py); CheckpointInvalid if bad."""
+    info = _read_manifest(folder, required_files)
+    return VerifiedCheckpoint(info, verify_files(folder, info.files, keep=True))
+
+
+def _read_manifest(folder: Path, required_files: Collection[str]) -> CheckpointInfo:
+    """The manifest, checked against the folder's name, `required_files` and the files' presence and sizes."""
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise CheckpointInvalid(f"{manifest_path}: missing (checkpoint incomplete)")
+    try:
+        manifest = read_json(manifest_path)
+        version = manifest.get("format")
+        if version not in (WHOLE_FILE_FORMAT, MANIFEST_FORMAT):
+            raise CheckpointInvalid(f"{manifest_path}: unknown format {version!r}")
+        chunk_bytes = int(manifest["chunk_bytes"]) if version == MANIFEST_FORMAT else 0
+        if version == MANIFEST_FORMAT and chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes {chunk_bytes} is not positive")
+        files = tuple(parse_entry(raw, chunk_bytes) for raw in manifest["files"])
+        step, epoch = int(manifest["step"]), int(manifest["epoch"])
+    except CheckpointInvalid:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointInvalid(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    expected_step = parse_step(folder.name)
+    if expected_step is not None and expected_step != step:
+        raise CheckpointInvalid(f"{manifest_path}: says step {step} but folder is {folder.name}")
+    if not files:
+        raise CheckpointInvalid(f"{manifest_path}: lists no files")
+    listed = {entry.path for entry in files}
+    for name in required_files:
+        if name not in listed:
+            raise CheckpointInvalid(f"{folder / name}: required but not in the manifest (another checkpoint format?)")
+    for entry in files:
+        file = folder / entry.path
+        if not file.is_file():
+            raise CheckpointInvalid(f"{file}: listed in manifest but missing")
+        size = file.stat().st_size
+        if size != entry.size:
+            raise CheckpointInvalid(f"{file}: size {size} != {entry.size} in manifest (truncated?)")
+    return CheckpointInfo(
+        folder,
+        step,
+        epoch,
+        float(manifest.get("created_at", 0.0)),
+        str(manifest.get("config_hash", "")),
+        {str(k): float(v) for k, v in dict(manifest.get("metrics", {})).items()},
+        files,
+        dict(manifest.get("extra", {})),
+    )
