@@ -41,7 +41,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 typecheck: install
-	$(VENV)/bin/mypy controller trainer_image/trainer
+	$(VENV)/bin/mypy controller trainer_image/trainer relay_testing
 
 ## The real kube-apiserver/controller-manager/scheduler, from KUBEBUILDER_ASSETS, ../shared/envtest (offline 1.20) or
 ## the official envtest release of ENVTEST_K8S_VERSION (sha512 checked); says which, and fails soft without any.
