@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
@@ -198,35 +198,8 @@ class ProcessKubelet:
             if pod.terminating or self._stop.is_set():
                 self._finish(pod, None, obj)
                 return
-            container = obj["spec"]["containers"][0]
-            mapping = self._mounts(obj, pod)
-            # The kubelet mounts an empty file at terminationMessagePath; here it is the pod's own file, and the
-            # path is rewritten wherever the command or env names it (as the Job's RELAY_TERMINATION_LOG does).
-            termination_log = pod.workdir / "termination-log"
-            termination_log.write_bytes(b"")
-            mapping.append((container.get("terminationMessagePath") or "/dev/termination-log", str(termination_log)))
-            argv = [self._rewrite(a, mapping) for a in [*container.get("command", []), *container.get("args", [])]]
-            if argv and argv[0] in ("python", "python3"):
-                argv[0] = sys.executable
-                if len(argv) > 2 and argv[1] == "-m" and argv[2] in self.module_map:
-                    argv[2] = self.module_map[argv[2]]
-            env = dict(os.environ)
-            env.update(self.extra_env)
-            # A pod runs in its own folder, so the stand-ins (`python -m relay_testing.standin_trainer`) are found
-            # through the path of the checkout they come from, which is not an installed package.
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-            for item in container.get("env", []):
-                env[item["name"]] = self._rewrite(str(item.get("value", "")), mapping)
             log = open(pod.workdir / "container.log", "wb")  # noqa: SIM115 - closed when the process ends
-            pod.process = subprocess.Popen(
-                argv,
-                cwd=pod.workdir,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=die_with_parent,  # this thread waits for the process, so it outlives it
-            )
+            pod.process = self._launch(pod, obj, log)
             pod.started_at = _now()
             self.spans[f"{pod.namespace}/{pod.name}"] = (time.time(), None)
         self._patch_status(
@@ -250,6 +223,37 @@ class ProcessKubelet:
         self.spans[key] = (self.spans[key][0], time.time())
         log.close()
         self._finish(pod, code, obj)
+
+    def _launch(self, pod: LocalPod, obj: dict[str, Any], log: IO[bytes]) -> subprocess.Popen[bytes]:
+        """Start the pod's first container as a local process writing `log` (the container mode overrides this)."""
+        container = obj["spec"]["containers"][0]
+        mapping = self._mounts(obj, pod)
+        # The kubelet mounts an empty file at terminationMessagePath; here it is the pod's own file, and the
+        # path is rewritten wherever the command or env names it (as the Job's RELAY_TERMINATION_LOG does).
+        termination_log = pod.workdir / "termination-log"
+        termination_log.write_bytes(b"")
+        mapping.append((container.get("terminationMessagePath") or "/dev/termination-log", str(termination_log)))
+        argv = [self._rewrite(a, mapping) for a in [*container.get("command", []), *container.get("args", [])]]
+        if argv and argv[0] in ("python", "python3"):
+            argv[0] = sys.executable
+            if len(argv) > 2 and argv[1] == "-m" and argv[2] in self.module_map:
+                argv[2] = self.module_map[argv[2]]
+        env = dict(os.environ)
+        env.update(self.extra_env)
+        # A pod runs in its own folder, so the stand-ins (`python -m relay_testing.standin_trainer`) are found
+        # through the path of the checkout they come from, which is not an installed package.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        for item in container.get("env", []):
+            env[item["name"]] = self._rewrite(str(item.get("value", "")), mapping)
+        return subprocess.Popen(
+            argv,
+            cwd=pod.workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # this thread waits for the process, so it outlives it
+        )
 
     @staticmethod
     def _container_status(obj: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
@@ -275,7 +279,7 @@ class ProcessKubelet:
             exit_code = 128 - code if code < 0 else code  # killed by signal N: 128+N, as a runtime reports
             terminated = {
                 "exitCode": exit_code,
-                "reason": "Completed" if exit_code == 0 else "Error",
+                "reason": self._exit_reason(pod, exit_code),
                 "startedAt": pod.started_at,
                 "finishedAt": _now(),
             }
@@ -293,6 +297,10 @@ class ProcessKubelet:
             with contextlib.suppress(ApiException):
                 self._remove(pod)
         shutil.rmtree(pod.workdir / "volumes", ignore_errors=True)
+
+    def _exit_reason(self, pod: LocalPod, exit_code: int) -> str:
+        """The terminated state's reason a runtime gives (the container mode adds OOMKilled)."""
+        return "Completed" if exit_code == 0 else "Error"
 
     @staticmethod
     def _termination_message(pod: LocalPod, obj: dict[str, Any], exit_code: int) -> str:
@@ -335,14 +343,18 @@ class ProcessKubelet:
             if pod.process is None:
                 pass  # _run sees `terminating` and reports without starting
             elif pod.process.poll() is None:
-                self._kill(pod, signal.SIGTERM)
-                pod.kill_timer = threading.Timer(grace_s, self._kill, args=(pod, signal.SIGKILL))
-                pod.kill_timer.daemon = True
-                pod.kill_timer.start()
+                self._terminate(pod, grace_s)
                 return
         # Already ended (or never started): remove the object now.
         with contextlib.suppress(ApiException):
             self._remove(pod)
+
+    def _terminate(self, pod: LocalPod, grace_s: int) -> None:
+        """SIGTERM now, SIGKILL after the grace period (the container mode runs `docker stop -t`)."""
+        self._kill(pod, signal.SIGTERM)
+        pod.kill_timer = threading.Timer(grace_s, self._kill, args=(pod, signal.SIGKILL))
+        pod.kill_timer.daemon = True
+        pod.kill_timer.start()
 
     def pressure_evict(self, namespace: str, name: str, message: str = "The node was low on resource: memory.") -> None:
         """What a kubelet under memory pressure does: kill the container, mark the pod Failed/Evicted."""

@@ -29,13 +29,13 @@ from controller.workflows import CheckpointedBertTrainingWorkflow, TrainingRunIn
 from trainer.volume import RunLayout, read_json, read_progress
 
 pytestmark = pytest.mark.anyio
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]  # relay_testing, the stand-in trainer's package, lives here
 
 
 async def test_the_trainers_termination_message_is_the_legs_reason(tmp_path: Path) -> None:
     """The stand-in fails like the trainer: a traceback whose last line is a source line, and its reason."""
-    env = {"PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RELAY_STANDIN": "raise"}
-    backend = LocalBackend(tmp_path, extra_env=env, trainer_module="standin_trainer")
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RELAY_STANDIN": "raise"}
+    backend = LocalBackend(tmp_path, extra_env=env, trainer_module="relay_testing.standin_local_trainer")
     leg = LegSpec(
         namespace="default",
         name="r1",

@@ -1,6 +1,6 @@
 """LocalBackend with real processes: stop semantics, adoption by a new backend instance, one leg at a time.
 
-The trainer is a stand-in (tests/local/standin_trainer.py) with the trainer's arguments, exit codes and
+The trainer is a stand-in (relay_testing/standin_local_trainer.py) with the trainer's arguments, exit codes and
 signal handling, so these tests take seconds; the real trainer runs in test_local_e2e.py.
 """
 
@@ -20,12 +20,12 @@ from controller.spec import DatasetSpec, TrainingRunSpec
 from trainer.volume import read_json
 
 pytestmark = pytest.mark.anyio
-HERE = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parents[2]  # relay_testing, the stand-in trainer's package, lives here
 
 
 def _backend(volume: Path, mode: str) -> LocalBackend:
-    env = {"PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RELAY_STANDIN": mode}
-    return LocalBackend(volume, extra_env=env, trainer_module="standin_trainer")
+    env = {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "RELAY_STANDIN": mode}
+    return LocalBackend(volume, extra_env=env, trainer_module="relay_testing.standin_local_trainer")
 
 
 def _leg(n: int, name: str = "r1") -> LegSpec:

@@ -1,5 +1,7 @@
 """A stand-in for `python -m trainer train` below the local backend: same arguments, exit codes and signals.
 
+Run by the local backend as `python -m relay_testing.standin_local_trainer` (its `trainer_module`).
+
 Behaviour from RELAY_STANDIN: "run" (sleep until SIGTERM, then exit 75 like a trainer that saved a
 checkpoint), "exit:<code>" (exit at once with that code), "stubborn" (ignore SIGTERM; only SIGKILL ends it),
 "raise" (fail as the trainer does: a traceback in the log, its one-line reason as termination message, exit 1).
