@@ -84,10 +84,6 @@ class LogStatusSink:
 # ---------------------------------------------------------------- helpers
 
 
-def run_path(namespace: str, name: str) -> str:
-    return f"runs/{namespace}/{name}"
-
-
 def estimate_total_steps(spec: TrainingRunSpec, train_rows: int) -> int:
     """Optimizer steps of the whole run: maxSteps, or epochs x ceil(micro-batches / accumulation)."""
     settings = spec.training
@@ -114,22 +110,23 @@ def read_leg_progress(volume_root: Path, namespace: str, name: str) -> LegProgre
     """Progress and newest checkpoint of a run, from the volume; cheap (sizes only, no hashing), read-only."""
     layout = volume.RunLayout.for_run(volume_root, namespace, name)
     latest, rejected = volume.find_latest_checkpoint(layout.checkpoints_dir, verify_hashes=False)
-    progress = volume.read_progress(layout) or {}
+    progress = volume.load_progress(layout)  # typed (trainer.volume.records.Progress); None before the first report
     checkpoint = _checkpoint_status(latest, volume_root) if latest else None
-    step = progress.get("step")
-    step = int(step) if isinstance(step, int) else (checkpoint.step if checkpoint else 0)
-    total = progress.get("total_steps")
     quarantined = [
         QuarantinedStatus(step=q.step, path=str(q.path), reason=q.reason)
         for q in volume.list_quarantined(layout.quarantine_dir)
     ] + [QuarantinedStatus(step=q.step, path=str(q.path), reason=f"unverified: {q.reason}") for q in rejected]
+    checkpoint_step = checkpoint.step if checkpoint else 0
+    if progress is None:
+        epoch = latest.epoch if latest else 0
+        return LegProgress(step=checkpoint_step, epoch=epoch, latest_checkpoint=checkpoint, quarantined=quarantined)
     return LegProgress(
-        step=max(step, checkpoint.step if checkpoint else 0),
-        total_steps=int(total) if isinstance(total, int) else None,
-        epoch=int(progress.get("epoch", latest.epoch if latest else 0) or 0),
-        loss=_float_or_none(progress.get("loss")),
-        samples_per_second=_float_or_none(progress.get("samples_per_s", progress.get("samples_per_second"))),
-        eta_seconds=_float_or_none(progress.get("eta_s", progress.get("eta_seconds"))),
+        step=max(progress.step, checkpoint_step),
+        total_steps=progress.total_steps,
+        epoch=int(progress.epoch),
+        loss=progress.loss,
+        samples_per_second=progress.samples_per_s,
+        eta_seconds=progress.eta_s,
         latest_checkpoint=checkpoint,
         quarantined=quarantined,
     )
@@ -225,7 +222,7 @@ class RelayActivities(RelayActivityInterface):
         progress, numbers = await asyncio.to_thread(write_config_and_read_legs)
         return PrepareRunResult(
             next_leg=max(numbers, default=-1) + 1,
-            run_path=run_path(request.namespace, request.name),
+            run_path=volume.run_path(request.namespace, request.name),
             config_path=layout.config_path.relative_to(self.volume_root).as_posix(),
             total_steps=estimate_total_steps(request.spec, request.snapshot.rows.get("train", 0)),
             latest_checkpoint=progress.latest_checkpoint,
@@ -236,8 +233,7 @@ class RelayActivities(RelayActivityInterface):
         """Start leg n (or adopt it when it already runs) and write legs/<n>.json's start record."""
         leg = request.leg
         layout = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name)
-        record_path = layout.leg_record_path(leg.leg)
-        record = _read_record(record_path)
+        record = await asyncio.to_thread(volume.read_leg_record, layout, leg.leg)
         start_step = record.start_step if record else 0
         if record is None:
             # Hash-verified, as the trainer will: a corrupt newer checkpoint is not where the leg resumes.
@@ -249,8 +245,7 @@ class RelayActivities(RelayActivityInterface):
         started_at = rfc3339(handle.started_at)
         if record is None or record.backend_id != handle.backend_id:
             record = LegStatus(leg=leg.leg, start_step=start_step, started_at=started_at, backend_id=handle.backend_id)
-            document = record.model_dump(mode="json", by_alias=True)
-            await asyncio.to_thread(volume.atomic_write_json, record_path, document)
+            await asyncio.to_thread(volume.write_leg_record, layout, record)
         return LaunchLegResult(handle=handle, start_step=start_step, started_at=started_at)
 
     @activity.defn(name="await_leg")
@@ -317,8 +312,7 @@ class RelayActivities(RelayActivityInterface):
     async def record_leg(self, request: RecordLegRequest) -> None:
         """Write legs/<n>.json: what the leg started from and how it ended."""
         layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
-        path = layout.leg_record_path(request.record.leg)
-        await asyncio.to_thread(volume.atomic_write_json, path, request.record.model_dump(mode="json", by_alias=True))
+        await asyncio.to_thread(volume.write_leg_record, layout, request.record)
 
     @activity.defn(name="publish_status")
     async def publish_status(self, request: PublishStatusRequest) -> None:
@@ -350,7 +344,7 @@ class RelayActivities(RelayActivityInterface):
         """Check the model folder, then run `trainer predict` through the backend (heartbeating while it runs)."""
         from trainer.predict import model_folders  # torch-free: which folders a model needs
 
-        rel = request.model_path or f"{run_path(request.namespace, request.name)}/final"
+        rel = request.model_path or f"{volume.run_path(request.namespace, request.name)}/final"
         model = (self.volume_root / rel).resolve()
         if not model.is_relative_to(self.volume_root) or model == self.volume_root:
             raise ApplicationError(f"modelPath {rel!r}: escapes the volume", type=PREDICT_FAILED, non_retryable=True)
@@ -358,7 +352,7 @@ class RelayActivities(RelayActivityInterface):
             raise ApplicationError(f"{model}: no such model folder", type=MISSING_FINAL_MODEL, non_retryable=True)
         info = activity.info()
         request_id = hashlib.sha256(f"{info.workflow_id}/{info.activity_id}".encode()).hexdigest()[:8]
-        work = f"{run_path(request.namespace, request.name)}/predictions/{request_id}"
+        work = f"{volume.run_path(request.namespace, request.name)}/predictions/{request_id}"
         reads = [p.relative_to(self.volume_root).as_posix() for p in model_folders(model)]
         for read in reads:
             if read == work or read.startswith(work + "/") or work.startswith(read + "/"):
@@ -392,10 +386,3 @@ class RelayActivities(RelayActivityInterface):
     async def cleanup_run(self, request: RunRef) -> None:
         """Remove leftover leg objects of a finished run; checkpoints and the final model stay."""
         await self.backend.cleanup(request.namespace, request.name)
-
-
-def _read_record(path: Path) -> LegStatus | None:
-    try:
-        return LegStatus.model_validate(volume.read_json(path))
-    except (OSError, ValueError):
-        return None

@@ -11,7 +11,7 @@ import pytest
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
-from controller.activities import RelayActivities
+from controller.activities import RelayActivities, read_leg_progress
 from controller.backends.base import LegHandle, LegObservation, LegOutcomeKind, LegSpec, LegState, LegTermination
 from controller.messages import (
     AwaitHeartbeat,
@@ -92,6 +92,23 @@ async def test_await_leg_injects_a_preemption_once_and_reports_progress(tmp_path
     retry.info = dataclasses.replace(retry.info, heartbeat_details=[detail], attempt=2)
     still_running = await retry.run(activities.await_leg, request.model_copy(update={"max_wait_s": 0.1}))
     assert not still_running.terminated and backend.stops == 0 and still_running.injected_preempt_at == 42
+
+
+def test_leg_progress_reads_the_typed_progress_record(tmp_path: Path):
+    """progress.json through trainer.volume's typed reader: a file of an older trainer (its spellings
+    samples_per_second / eta_seconds) reads the same; without one, the newest checkpoint gives the step."""
+    layout = RunLayout.for_run(tmp_path, "default", "r")
+    _checkpoint(tmp_path, 40)
+    assert read_leg_progress(tmp_path, "default", "r").step == 40
+    assert read_leg_progress(tmp_path, "default", "r").samples_per_second is None
+    old = {"step": 47, "total_steps": 100, "epoch": 1, "loss": 0.25, "samples_per_second": 9.5, "eta_seconds": 31.0}
+    atomic_write_json(layout.progress_path, old)
+    progress = read_leg_progress(tmp_path, "default", "r")
+    assert (progress.step, progress.total_steps, progress.epoch, progress.loss) == (47, 100, 1, 0.25)
+    assert (progress.samples_per_second, progress.eta_seconds) == (9.5, 31.0)
+    write_progress(layout, {"step": 12, "samples_per_s": 8.0, "eta_s": 5.0})  # behind the checkpoint (a resume)
+    progress = read_leg_progress(tmp_path, "default", "r")
+    assert (progress.step, progress.samples_per_second, progress.eta_seconds) == (40, 8.0, 5.0)
 
 
 async def test_launch_records_the_step_the_trainer_will_really_resume_from(tmp_path: Path):
