@@ -116,3 +116,6 @@ def test_every_version_the_ci_matrix_downloads_has_a_pinned_sha512() -> None:
     assert len(versions) == 2 and set(map(str, versions)) <= pinned, (versions, pinned)
     default = re.search(r"^VERSION=\$\{ENVTEST_K8S_VERSION:-([\d.]+)\}$", script, re.MULTILINE)
     assert default is not None and default.group(1) in pinned
+    steps = "\n".join(step.get("run", "") for step in workflow["jobs"]["cluster-tier"]["steps"])
+    assert "make envtest ENVTEST_K8S_VERSION=${{ matrix.kubernetes }}" in steps
+    assert '! grep -F "KUBERNETES CLUSTER TIER SKIPPED"' in steps and "set -o pipefail" in steps  # a skip fails
