@@ -66,11 +66,17 @@ clean:
 bench: install envtest
 	@$(WITH_ENVTEST) $(PY) -m bench.run
 
-## Container images (need Docker with BuildKit); tags match the chart's appVersion and the examples' trainer image.
+## Container images (Docker; BuildKit or the legacy builder); tags match the chart's appVersion and the examples'.
 IMAGE_REGISTRY ?= ghcr.io/relay-ml
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' helm/relay/Chart.yaml)
 
-.PHONY: image-trainer image-controller e2e-kind
+.PHONY: images image-trainer image-controller e2e-kind
+## Both images with the chart's default tags: the controller and a CPU trainer with the tests' torch (TORCH_SPEC),
+## built with either builder; PYTHON_IMAGE=... picks the base (default: the local relay-base image when present).
+images:
+	TORCH_SPEC="$(TORCH_SPEC)" IMAGE_REGISTRY="$(IMAGE_REGISTRY)" IMAGE_TAG="$(IMAGE_TAG)" hack/build-images.sh
+
+## The CUDA trainer (torch from the PyTorch base image).
 image-trainer:
 	docker build -f trainer_image/Dockerfile -t $(IMAGE_REGISTRY)/relay-trainer:$(IMAGE_TAG) .
 

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Build both images with the tags the chart and the TrainingRun default name: the controller and a CPU trainer.
+#
+#   make images                                   (or hack/build-images.sh)
+#   PYTHON_IMAGE=python:3.11.11-slim-bookworm make images           the base of both images
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu make images where pip's default torch is a CUDA build
+#
+# The CPU trainer gets torch from a wheel put into the build context (build/wheels/, git-ignored) at the tests'
+# pin (TORCH_SPEC, the Makefile's), so a leg in the image and a leg in the tests run the same torch build.
+# The base: PYTHON_IMAGE when set; else relay-base/python:3.11-bookworm when present (a machine that cannot
+# pull: ../shared/containers/base-image.sh makes it); else the Dockerfiles' default python:3.11 slim image.
+# Both builds use --network host: pip inside a build needs it where the engine has no bridge network.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REGISTRY=${IMAGE_REGISTRY:-ghcr.io/relay-ml}
+TAG=${IMAGE_TAG:-$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' helm/relay/Chart.yaml)}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PYTHON=${PYTHON:-.venv/bin/python}
+LOCAL_BASE=relay-base/python:3.11-bookworm
+WHEELS=build/wheels
+
+die() { printf 'build-images: %s\n' "$*" >&2; exit 1; }
+command -v docker > /dev/null || die "docker is not installed"
+docker info > /dev/null 2>&1 || die "no Docker engine answers (docker info failed)"
+[ -x "$PYTHON" ] || PYTHON=python3
+[[ "$TORCH_SPEC" == torch==* ]] || die "TORCH_SPEC must pin one version (torch==X.Y.Z), got '$TORCH_SPEC'"
+TORCH_VERSION=${TORCH_SPEC#torch==}
+
+if [ -z "${PYTHON_IMAGE:-}" ]; then
+  if docker image inspect "$LOCAL_BASE" > /dev/null 2>&1; then PYTHON_IMAGE=$LOCAL_BASE; else
+    PYTHON_IMAGE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' controller/Dockerfile)
+  fi
+fi
+
+# One torch wheel of the pinned version for CPython 3.11 (the base's Python); other versions are removed so that
+# the build cannot pick a stale one.
+mkdir -p "$WHEELS"
+find "$WHEELS" -name 'torch-*.whl' ! -name "torch-${TORCH_VERSION}+*" ! -name "torch-${TORCH_VERSION}-*" -delete
+index=()
+[ -z "${TORCH_INDEX_URL:-}" ] || index=(--index-url "$TORCH_INDEX_URL")
+"$PYTHON" -m pip download -q "$TORCH_SPEC" --no-deps --only-binary=:all: --python-version 3.11 \
+  --platform manylinux_2_28_x86_64 "${index[@]}" -d "$WHEELS"
+WHEEL=$(cd "$WHEELS" && ls "torch-${TORCH_VERSION}"[+-]*.whl | head -n 1)
+[[ "$WHEEL" == *+cpu* ]] || die "$WHEELS/$WHEEL is not a CPU build (no +cpu): set TORCH_INDEX_URL to a CPU index"
+
+CONTROLLER=$REGISTRY/relay-controller:$TAG
+TRAINER=$REGISTRY/relay-trainer:$TAG
+printf '==> %s from %s\n' "$CONTROLLER" "$PYTHON_IMAGE"
+docker build --network host -f controller/Dockerfile --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" -t "$CONTROLLER" .
+printf '==> %s from %s with %s\n' "$TRAINER" "$PYTHON_IMAGE" "$WHEEL"
+docker build --network host -f trainer_image/Dockerfile --build-arg "TORCH_IMAGE=$PYTHON_IMAGE" \
+  --build-arg "TORCH_WHEEL=$WHEEL" -t "$TRAINER" .
+for image in "$CONTROLLER" "$TRAINER"; do
+  printf '%s %s MB\n' "$image" "$(($(docker image inspect -f '{{.Size}}' "$image") / 1000000))"
+done
