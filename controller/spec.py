@@ -25,10 +25,13 @@ PLURAL = "trainingruns"
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Room for "-leg-NNNN" (Job names) and "trainingrun-<ns>-" (workflow ids) stays within limits.
 MAX_RUN_NAME = 40
+DEFAULT_TRAINER_IMAGE = "ghcr.io/relay-ml/relay-trainer:0.1.0"
 
 
 def _dns_label(value: str) -> str:
-    if len(value) > 63 or not _DNS_LABEL.match(value):
+    if len(value) > 63:  # said first: a long name is told it is too long, not that it is no DNS label
+        raise ValueError(f"is too long: {len(value)} characters, at most 63 (a DNS label)")
+    if not _DNS_LABEL.match(value):
         raise ValueError("must be a DNS label: lowercase letters, digits and '-', starting and ending alphanumeric")
     return value
 
@@ -44,22 +47,97 @@ def _volume_relative_path(value: str) -> str:
     return value
 
 
-def _run_name_length(value: str) -> str:
-    if len(value) > MAX_RUN_NAME:
-        raise ValueError(f"must be at most {MAX_RUN_NAME} characters (Job and workflow names derive from it)")
+def _run_name(value: str) -> str:
+    if len(value) > MAX_RUN_NAME:  # before the DNS-label rule, so a 300-character name is told "too long"
+        raise ValueError(
+            f"is too long: {len(value)} characters, must be at most {MAX_RUN_NAME}"
+            " (Job and workflow names derive from it)"
+        )
+    return _dns_label(value)
+
+
+def _model_reference(value: str) -> str:
+    if value == "tiny" or "/" not in value:
+        return value  # the built-in model or a hub id without an organisation
+    try:
+        return _volume_relative_path(value)
+    except ValueError as exc:
+        raise ValueError(f"must be 'tiny', a hub id or a path inside the volume: {exc}") from None
+
+
+def _quantity_bytes(value: str) -> float:
+    number = re.match(r"^[0-9]+(\.[0-9]+)?", value)
+    assert number is not None  # the field's pattern ran first
+    return float(number.group()) * _MEMORY_UNITS[value[number.end() :]]
+
+
+def _bounded_memory(value: str) -> str:
+    if _quantity_bytes(value) > MAX_MEMORY_BYTES:
+        raise ValueError(f"{value!r} is more than {MAX_MEMORY} (the most one leg may ask for)")
     return value
 
 
+def _bounded_cpu(value: str) -> str:
+    cores = float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+    if cores > MAX_CPU_CORES:
+        raise ValueError(f"{value!r} is more than {MAX_CPU_CORES} cores (the trainer pins at most that many threads)")
+    return value
+
+
+# Bounds the CRD schema states too (maxLength, pattern, maximum), so the API server refuses what `relay validate`
+# refuses. What a structural schema cannot state on 1.20 (a quantity's value, a name's length: metadata has no
+# schema) the controller refuses at creation with a Failed condition naming the field, from these same models.
+MAX_PATH = 1024  # characters of a path on the volume
+MAX_TEXT = 253  # characters of a name-like string (a DNS subdomain's limit)
+MAX_CPU_CORES = 512  # trainer/config.py's torch_threads bound: more failed at run time with a pydantic dump
+MAX_MEMORY = "4Ti"  # the largest cloud GPU nodes have 2 TiB of memory
+_MEMORY_UNITS = {
+    "": 1,
+    "m": 1e-3,
+    "k": 1e3,
+    "M": 1e6,
+    "G": 1e9,
+    "T": 1e12,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+}
+MAX_MEMORY_BYTES = 4 * 2**40
+# A relative path with no ".." segment, not starting with '/' or '~'. RE2 (the API server's regex engine) has no
+# look-ahead, so "a segment that is not '..'" is spelled out; 'tiny' and hub ids ("org/name") match it too.
+_SEGMENT = r"([^./][^/]*|\.[^./][^/]*|\.\.[^/]+|\.)"
+_FIRST_SEGMENT = r"([^./~][^/]*|\.[^./][^/]*|\.\.[^/]+)"
+VOLUME_PATH_PATTERN = rf"^(\./)?{_FIRST_SEGMENT}(/{_SEGMENT})*/?$"
+
 DnsLabel = Annotated[str, AfterValidator(_dns_label)]
-VolumePath = Annotated[str, AfterValidator(_volume_relative_path)]
-Quantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")]
+VolumePath = Annotated[
+    str,
+    AfterValidator(_volume_relative_path),
+    Field(json_schema_extra={"pattern": VOLUME_PATH_PATTERN, "maxLength": MAX_PATH}),
+]
+ModelReference = Annotated[
+    str,
+    AfterValidator(_model_reference),
+    Field(json_schema_extra={"pattern": VOLUME_PATH_PATTERN, "maxLength": MAX_PATH}),
+]
+Quantity = Annotated[
+    str,
+    Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$", json_schema_extra={"maxLength": 15}),
+    AfterValidator(_bounded_memory),
+]
+CpuQuantity = Annotated[
+    str,
+    Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$", json_schema_extra={"maxLength": 10}),
+    AfterValidator(_bounded_cpu),
+]
 
 
 class Metadata(CamelModel):
     """The subset of Kubernetes object metadata Relay reads; other keys (labels, uid, ...) pass through."""
 
     model_config = ConfigDict(extra="allow")  # merged with CamelModel's config
-    name: Annotated[DnsLabel, AfterValidator(_run_name_length)]
+    name: Annotated[str, AfterValidator(_run_name)]
     namespace: DnsLabel = "default"
 
 
@@ -71,14 +149,16 @@ class DatasetSpec(CamelModel):
         "hub: a Hugging Face dataset name (needs network)."
     )
     path: VolumePath | None = Field(None, description="File for csv/jsonl/parquet, relative to the volume root.")
-    name: str | None = Field(None, min_length=1, description="Hub dataset id, for source=hub.")
-    config_name: str | None = Field(None, min_length=1, description="Hub dataset configuration, for source=hub.")
-    split: str = Field("train", min_length=1, description="Hub split to read, for source=hub.")
+    name: str | None = Field(None, min_length=1, max_length=MAX_TEXT, description="Hub dataset id, for source=hub.")
+    config_name: str | None = Field(
+        None, min_length=1, max_length=MAX_TEXT, description="Hub dataset configuration, for source=hub."
+    )
+    split: str = Field("train", min_length=1, max_length=MAX_TEXT, description="Hub split to read, for source=hub.")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of rows held out for evaluation.")
-    split_seed: int = Field(0, ge=0, description="Seed of the fixed train/eval split.")
-    max_rows: int | None = Field(None, ge=2, description="Use at most this many rows (before splitting).")
-    text_field: str = Field("text", min_length=1, description="Column holding the input text.")
-    label_field: str = Field("label", min_length=1, description="Column holding integer labels.")
+    split_seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of the fixed train/eval split.")
+    max_rows: int | None = Field(None, ge=2, le=10**12, description="Use at most this many rows (before splitting).")
+    text_field: str = Field("text", min_length=1, max_length=MAX_TEXT, description="Column holding the input text.")
+    label_field: str = Field("label", min_length=1, max_length=MAX_TEXT, description="Column holding integer labels.")
 
     @model_validator(mode="after")
     def _source_needs(self) -> DatasetSpec:
@@ -93,18 +173,18 @@ class ResourcesSpec(CamelModel):
     """What one leg's pod asks for."""
 
     gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per leg.")
-    cpu: Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?m?$")] = Field(
-        "2", description="CPU request; also sets the trainer's pinned torch thread count."
+    cpu: CpuQuantity = Field(
+        "2", description=f"CPU request (at most {MAX_CPU_CORES} cores); also sets the pinned torch thread count."
     )
-    memory: Quantity = Field("8Gi", description="Memory request and limit.")
+    memory: Quantity = Field("8Gi", description=f"Memory request and limit, at most {MAX_MEMORY}.")
 
 
 class Toleration(CamelModel):
-    key: str | None = None
+    key: str | None = Field(None, min_length=1, max_length=317)  # a label key: 253-character prefix, '/', 63
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
+    value: str | None = Field(None, max_length=63)  # a label value
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=0, le=31_536_000)  # a year
 
 
 class SchedulingProfile(CamelModel):
@@ -112,13 +192,15 @@ class SchedulingProfile(CamelModel):
 
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
-    priority_class_name: str | None = None
+    priority_class_name: str | None = Field(None, min_length=1, max_length=MAX_TEXT)
 
 
 class SchedulingSpec(SchedulingProfile):
-    kueue_queue: str | None = Field(None, description="Passed through as the kueue.x-k8s.io/queue-name label.")
+    kueue_queue: str | None = Field(
+        None, min_length=1, max_length=63, description="Passed through as the kueue.x-k8s.io/queue-name label."
+    )
     fallback: SchedulingProfile | None = Field(None, description="Profile used after fallbackAfterPreemptions.")
-    fallback_after_preemptions: int | None = Field(None, ge=1)
+    fallback_after_preemptions: int | None = Field(None, ge=1, le=10_000)
 
 
 class StorageSpec(CamelModel):
@@ -132,14 +214,18 @@ class RetrySpec(CamelModel):
     max_failures: int = Field(3, ge=0, le=1000)
     backoff_seconds: float = Field(10.0, ge=0, le=3600, description="First backoff after a failure; doubles.")
     max_backoff_seconds: float = Field(600.0, ge=0, le=86_400)
-    stuck_after_seconds: float = Field(900.0, gt=0, description="Unschedulable/image-pull failing this long: stuck.")
+    stuck_after_seconds: float = Field(
+        900.0, gt=0, le=604_800, description="Unschedulable/image-pull failing this long (at most a week): stuck."
+    )
 
 
 class TrainingRunSpec(CamelModel):
-    model: str = Field("tiny", min_length=1, description="'tiny', a hub id, or a path relative to the volume root.")
+    model: ModelReference = Field(
+        "tiny", min_length=1, description="'tiny', a hub id, or a path relative to the volume root (no '..')."
+    )
     dataset: DatasetSpec
     training: TrainingSettings = Field(default_factory=TrainingSettings)
-    image: str = Field("ghcr.io/relay-ml/relay-trainer:0.1.0", min_length=1)
+    image: str = Field(DEFAULT_TRAINER_IMAGE, min_length=1, max_length=512)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)

@@ -74,6 +74,18 @@ def test_a_good_document_resolves_the_trainer_config():
         ("metadata.name", "a" * 41, "metadata.name", "at most 40"),
         ("metadata.namespace", "ML", "metadata.namespace", "must be a DNS label"),
         ("spec.resources.cpu", "two", "spec.resources.cpu", "should match pattern"),
+        ("spec.resources.cpu", "600", "spec.resources.cpu", "more than 512 cores"),
+        ("spec.resources.memory", "5Ti", "spec.resources.memory", "more than 4Ti"),
+        ("spec.model", "/etc", "spec.model", "a path inside the volume"),
+        ("spec.model", "../../../etc", "spec.model", "must not contain '..'"),
+        ("spec.retries.stuckAfterSeconds", 1e300, "spec.retries.stuckAfterSeconds", "less than or equal to 604800"),
+        ("metadata.name", "a" * 300, "metadata.name", "too long: 300 characters"),
+        (
+            "spec.scheduling.tolerations",
+            [{"key": "k", "tolerationSeconds": -1}],
+            "spec.scheduling.tolerations.0.tolerationSeconds",
+            "greater than or equal to 0",
+        ),
         ("spec.storage.claimName", "Shared_Volume", "spec.storage.claimName", "must be a DNS label"),
     ],
 )
