@@ -287,6 +287,8 @@ def _print_summary(status: Any, volume_root: Path, failed: bool) -> None:
 async def _cmd_status(args: argparse.Namespace) -> int:
     from temporalio.service import RPCError
 
+    from controller.run_workflows import find_run_workflow
+
     volume_root = Path(args.volume).resolve() if (Path(args.volume) / "temporal.db").is_file() else None
     wf_id = workflow_id(args.namespace, args.name)
     from temporalio.worker import Worker
@@ -300,7 +302,10 @@ async def _cmd_status(args: argparse.Namespace) -> int:
         query_worker = Worker(client, task_queue=TASK_QUEUE, workflows=WORKFLOWS) if embedded else None
         async with query_worker or contextlib.nullcontext():
             try:
-                status = await client.get_workflow_handle(wf_id).query("get_status", result_type=_status_type())
+                # Under its id, or the legacy id of a run an older controller started (when its input names it).
+                found = await find_run_workflow(client, args.namespace, args.name, None)
+                handle = found.handle(client) if found else client.get_workflow_handle(wf_id)
+                status = await handle.query("get_status", result_type=_status_type())
             except RPCError as exc:
                 raise CliError(f"no TrainingRun {args.namespace}/{args.name} ({exc.message})") from None
     if args.json:
@@ -316,12 +321,16 @@ async def _cmd_status(args: argparse.Namespace) -> int:
 async def _cmd_signal(args: argparse.Namespace) -> int:
     from temporalio.service import RPCError
 
+    from controller.run_workflows import find_run_workflow
     from controller.workflows import PauseRequest, ResumeRequest
 
     wf_id = workflow_id(args.namespace, args.name)
     request = PauseRequest(reason="relay pause") if args.command == "pause" else ResumeRequest(reason="relay resume")
     async with _temporal(args.address, None, embedded=False) as (client, _):
         try:
+            found = await find_run_workflow(client, args.namespace, args.name, None)  # current or legacy id
+            if found is not None:
+                wf_id = found.workflow_id
             await client.get_workflow_handle(wf_id).signal(args.command, request)
         except RPCError as exc:
             raise CliError(f"no running TrainingRun {args.namespace}/{args.name} ({exc.message})") from None

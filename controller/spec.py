@@ -23,7 +23,7 @@ KIND = "TrainingRun"
 PLURAL = "trainingruns"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# Room for "-leg-NNNN" (Job names) and "trainingrun-<ns>-" (workflow ids) stays within limits.
+# Room for "-leg-NNNN" (Job names) and "trainingrun-<ns>." (workflow ids) stays within limits.
 MAX_RUN_NAME = 40
 DEFAULT_TRAINER_IMAGE = "ghcr.io/relay-ml/relay-trainer:0.1.0"
 
@@ -294,8 +294,25 @@ def trainer_config(spec: TrainingRunSpec, model: str | None = None) -> TrainerCo
     )
 
 
+# Temporal takes any UTF-8 string up to 1000 bytes as a workflow id (the server's default
+# limit.maxIDLength). Namespaces and run names are DNS labels, which never contain '.', so
+# "trainingrun-<ns>.<name>" splits back into one (ns, name) only: `team/a-x` and `team-a/x` no longer
+# share an id. '.' rather than '/' keeps the id one path segment in the Web UI's URLs.
+WORKFLOW_ID_PREFIX = "trainingrun-"
+
+
 def workflow_id(namespace: str, name: str) -> str:
-    return f"trainingrun-{namespace}-{name}"
+    """The training workflow's id for TrainingRun `namespace/name`: one run, one id, and back."""
+    return f"{WORKFLOW_ID_PREFIX}{namespace}.{name}"
+
+
+def legacy_workflow_id(namespace: str, name: str) -> str:
+    """The id controllers before issue 11 used ("trainingrun-<ns>-<name>"; `team/a-x` = `team-a/x`).
+
+    Only ever looked up, never started: a run begun under it is adopted when its input's namespace, name
+    and owner uid are this object's (`controller.kubernetes.identity`), otherwise left alone.
+    """
+    return f"{WORKFLOW_ID_PREFIX}{namespace}-{name}"
 
 
 class InvalidTrainingRun(ValueError):

@@ -2,11 +2,16 @@
 
 - create / resume (controller restart): check what the schema cannot (PVC exists, paths stay inside the
   volume, dataset file present, name length); on bad input set a Failed condition naming the field and
-  start nothing; else start `CheckpointedBertTrainingWorkflow` with id `trainingrun-<ns>-<name>` and
-  conflict policy USE_EXISTING, so a running workflow is adopted, never duplicated.
-- `spec.suspend` changes: signal `pause` / `resume`; other spec changes are reported, not applied.
-- delete: kopf's finalizer holds the object until the workflow is cancelled and the leg Jobs deleted
-  (owner references would remove them too).
+  start nothing; else start `CheckpointedBertTrainingWorkflow` with id `trainingrun-<ns>.<name>` and
+  conflict policy USE_EXISTING, so a running workflow of this object is adopted, never duplicated.
+  "This object" is checked, not assumed (`controller.run_workflows`): the workflow's input must name this
+  namespace, name and metadata.uid. A run started by an older controller under the legacy id is adopted
+  only on that proof; a workflow under the id that belongs to another (deleted) object of the same name,
+  or to nobody, is terminated and this object starts fresh.
+- `spec.suspend` changes: signal `pause` / `resume` to this object's workflow; other spec changes are
+  reported, not applied.
+- delete: kopf's finalizer holds the object until this object's workflow is cancelled and the leg Jobs
+  deleted (owner references would remove them too); a same-named object's workflow is never touched.
 """
 
 from __future__ import annotations
@@ -20,18 +25,20 @@ from typing import Any
 import kopf
 import kubernetes
 from kubernetes.client.rest import ApiException
-from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from controller.kubernetes.backend import KubernetesBackend
+from controller.run_workflows import describe_run_workflow, find_run_workflow
 from controller.spec import (
     API_GROUP,
     API_VERSION,
     PLURAL,
     CustomResourceStatus,
     InvalidTrainingRun,
+    legacy_workflow_id,
     parse_training_run,
     workflow_id,
 )
@@ -113,11 +120,27 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
             kopf.warn(body, reason="Invalid", message="; ".join(errors))
             return
         run = parse_training_run(document)
+        uid = str(body["metadata"]["uid"])
+        wf_id = workflow_id(namespace, name)
+        current = await describe_run_workflow(ctx.temporal, wf_id)
+        if current is None or not current.belongs_to(namespace, name, uid):
+            legacy = await describe_run_workflow(ctx.temporal, legacy_workflow_id(namespace, name))
+            if legacy is not None and legacy.belongs_to(namespace, name, uid):
+                # Started by a controller before issue 11 for this very object: adopt it where it is (signals
+                # and deletion find it through find_run_workflow). Once finished it is not run again.
+                log.info("%s/%s: adopted workflow %s (legacy id)", namespace, name, legacy.workflow_id)
+                return
+        foreign = current is not None and not current.belongs_to(namespace, name, uid)
+        if current is not None and foreign and current.running:
+            # Another object's (a same-named run deleted while no controller watched) or nobody's (started by
+            # hand): it must not train into this object's folder nor be adopted as this object's.
+            await current.handle(ctx.temporal).terminate(reason=f"not TrainingRun {namespace}/{name} uid {uid}")
+            log.warning("%s/%s: terminated workflow %s, whose input is not this object's", namespace, name, wf_id)
         run_input = TrainingRunInput(
             namespace=namespace,
             name=name,
             spec=run.spec,
-            owner_uid=str(body["metadata"]["uid"]),
+            owner_uid=uid,
             await_window_s=ctx.status_interval_s,
             poll_interval_s=min(PROGRESS_POLL_S, ctx.status_interval_s),
         )
@@ -125,20 +148,21 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
             await ctx.temporal.start_workflow(
                 WORKFLOW,
                 run_input,
-                id=workflow_id(namespace, name),
+                id=wf_id,
                 task_queue=ctx.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                # A restarted controller must not re-run a finished workflow; a re-created object may.
+                # A restarted controller must not re-run this object's finished workflow; a new object may
+                # reuse the id of a same-named predecessor's.
                 id_reuse_policy=(
                     WorkflowIDReusePolicy.ALLOW_DUPLICATE
-                    if reason == "create"
+                    if reason == "create" or foreign
                     else WorkflowIDReusePolicy.REJECT_DUPLICATE
                 ),
             )
         except WorkflowAlreadyStartedError:
             log.info("%s/%s: workflow already ran; not started again", namespace, name)
             return
-        log.info("%s/%s: workflow %s running", namespace, name, workflow_id(namespace, name))
+        log.info("%s/%s: workflow %s running", namespace, name, wf_id)
 
     @kopf.on.create(*resource, registry=registry)
     async def on_create(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
@@ -155,7 +179,10 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         from controller.workflows import PauseRequest, ResumeRequest
 
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        handle = ctx.temporal.get_workflow_handle(workflow_id(namespace, name))
+        found = await find_run_workflow(ctx.temporal, namespace, name, str(body["metadata"]["uid"]))
+        if found is None:
+            raise kopf.TemporaryError(f"no workflow of {namespace}/{name} yet to signal", delay=5)
+        handle = found.handle(ctx.temporal)
         if new:
             await handle.signal("pause", PauseRequest(reason="spec.suspend"))
         else:
@@ -175,12 +202,11 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     @kopf.on.delete(*resource, registry=registry)
     async def on_delete(body: kopf.Body, **_: Any) -> None:
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        handle = ctx.temporal.get_workflow_handle(workflow_id(namespace, name))
         try:
-            description = await handle.describe()
-            if description.status == WorkflowExecutionStatus.RUNNING:
-                await handle.cancel()
-                log.info("%s/%s: deleted; workflow cancelled", namespace, name)
+            found = await find_run_workflow(ctx.temporal, namespace, name, str(body["metadata"]["uid"]))
+            if found is not None and found.running:
+                await found.handle(ctx.temporal).cancel()
+                log.info("%s/%s: deleted; workflow %s cancelled", namespace, name, found.workflow_id)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
                 raise kopf.TemporaryError(f"cannot cancel the workflow yet: {exc}", delay=5) from exc

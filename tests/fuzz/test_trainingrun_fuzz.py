@@ -95,7 +95,7 @@ def _check(document: Any) -> TrainingRun | None:
 
 def test_the_reference_document_is_valid() -> None:
     run = _check(copy.deepcopy(VALID))
-    assert run is not None and run.workflow_id == "trainingrun-team-a-demo"
+    assert run is not None and run.workflow_id == "trainingrun-team-a.demo"
     assert trainer_config(run.spec).torch_threads == 4
 
 

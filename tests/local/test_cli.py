@@ -124,7 +124,7 @@ def test_relay_run_end_to_end_with_the_embedded_server(tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     _no_traceback(result)
     assert (
-        f"temporal workflow query --address {address} --workflow-id trainingrun-default-cli-run --name get_status"
+        f"temporal workflow query --address {address} --workflow-id trainingrun-default.cli-run --name get_status"
         in result.stderr
     )
     assert "started the embedded Temporal dev server" in result.stderr

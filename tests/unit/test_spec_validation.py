@@ -49,7 +49,7 @@ def _errors(document: Any) -> dict[str, str]:
 
 def test_a_good_document_resolves_the_trainer_config():
     run = parse_training_run(GOOD)
-    assert run.workflow_id == "trainingrun-ml-sentiment" == workflow_id("ml", "sentiment")
+    assert run.workflow_id == "trainingrun-ml.sentiment" == workflow_id("ml", "sentiment")
     config = trainer_config(run.spec)
     assert (config.max_steps, config.batch_size, config.torch_threads, config.model) == (100, 8, 3, "tiny")
 
