@@ -150,6 +150,15 @@ def _query_hint(wf_id: str, address: str) -> str:
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     run = load_training_run(args.file)
+    if args.policy is not None:  # the cluster's allow-lists, as `relay controller --policy` enforces them
+        from controller.policy import Policy, PolicyError, check_policy
+
+        try:
+            problems = check_policy(run.spec, Policy.from_json(args.policy))
+        except PolicyError as exc:
+            raise CliError(str(exc), EXIT_BAD_INPUT) from None
+        if problems:
+            raise InvalidTrainingRun(args.file, [(f, m) for f, _, m in (line.partition(": ") for line in problems)])
     print(f"{args.file}: valid TrainingRun {run.metadata.namespace}/{run.metadata.name}")
     return EXIT_OK
 
@@ -518,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a TrainingRun file; names every bad field")
     p.add_argument("file")
+    p.add_argument("--policy", help="also check the cluster's allow-lists (the JSON `relay controller --policy` takes)")
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("worker", help="a standalone worker (local backend) for an external Temporal server")

@@ -278,18 +278,25 @@ class ObservabilityServer:
     """The running endpoints; returned by `start_observability_server`. Close it (or use `with`) to stop."""
 
     def __init__(
-        self, health_port: int, metrics_port: int, host: str, metrics: RelayMetrics, liveness_timeout_s: float | None
+        self,
+        health_port: int,
+        metrics_port: int,
+        host: str,
+        metrics: RelayMetrics,
+        liveness_timeout_s: float | None,
+        metrics_host: str | None = None,
     ) -> None:
         self.metrics = metrics
         self._state = _State(liveness_timeout_s)
         self._servers: list[ThreadingHTTPServer] = []
         try:
-            if health_port == metrics_port and health_port != 0:
+            metrics_host = metrics_host or host
+            if health_port == metrics_port and health_port != 0 and metrics_host == host:
                 self._serve(host, health_port, frozenset({"/healthz", "/readyz", "/metrics"}))
                 self.health_port = self.metrics_port = self._servers[0].server_address[1]
             else:
                 self._serve(host, health_port, frozenset({"/healthz", "/readyz"}))
-                self._serve(host, metrics_port, frozenset({"/metrics"}))
+                self._serve(metrics_host, metrics_port, frozenset({"/metrics"}))
                 self.health_port = self._servers[0].server_address[1]
                 self.metrics_port = self._servers[1].server_address[1]
         except OSError:
@@ -342,8 +349,9 @@ def start_observability_server(
     host: str = "0.0.0.0",
     metrics: RelayMetrics | None = None,
     liveness_timeout_s: float | None = None,
+    metrics_host: str | None = None,
 ) -> ObservabilityServer:
-    """Serve /healthz and /readyz on `health_port`, /metrics on `metrics_port`; returns the handle.
+    """Serve /healthz and /readyz on `host:health_port`, /metrics on `metrics_host:metrics_port` (default: `host`).
 
     Raises OSError (naming the address) when a port is taken.
     """
@@ -353,7 +361,9 @@ def start_observability_server(
     if liveness_timeout_s is not None and liveness_timeout_s <= 0:
         raise ValueError(f"liveness_timeout_s must be positive, got {liveness_timeout_s}")
     try:
-        return ObservabilityServer(health_port, metrics_port, host, metrics or RelayMetrics(), liveness_timeout_s)
+        return ObservabilityServer(
+            health_port, metrics_port, host, metrics or RelayMetrics(), liveness_timeout_s, metrics_host
+        )
     except OSError as exc:
         raise OSError(
             exc.errno, f"cannot serve health/metrics on {host} ports {health_port}/{metrics_port}: {exc.strerror}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -31,6 +31,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from controller.kubernetes.backend import KubernetesBackend
+from controller.policy import Policy, check_policy
 from controller.run_workflows import describe_run_workflow, find_run_workflow
 from controller.spec import (
     API_GROUP,
@@ -67,6 +68,7 @@ class OperatorContext:
     volume_root: Path
     task_queue: str
     status_interval_s: float = STATUS_INTERVAL_S
+    policy: Policy = field(default_factory=Policy)  # `relay controller --policy`
 
 
 def check_beyond_schema(document: dict[str, Any], volume_root: Path, core: kubernetes.client.CoreV1Api) -> list[str]:
@@ -114,6 +116,8 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         from controller.workflows import TrainingRunInput  # temporalio workflow module: import when needed
 
         errors = await ctx.backend.call(check_beyond_schema, document, ctx.volume_root, core)
+        if not errors:  # the cluster's allow-lists (controller.policy), on a spec that parses
+            errors = check_policy(parse_training_run(document).spec, ctx.policy)
         if errors:
             log.warning("%s/%s is invalid: %s", namespace, name, "; ".join(errors))
             patch.status.update(invalid_status(errors))

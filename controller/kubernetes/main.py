@@ -1,9 +1,11 @@
 """The controller process: kopf's TrainingRun handlers and the Temporal worker in one asyncio loop.
 
 `relay controller ARGS` calls `main(argv)`. Flags fall back to env vars (RELAY_TEMPORAL_ADDRESS,
-RELAY_TEMPORAL_NAMESPACE, RELAY_VOLUME_ROOT, RELAY_POD_NAMESPACE). The Kubernetes connection is the
-in-cluster service account when present, else KUBECONFIG. The worker runs the same workflows as
-`relay run`, with the KubernetesBackend (one Job per leg) and the KubernetesStatusSink.
+RELAY_TEMPORAL_NAMESPACE, RELAY_VOLUME_ROOT, RELAY_POD_NAMESPACE, RELAY_POLICY). `--policy` is the cluster's
+allow-lists for TrainingRuns (`controller.policy`); `--metrics-bind-address` and `--health-bind-address` choose
+the interface of each endpoint (default 0.0.0.0: the kubelet probes the pod IP, Prometheus scrapes it).
+The Kubernetes connection is the in-cluster service account when present, else KUBECONFIG. The worker runs
+the same workflows as `relay run`, with the KubernetesBackend (one Job per leg) and the KubernetesStatusSink.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.handlers import STATUS_INTERVAL_S, OperatorContext, build_registry
 from controller.kubernetes.status_sink import KubernetesStatusSink
 from controller.kubernetes.temporal_client import connect, tls_config
+from controller.policy import Policy, PolicyError
 
 log = logging.getLogger("relay.controller")
 
@@ -42,6 +45,13 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _policy(text: str) -> Policy:
+    try:
+        return Policy.from_json(text)
+    except PolicyError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     from controller.worker import MAX_CONCURRENT_ACTIVITIES, TASK_QUEUE
 
@@ -57,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--all-namespaces", action="store_true")
     parser.add_argument("--metrics-port", type=int, default=9090)
     parser.add_argument("--health-port", type=int, default=8081)
+    parser.add_argument("--metrics-bind-address", default="0.0.0.0", help="interface of /metrics")
+    parser.add_argument("--health-bind-address", default="0.0.0.0", help="interface of /healthz and /readyz")
+    parser.add_argument(
+        "--policy",
+        type=_policy,
+        default=env("RELAY_POLICY", "{}"),  # a string default goes through type= too
+        help='JSON allow-lists: {"priorityClasses": [...], "tolerations": [...], "imageRegistries": [...]}',
+    )
     parser.add_argument("--task-queue", default=TASK_QUEUE)
     parser.add_argument(
         "--max-concurrent-activities",
@@ -134,6 +152,7 @@ async def run_controller(
     metrics: Any | None = None,
     max_concurrent_activities: int | None = None,
     status_interval_s: float = STATUS_INTERVAL_S,
+    policy: Policy | None = None,
 ) -> None:
     """Run until `stop` is set. `namespaces=None` watches all namespaces."""
     from controller.worker import MAX_CONCURRENT_ACTIVITIES, build_worker
@@ -153,7 +172,9 @@ async def run_controller(
         task_queue,
         max_concurrent_activities=max_concurrent_activities or MAX_CONCURRENT_ACTIVITIES,
     )
-    ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue, status_interval_s)
+    ctx = OperatorContext(
+        temporal, api_client, backend, volume_root, task_queue, status_interval_s, policy=policy or Policy()
+    )
     registry = build_registry(ctx)
     register_login(registry, configuration)
     settings = kopf.OperatorSettings()
@@ -198,7 +219,12 @@ async def _amain(args: argparse.Namespace) -> int:
     try:
         from controller.observability import start_observability_server
 
-        observability = start_observability_server(args.health_port, args.metrics_port)
+        observability = start_observability_server(
+            args.health_port,
+            args.metrics_port,
+            host=args.health_bind_address,
+            metrics_host=args.metrics_bind_address,
+        )
         observability.set_ready(True)
     except ImportError:
         log.warning("controller.observability not available: no health/metrics server")
@@ -213,6 +239,7 @@ async def _amain(args: argparse.Namespace) -> int:
             metrics=observability.metrics if observability is not None else None,
             max_concurrent_activities=args.max_concurrent_activities,
             status_interval_s=args.status_interval,
+            policy=args.policy,
         )
     finally:
         if observability is not None:

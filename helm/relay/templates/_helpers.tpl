@@ -111,3 +111,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 
 {{- define "relay.tlsMountPath" -}}/etc/relay/temporal-tls{{- end }}
+
+{{/*
+`relay controller --policy` as JSON: the policy values, with the registry of the chart's own images (the folder
+of image.repository) always among the allowed registries.
+*/}}
+{{- define "relay.policy" -}}
+{{- $own := dir .Values.image.repository -}}
+{{- $registries := .Values.policy.imageRegistries -}}
+{{- if ne $own "." }}{{ $registries = prepend $registries $own | uniq }}{{ end -}}
+{{- dict "priorityClasses" .Values.policy.priorityClasses "tolerations" .Values.policy.tolerations "imageRegistries" $registries | toJson -}}
+{{- end }}
