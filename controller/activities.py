@@ -32,9 +32,11 @@ from controller.backends.base import (
     LegTermination,
     PredictFailed,
     PredictJob,
+    RunIdentityMismatch,
     classify_termination,
 )
 from controller.messages import (
+    RUN_IDENTITY_MISMATCH,
     AwaitHeartbeat,
     AwaitLegRequest,
     AwaitLegResult,
@@ -230,8 +232,12 @@ class RelayActivities(RelayActivityInterface):
 
     @activity.defn(name="launch_leg")
     async def launch_leg(self, request: LaunchLegRequest) -> LaunchLegResult:
-        """Start leg n (or adopt it when it already runs) and write legs/<n>.json's start record."""
-        leg = request.leg
+        """Start leg n (or adopt it when it already runs) and write legs/<n>.json's start record.
+
+        The backend checks the leg against its TrainingRun where there is one (Kubernetes); a mismatch creates
+        nothing and fails non-retryably. Environment from the request never reaches a leg: only the backend's.
+        """
+        leg = request.leg.model_copy(update={"extra_env": {}})
         layout = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name)
         record = await asyncio.to_thread(volume.read_leg_record, layout, leg.leg)
         start_step = record.start_step if record else 0
@@ -241,7 +247,10 @@ class RelayActivities(RelayActivityInterface):
             checkpoints = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name).checkpoints_dir
             latest, _ = await asyncio.to_thread(volume.find_latest_checkpoint, checkpoints, verify_hashes=True)
             start_step = latest.step if latest else 0
-        handle = await self.backend.launch(leg)
+        try:
+            handle = await self.backend.launch(leg)
+        except RunIdentityMismatch as exc:
+            raise ApplicationError(str(exc), type=RUN_IDENTITY_MISMATCH, non_retryable=True) from None
         started_at = rfc3339(handle.started_at)
         if record is None or record.backend_id != handle.backend_id:
             record = LegStatus(leg=leg.leg, start_step=start_step, started_at=started_at, backend_id=handle.backend_id)

@@ -21,6 +21,10 @@ from controller.backends.base import LegHandle, LegObservation, LegOutcomeKind, 
 from controller.spec import DatasetSpec, TrainingRunSpec
 from controller.status import CheckpointStatus, LegStatus, QuarantinedStatus, RunEvent, RunStatus
 
+# ApplicationError.type of a launch refused because the workflow's input is not the TrainingRun's
+# (absent, another uid, a foreign path): non-retryable, and the training workflow fails at once with it.
+RUN_IDENTITY_MISMATCH = "RunIdentityMismatch"
+
 # ---------------------------------------------------------------- activity requests and results
 
 

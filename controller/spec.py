@@ -310,7 +310,7 @@ def legacy_workflow_id(namespace: str, name: str) -> str:
     """The id controllers before issue 11 used ("trainingrun-<ns>-<name>"; `team/a-x` = `team-a/x`).
 
     Only ever looked up, never started: a run begun under it is adopted when its input's namespace, name
-    and owner uid are this object's (`controller.kubernetes.identity`), otherwise left alone.
+    and owner uid are this object's (`controller.run_workflows`), otherwise left alone.
     """
     return f"{WORKFLOW_ID_PREFIX}{namespace}-{name}"
 

@@ -27,6 +27,7 @@ from controller.decisions import Action, LegEnd, RunCounts, decide, on_fallback_
 with workflow.unsafe.imports_passed_through():
     from controller.backends.base import LegOutcomeKind, LegSpec
     from controller.messages import (
+        RUN_IDENTITY_MISMATCH,
         AwaitLegRequest,
         AwaitLegResult,
         LaunchLegRequest,
@@ -224,6 +225,11 @@ class CheckpointedBertTrainingWorkflow:
             )
         except ActivityError as error:
             _reraise_cancellation(error)
+            cause = error.cause
+            if isinstance(cause, ApplicationError) and cause.type == RUN_IDENTITY_MISMATCH:
+                # Not this TrainingRun's workflow (started by hand, or its object replaced): nothing was created,
+                # and trying again would not make it so. No recorded history reaches this branch.
+                raise _RunFailed(RUN_IDENTITY_MISMATCH, f"leg {leg.leg} not launched: {cause.message}") from None
             record = LegStatus(leg=leg.leg, started_at=self._now())
             state.status.legs.append(record)
             return await self._carry_out(

@@ -151,6 +151,14 @@ class LegConflict(RuntimeError):
     """Another leg of the same run is still alive: launching this one would put two trainers on one folder."""
 
 
+class RunIdentityMismatch(Exception):
+    """A leg's request does not match the TrainingRun the API server holds (absent, another uid, a foreign path).
+
+    Temporal is not a trust boundary: anyone who reaches it can start a workflow with any input. Nothing is
+    created for such a request; the message names the field that did not match.
+    """
+
+
 class PredictFailed(Exception):
     """Predictions could not be made; the message says why (the trainer's own message when it gave one)."""
 

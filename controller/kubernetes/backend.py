@@ -1,6 +1,9 @@
 """KubernetesBackend: each training leg is one batch/v1 Job; its state is read from a watch-fed cache.
 
-Implements `controller.backends.base.Backend`. `launch` creates `<run>-leg-<n>` or adopts it when it
+Implements `controller.backends.base.Backend`. `launch` first re-reads the TrainingRun from the API server:
+its uid must be the leg's `owner_uid` and the Job is built from the object's own spec (image, resources,
+scheduling, claim) and its own run folder, never from what the workflow input says (`_trusted_leg`).
+It creates `<run>-leg-<n>` or adopts it when it
 already exists (a restarted controller, a retried activity), and waits for, then refuses, a different leg
 of the same run that is still alive. `observe` and `wait_for_change` judge the Job and its pods
 (`controller.kubernetes.legs.judge_leg`) from the cache and carry out the verdict: halt the Job so the 1.20
@@ -21,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +45,7 @@ from controller.backends.base import (
     PredictFailed,
     Prediction,
     PredictJob,
+    RunIdentityMismatch,
     prepare_predict_work,
     read_predictions,
     remove_predict_work,
@@ -59,9 +64,12 @@ from controller.kubernetes.jobs import (
 from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
 from controller.kubernetes.server import ServerFeatures, server_features
 from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec
+from trainer import volume
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# What a leg may mount read-only besides its run folder: a content-addressed dataset snapshot.
+SNAPSHOT_PATH = re.compile(r"snapshots/[0-9a-f]{64}")
 
 
 class KubernetesBackend:
@@ -140,17 +148,15 @@ class KubernetesBackend:
     # ------------------------------------------------------------ Backend protocol
 
     async def launch(self, leg: LegSpec) -> LegHandle:
+        trusted = await self._trusted_leg(leg)
         cache = await self.cache(leg.namespace)
         name = job_name(leg.name, leg.leg)
         existing = cache.job(name) or await self._read_job(leg.namespace, name)
         if existing is not None:
             return self._handle(leg, existing, adopted=True)
         await self._wait_other_legs_gone(cache, leg)
-        owner_uid = leg.owner_uid or await self._owner_uid(leg.namespace, leg.name)
         features = await self.server()
-        manifest = build_leg_job(
-            leg.model_copy(update={"owner_uid": owner_uid}), pod_failure_policy=features.pod_failure_policy
-        )
+        manifest = build_leg_job(trusted, pod_failure_policy=features.pod_failure_policy)
         try:
             created = await self.call(self._batch.create_namespaced_job, leg.namespace, manifest)
         except ApiException as exc:
@@ -206,7 +212,11 @@ class KubernetesBackend:
     async def predict(self, job: PredictJob) -> list[Prediction]:
         if self.volume_root is None:
             raise PredictFailed("the Kubernetes backend was built without the volume root", non_retryable=True)
-        spec, owner_uid = await self._run_spec(job.namespace, job.name)
+        try:
+            spec, owner_uid = await self._run_spec(job.namespace, job.name)
+        except RunIdentityMismatch as exc:
+            message = f"{exc} (its predict Job takes the run's image and resources)"
+            raise PredictFailed(message, non_retryable=True) from None
         cache = await self.cache(job.namespace)
         name = predict_job_name(job.name, job.request_id)
         try:
@@ -241,7 +251,7 @@ class KubernetesBackend:
             await asyncio.to_thread(remove_predict_work, self.volume_root, job)
 
     async def _run_spec(self, namespace: str, name: str) -> tuple[TrainingRunSpec, str]:
-        """The TrainingRun's spec (image, resources, scheduling, claim) and uid, for its predict Job."""
+        """The TrainingRun's spec (image, resources, scheduling, claim) and uid, read from the API server now."""
         try:
             run = await self.call(
                 self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
@@ -249,13 +259,12 @@ class KubernetesBackend:
         except ApiException as exc:
             if exc.status != 404:
                 raise
-            message = f"TrainingRun {namespace}/{name}: not found (its predict Job takes the run's image and resources)"
-            raise PredictFailed(message, non_retryable=True) from None
-        body = cast(dict[str, Any], run)
+            raise RunIdentityMismatch(f"TrainingRun {namespace}/{name}: not found") from None
+        body = cast(dict[str, Any], run)  # the client types custom objects as object
         try:
             spec = TrainingRunSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
-            raise PredictFailed(f"TrainingRun {namespace}/{name}: invalid spec ({exc})", non_retryable=True) from None
+            raise RunIdentityMismatch(f"TrainingRun {namespace}/{name}: invalid spec ({exc})") from None
         return spec, str(body["metadata"]["uid"])
 
     async def _await_predict_job(self, job: PredictJob, name: str, spec: TrainingRunSpec) -> LegTermination:
@@ -315,11 +324,21 @@ class KubernetesBackend:
             raise
         return self._api_client.sanitize_for_serialization(job)  # type: ignore[no-any-return]
 
-    async def _owner_uid(self, namespace: str, name: str) -> str:
-        run = await self.call(
-            self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
-        )
-        return str(cast(dict[str, Any], run)["metadata"]["uid"])  # the client types custom objects as object
+    async def _trusted_leg(self, leg: LegSpec) -> LegSpec:
+        """`leg` as its TrainingRun allows it: that object's spec, uid and run folder; RunIdentityMismatch if not.
+
+        Temporal's input is a hint (issue 11): a workflow started by hand once made Jobs with any image and
+        priority class, and with a made-up owner uid the garbage collector deleted every Job it created.
+        """
+        where = f"TrainingRun {leg.namespace}/{leg.name}"
+        spec, uid = await self._run_spec(leg.namespace, leg.name)
+        if leg.owner_uid != uid:
+            raise RunIdentityMismatch(f"{where}: owner_uid {leg.owner_uid!r} is not the object's uid {uid!r}")
+        if leg.run_path != volume.run_path(leg.namespace, leg.name):
+            raise RunIdentityMismatch(f"{where}: run_path {leg.run_path!r} is not its own run folder")
+        if not SNAPSHOT_PATH.fullmatch(leg.snapshot_path):
+            raise RunIdentityMismatch(f"{where}: snapshot_path {leg.snapshot_path!r} is not snapshots/<sha256>")
+        return leg.model_copy(update={"spec": spec, "owner_uid": uid})
 
     async def _wait_other_legs_gone(self, cache: NamespaceCache, leg: LegSpec) -> None:
         deadline = time.monotonic() + self.conflict_wait_s

@@ -32,14 +32,18 @@ SPEC: dict[str, Any] = {
 }
 
 
-def leg_spec(namespace: str, name: str, leg: int, env: dict[str, str] | None = None, **spec: Any) -> LegSpec:
+def leg_spec(
+    namespace: str, name: str, leg: int, env: dict[str, str] | None = None, *, owner_uid: str, **spec: Any
+) -> LegSpec:
+    """A leg of TrainingRun `namespace/name` whose uid is `owner_uid` (the backend checks it against the object)."""
     return LegSpec(
         namespace=namespace,
         name=name,
         leg=leg,
         run_path=f"runs/{namespace}/{name}",
-        snapshot_path="snapshots/abc",
+        snapshot_path=f"snapshots/{'ab' * 32}",
         spec=TrainingRunSpec.model_validate({**SPEC, **spec}),
+        owner_uid=owner_uid,
         extra_env=env or {},
     )
 
@@ -71,7 +75,7 @@ def test_leg_runs_to_completion_and_relaunch_adopts_the_same_job(
 ) -> None:
     name = f"run-{uuid.uuid4().hex[:6]}"
     uid = make_training_run(kube, namespace, name, SPEC)
-    leg = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "6", "RELAY_STANDIN_STEP_S": "0.05"})
+    leg = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "6", "RELAY_STANDIN_STEP_S": "0.05"}, owner_uid=uid)
 
     async def scenario() -> None:
         handle = await backend.launch(leg)
@@ -95,8 +99,8 @@ def test_evicted_pod_is_a_preemption_with_a_checkpoint_and_no_replacement_pod_ru
     kube, crd_installed, standin_kubelet: ProcessKubelet, namespace, backend, volume_root: Path
 ) -> None:
     name = f"run-{uuid.uuid4().hex[:6]}"
-    make_training_run(kube, namespace, name, SPEC)
-    leg = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "1000", "RELAY_STANDIN_STEP_S": "0.05"})
+    uid = make_training_run(kube, namespace, name, SPEC)
+    leg = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "1000", "RELAY_STANDIN_STEP_S": "0.05"}, owner_uid=uid)
 
     async def scenario() -> Any:
         await backend.launch(leg)
@@ -134,9 +138,9 @@ def test_kubelet_pressure_eviction_and_trainer_failure_are_told_apart(
     kube, crd_installed, standin_kubelet: ProcessKubelet, namespace, backend
 ) -> None:
     name = f"run-{uuid.uuid4().hex[:6]}"
-    make_training_run(kube, namespace, name, SPEC)
-    evicted = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "1000"})
-    failing = leg_spec(namespace, name, 1, {"RELAY_STANDIN_EXIT": "1"})
+    uid = make_training_run(kube, namespace, name, SPEC)
+    evicted = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "1000"}, owner_uid=uid)
+    failing = leg_spec(namespace, name, 1, {"RELAY_STANDIN_EXIT": "1"}, owner_uid=uid)
 
     async def scenario() -> tuple[Any, Any]:
         await backend.launch(evicted)
@@ -160,8 +164,8 @@ def test_unschedulable_leg_is_stuck_after_the_deadline_and_its_pod_removed(
     kube, crd_installed, standin_kubelet, namespace, backend
 ) -> None:
     name = f"run-{uuid.uuid4().hex[:6]}"
-    make_training_run(kube, namespace, name, SPEC)
-    leg = leg_spec(namespace, name, 0, resources={"cpu": "1", "memory": "1Gi", "gpus": 16})
+    uid = make_training_run(kube, namespace, name, {**SPEC, "resources": {"cpu": "1", "memory": "1Gi", "gpus": 16}})
+    leg = leg_spec(namespace, name, 0, resources={"cpu": "1", "memory": "1Gi", "gpus": 16}, owner_uid=uid)
 
     async def scenario() -> Any:
         await backend.launch(leg)
@@ -185,9 +189,9 @@ def test_a_second_leg_is_refused_while_the_first_runs_and_stop_checkpoints_it(
     kube, crd_installed, standin_kubelet, namespace, backend, volume_root: Path
 ) -> None:
     name = f"run-{uuid.uuid4().hex[:6]}"
-    make_training_run(kube, namespace, name, SPEC)
-    first = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "1000", "RELAY_STANDIN_STEP_S": "0.05"})
-    second = leg_spec(namespace, name, 1)
+    uid = make_training_run(kube, namespace, name, SPEC)
+    first = leg_spec(namespace, name, 0, {"RELAY_STANDIN_STEPS": "1000", "RELAY_STANDIN_STEP_S": "0.05"}, owner_uid=uid)
+    second = leg_spec(namespace, name, 1, owner_uid=uid)
 
     async def scenario() -> Any:
         await backend.launch(first)
