@@ -8,7 +8,7 @@ errors (the CRD prunes them silently on 1.20, so `relay validate` is the strict 
 from __future__ import annotations
 
 import re
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -281,6 +281,18 @@ def cpu_threads(cpu: str) -> int:
     """Pinned torch thread count for a CPU request: whole cores, at least one ("500m" -> 1, "4" -> 4)."""
     cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
     return max(1, int(cores))
+
+
+def volume_model(model: str, volume_root: Path) -> str | None:
+    """The folder of a model stored on the volume, relative to its root ("runs/ml/base/final"), or None.
+
+    spec.model names a volume folder when it has a '/' and that folder exists; otherwise it is 'tiny' or a hub
+    id ("org/name" that is not on the volume). Validation already keeps it relative and free of '..'.
+    """
+    if model == "tiny" or "/" not in model:
+        return None
+    relative = PurePosixPath(model).as_posix()
+    return relative if (volume_root / relative).is_dir() else None
 
 
 def trainer_config(spec: TrainingRunSpec, model: str | None = None) -> TrainerConfig:

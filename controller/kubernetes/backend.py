@@ -63,7 +63,7 @@ from controller.kubernetes.jobs import (
 )
 from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
 from controller.kubernetes.server import ServerFeatures, server_features
-from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec
+from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec, volume_model
 from trainer import volume
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,11 @@ class KubernetesBackend:
             return self._handle(leg, existing, adopted=True)
         await self._wait_other_legs_gone(cache, leg)
         features = await self.server()
-        manifest = build_leg_job(trusted, pod_failure_policy=features.pod_failure_policy)
+        # A model stored on the volume is mounted read-only into the leg (config.json names it there).
+        model = (
+            await asyncio.to_thread(volume_model, trusted.spec.model, self.volume_root) if self.volume_root else None
+        )
+        manifest = build_leg_job(trusted, pod_failure_policy=features.pod_failure_policy, model_path=model)
         try:
             created = await self.call(self._batch.create_namespaced_job, leg.namespace, manifest)
         except ApiException as exc:

@@ -2,8 +2,9 @@
 
 No API calls here, so they are unit-tested without a cluster. One Job per leg, named `<run>-leg-<n>`;
 the workflow, not the Job controller, decides about the next leg (`backoffLimit: 0`, `restartPolicy:
-Never`). The claim is mounted twice: the run's own folder read-write and the dataset snapshot read-only,
-both at the same paths under /relay-volume that the trainer's command line names. On servers that have
+Never`). The claim is mounted by parts: the run's own folder read-write, the dataset snapshot read-only,
+and a model stored on the volume (`spec.model`, found there by `controller.spec.volume_model`) read-only,
+each at the same path under /relay-volume that the trainer's command line and config.json name. On servers that have
 it (1.26+, `controller.kubernetes.server`) a Job also carries `POD_FAILURE_POLICY`.
 
 A predict Job (`<run>-predict-<request id>`) runs `python -m trainer predict` once, with the run's image,
@@ -148,6 +149,9 @@ def _pod_spec(
             "runAsUser": NON_ROOT_UID,
             "runAsGroup": NON_ROOT_UID,
             "fsGroup": NON_ROOT_UID,
+            # Without it the kubelet chowns every file of the claim at each pod start (the whole volume:
+            # every run's checkpoints), on drivers that apply fsGroup; the root folder tells it all is done.
+            "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [
@@ -234,8 +238,12 @@ def _one_try_job(
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
-def build_leg_job(leg: LegSpec, *, pod_failure_policy: bool = False) -> dict[str, Any]:
-    """The Job manifest of `leg`; the same LegSpec (and server) always gives the same manifest."""
+def build_leg_job(leg: LegSpec, *, pod_failure_policy: bool = False, model_path: str | None = None) -> dict[str, Any]:
+    """The Job manifest of `leg`; the same LegSpec (and server) always gives the same manifest.
+
+    `model_path`: the model's folder on the volume when spec.model names one (`controller.spec.volume_model`),
+    mounted read-only; a subPath that does not exist would be created by the kubelet, so only a found one.
+    """
     spec = leg.spec
     name = job_name(leg.name, leg.leg)
     labels = leg_labels(leg)
@@ -253,6 +261,7 @@ def build_leg_job(leg: LegSpec, *, pod_failure_policy: bool = False) -> dict[str
         claim_mounts=[
             _claim_mount(leg.run_path, read_only=False),
             _claim_mount(leg.snapshot_path, read_only=True),
+            *([_claim_mount(model_path, read_only=True)] if model_path else []),
         ],
         grace_s=spec.termination_grace_period_seconds,
     )
