@@ -113,3 +113,38 @@ def test_versions_agree_across_package_chart_images_and_examples() -> None:
     for example in sorted((REPO / "manifests" / "examples").glob("*.yaml")):
         image = yaml.safe_load(example.read_text(encoding="utf-8"))["spec"].get("image")
         assert image in (None, f"ghcr.io/relay-ml/relay-trainer:{version}"), f"{example.name}: image {image}"
+
+
+def test_both_dockerfiles_build_with_the_legacy_builder_too() -> None:
+    """No BuildKit-only instruction (`RUN --mount`, heredocs): machines without buildx build with the legacy one."""
+    for dockerfile in (REPO / "controller" / "Dockerfile", REPO / "trainer_image" / "Dockerfile"):
+        for line in (part for stage in stages(dockerfile) for part in stage):
+            assert "--mount=" not in line and "<<" not in line, f"{dockerfile.relative_to(REPO)}: {line[:80]}"
+
+
+def test_make_images_tags_what_the_chart_and_a_training_run_use_with_the_tests_torch() -> None:
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    script = (REPO / "hack" / "build-images.sh").read_text(encoding="utf-8")
+    target = re.search(r"^images:\n\t(.+)$", makefile, re.MULTILINE)
+    assert target is not None and "hack/build-images.sh" in target.group(1)
+    assert 'TORCH_SPEC="$(TORCH_SPEC)"' in target.group(1), "the CPU trainer's torch must be the tests' pin"
+    pin = re.search(r"^TORCH_SPEC \?= (torch==\S+)$", makefile, re.MULTILINE)
+    assert pin is not None and f"TORCH_SPEC=${{TORCH_SPEC:-{pin.group(1)}}}" in script
+    assert "REGISTRY=${IMAGE_REGISTRY:-ghcr.io/relay-ml}" in script
+    assert "helm/relay/Chart.yaml" in script, "the tag is the chart's appVersion, as the chart's default"
+    assert "CONTROLLER=$REGISTRY/relay-controller:$TAG" in script and "TRAINER=$REGISTRY/relay-trainer:$TAG" in script
+    assert '--build-arg "TORCH_WHEEL=$WHEEL"' in script and "*+cpu*" in script
+
+
+def test_the_build_context_lets_in_what_the_dockerfiles_copy_and_nothing_heavy() -> None:
+    rules = [line for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rules = [line for line in rules if not line.startswith("#")]
+    assert rules[0] == "*", "an allow list: the checkout holds .venv, .envtest and volumes of several GB"
+    allowed = [line[1:] for line in rules if line.startswith("!")]
+    for dockerfile in (REPO / "controller" / "Dockerfile", REPO / "trainer_image" / "Dockerfile"):
+        for line in (part for stage in stages(dockerfile) for part in stage):
+            if not line.upper().startswith("COPY ") or "--from=" in line:
+                continue
+            for source in line.split()[1:-1]:
+                source = source.replace("[s]", "s").rstrip("/")
+                assert any(source == a or source.startswith(a + "/") for a in allowed), f"{source} is ignored"
