@@ -59,6 +59,7 @@ from controller.messages import (
 from controller.spec import TrainingRunSpec, trainer_config
 from controller.status import CheckpointStatus, LegStatus, QuarantinedStatus, RunEvent, RunStatus, rfc3339
 from trainer import volume
+from trainer.volume import ownership as volume_ownership
 
 log = logging.getLogger(__name__)
 
@@ -213,16 +214,19 @@ class RelayActivities(RelayActivityInterface):
         config = trainer_config(request.spec, model=model)
         text = config.to_json_text()
 
-        def write_config_and_read_legs() -> tuple[Any, list[int]]:  # file work (fsyncs) off the event loop
+        def write_config_and_read_legs() -> tuple[Any, list[int], Path | None]:  # file work off the event loop
+            # A new object of an old name starts from zero; its predecessor's folder is kept aside (issue 11).
+            moved = volume_ownership.claim_run_dir(layout.run_dir, request.owner_uid) if request.owner_uid else None
             if not layout.config_path.is_file() or layout.config_path.read_text(encoding="utf-8") != text:
                 layout.run_dir.mkdir(parents=True, exist_ok=True)
                 volume.atomic_write_json(layout.config_path, json.loads(text))
             progress = read_leg_progress(self.volume_root, request.namespace, request.name)
             legs = [p.name.split(".")[0] for p in layout.legs_dir.glob("*.json")]
-            return progress, [int(n) for n in legs if n.isdigit()]
+            return progress, [int(n) for n in legs if n.isdigit()], moved
 
-        progress, numbers = await asyncio.to_thread(write_config_and_read_legs)
+        progress, numbers, moved = await asyncio.to_thread(write_config_and_read_legs)
         return PrepareRunResult(
+            previous_run_path=moved.relative_to(self.volume_root).as_posix() if moved else None,
             next_leg=max(numbers, default=-1) + 1,
             run_path=volume.run_path(request.namespace, request.name),
             config_path=layout.config_path.relative_to(self.volume_root).as_posix(),

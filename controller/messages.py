@@ -49,6 +49,7 @@ class SnapshotResult(BaseModel):
 class PrepareRunRequest(RunRef):
     spec: TrainingRunSpec
     snapshot: SnapshotResult
+    owner_uid: str | None = None  # the TrainingRun's uid: the run folder becomes its (None: local runs, no owner)
 
 
 class PrepareRunResult(BaseModel):
@@ -57,6 +58,7 @@ class PrepareRunResult(BaseModel):
     total_steps: int | None
     latest_checkpoint: CheckpointStatus | None
     next_leg: int = 0  # legs of earlier workflows of this run keep their numbers (and records)
+    previous_run_path: str | None = None  # where a same-named predecessor's folder was moved aside
 
 
 class LaunchLegRequest(BaseModel):

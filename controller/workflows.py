@@ -184,7 +184,7 @@ class CheckpointedBertTrainingWorkflow:
             try:
                 state.prepared = await workflow.execute_activity_method(
                     RelayActivityInterface.prepare_run,
-                    PrepareRunRequest(**ref, spec=spec, snapshot=state.snapshot),
+                    PrepareRunRequest(**ref, spec=spec, snapshot=state.snapshot, owner_uid=self._input.owner_uid),
                     start_to_close_timeout=timedelta(minutes=2),
                     retry_policy=RetryPolicy(maximum_attempts=5),
                 )
@@ -192,6 +192,9 @@ class CheckpointedBertTrainingWorkflow:
                 _reraise_cancellation(error)
                 raise _RunFailed("PrepareFailed", f"could not write the run's config: {error.cause}") from None
             state.status.total_steps = state.prepared.total_steps
+            if state.prepared.previous_run_path:  # an event only: no command, recorded histories replay unchanged
+                moved = state.prepared.previous_run_path
+                self._event("Normal", "PreviousRunKept", f"a same-named earlier run's folder was moved to {moved}")
             state.next_leg = max(state.next_leg, state.prepared.next_leg)
             if state.prepared.latest_checkpoint is not None:
                 state.status.latest_checkpoint = state.prepared.latest_checkpoint
