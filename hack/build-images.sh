@@ -3,10 +3,11 @@
 #
 #   make images                                   (or hack/build-images.sh)
 #   PYTHON_IMAGE=python:3.11.11-slim-bookworm make images           the base of both images
-#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu make images where pip's default torch is a CUDA build
+#   CONTROLLER_IMAGE=... TRAINER_IMAGE=... hack/build-images.sh      other tags (hack/e2e-kind.sh: the chart's)
 #
 # The CPU trainer gets torch from a wheel put into the build context (build/wheels/, git-ignored) at the tests'
-# pin (TORCH_SPEC, the Makefile's), so a leg in the image and a leg in the tests run the same torch build.
+# pin (TORCH_SPEC, the Makefile's), so a leg in the image and a leg in the tests run the same torch build: from
+# build/wheels or pip's own find-links when there (no download), else from TORCH_INDEX_URL (PyTorch's CPU index).
 # The base: PYTHON_IMAGE when set; else relay-base/python:3.11-bookworm when present (a machine that cannot
 # pull: ../shared/containers/base-image.sh makes it); else the Dockerfiles' default python:3.11 slim image.
 # Both builds use --network host: pip inside a build needs it where the engine has no bridge network.
@@ -34,23 +35,23 @@ if [ -z "${PYTHON_IMAGE:-}" ]; then
 fi
 
 # One torch wheel of the pinned version for CPython 3.11 (the base's Python); other versions are removed so that
-# the build cannot pick a stale one.
+# the build cannot pick a stale one. PyPI's own torch for Linux is the CUDA build (GBs with its nvidia wheels).
 mkdir -p "$WHEELS"
-find "$WHEELS" -name 'torch-*.whl' ! -name "torch-${TORCH_VERSION}+*" ! -name "torch-${TORCH_VERSION}-*" -delete
-index=()
-[ -z "${TORCH_INDEX_URL:-}" ] || index=(--index-url "$TORCH_INDEX_URL")
-"$PYTHON" -m pip download -q "$TORCH_SPEC" --no-deps --only-binary=:all: --python-version 3.11 \
-  --platform manylinux_2_28_x86_64 "${index[@]}" -d "$WHEELS"
-WHEEL=$(cd "$WHEELS" && ls "torch-${TORCH_VERSION}"[+-]*.whl | head -n 1)
-[[ "$WHEEL" == *+cpu* ]] || die "$WHEELS/$WHEEL is not a CPU build (no +cpu): set TORCH_INDEX_URL to a CPU index"
+find "$WHEELS" -name 'torch-*.whl' ! -name "torch-${TORCH_VERSION}+cpu-*" -delete
+download=("$PYTHON" -m pip download -q "torch==${TORCH_VERSION}+cpu" --no-deps --only-binary=:all:
+  --python-version 3.11 --platform manylinux_2_28_x86_64 -d "$WHEELS")
+"${download[@]}" --no-index --find-links "$WHEELS" 2> /dev/null \
+  || "${download[@]}" --index-url "${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cpu}" \
+  || die "no CPU wheel of $TORCH_SPEC in $WHEELS, pip's find-links or ${TORCH_INDEX_URL:-the PyTorch CPU index}"
+WHEEL=$(cd "$WHEELS" && ls "torch-${TORCH_VERSION}+cpu-"*.whl | head -n 1)
 
-CONTROLLER=$REGISTRY/relay-controller:$TAG
-TRAINER=$REGISTRY/relay-trainer:$TAG
+CONTROLLER=${CONTROLLER_IMAGE:-$REGISTRY/relay-controller:$TAG}
+TRAINER=${TRAINER_IMAGE:-$REGISTRY/relay-trainer:$TAG}
 printf '==> %s from %s\n' "$CONTROLLER" "$PYTHON_IMAGE"
-docker build --network host -f controller/Dockerfile --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" -t "$CONTROLLER" .
+docker build -f controller/Dockerfile -t "$CONTROLLER" . --network host --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"
 printf '==> %s from %s with %s\n' "$TRAINER" "$PYTHON_IMAGE" "$WHEEL"
-docker build --network host -f trainer_image/Dockerfile --build-arg "TORCH_IMAGE=$PYTHON_IMAGE" \
-  --build-arg "TORCH_WHEEL=$WHEEL" -t "$TRAINER" .
+docker build -f trainer_image/Dockerfile -t "$TRAINER" . --network host --build-arg "TORCH_IMAGE=$PYTHON_IMAGE" \
+  --build-arg "TORCH_WHEEL=$WHEEL"
 for image in "$CONTROLLER" "$TRAINER"; do
-  printf '%s %s MB\n' "$image" "$(($(docker image inspect -f '{{.Size}}' "$image") / 1000000))"
+  printf '%s: %s bytes\n' "$image" "$(docker image inspect -f '{{.Size}}' "$image")"
 done

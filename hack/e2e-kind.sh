@@ -4,7 +4,8 @@
 #   make e2e-kind                      (needs docker, kind, kubectl, helm and network for the base images)
 #   KEEP_CLUSTER=1 make e2e-kind       keep the cluster afterwards for a look around
 #
-# Steps: create the cluster (or reuse it), build both images and load them into the node, `helm install`
+# Steps: create the cluster (or reuse it), build both images as `make images` does (hack/build-images.sh: the
+# controller and the CPU trainer) and load them into the node, `helm install`
 # with the embedded Temporal dev server, apply manifests/examples/tiny-cpu.yaml, wait for a verified
 # checkpoint, delete the trainer pod mid-run (a preemption: SIGTERM, emergency checkpoint, exit 75),
 # and wait for the run to reach Succeeded after resuming in a second leg. On failure it prints what
@@ -66,8 +67,7 @@ if ! kind get clusters 2> /dev/null | grep -qx "$CLUSTER"; then
 fi
 
 log "images: ${CONTROLLER_IMAGE}, ${TRAINER_IMAGE}"
-docker build -f controller/Dockerfile -t "$CONTROLLER_IMAGE" .
-docker build -f trainer_image/Dockerfile -t "$TRAINER_IMAGE" .
+CONTROLLER_IMAGE="$CONTROLLER_IMAGE" TRAINER_IMAGE="$TRAINER_IMAGE" hack/build-images.sh
 docker pull "$TEMPORAL_IMAGE"
 kind load docker-image --name "$CLUSTER" "$CONTROLLER_IMAGE" "$TRAINER_IMAGE" "$TEMPORAL_IMAGE"
 

@@ -132,8 +132,9 @@ def test_make_images_tags_what_the_chart_and_a_training_run_use_with_the_tests_t
     assert pin is not None and f"TORCH_SPEC=${{TORCH_SPEC:-{pin.group(1)}}}" in script
     assert "REGISTRY=${IMAGE_REGISTRY:-ghcr.io/relay-ml}" in script
     assert "helm/relay/Chart.yaml" in script, "the tag is the chart's appVersion, as the chart's default"
-    assert "CONTROLLER=$REGISTRY/relay-controller:$TAG" in script and "TRAINER=$REGISTRY/relay-trainer:$TAG" in script
-    assert '--build-arg "TORCH_WHEEL=$WHEEL"' in script and "*+cpu*" in script
+    assert "CONTROLLER=${CONTROLLER_IMAGE:-$REGISTRY/relay-controller:$TAG}" in script
+    assert "TRAINER=${TRAINER_IMAGE:-$REGISTRY/relay-trainer:$TAG}" in script
+    assert '--build-arg "TORCH_WHEEL=$WHEEL"' in script and '"torch==${TORCH_VERSION}+cpu"' in script
 
 
 def test_the_build_context_lets_in_what_the_dockerfiles_copy_and_nothing_heavy() -> None:
