@@ -101,6 +101,11 @@ def classify_termination(termination: LegTermination) -> LegOutcomeKind:
         return LegOutcomeKind.PREEMPTED
     if termination.disrupted:
         return LegOutcomeKind.PREEMPTED
+    if termination.reason == "OOMKilled":
+        # The container outgrew its own memory limit (the kernel's cgroup OOM killer, exit 137): the next leg with the
+        # same limit dies the same way, so it counts against maxFailures with backoff instead of resuming for free
+        # until maxPreemptions runs out. A node under memory pressure evicts instead (status.reason Evicted: disrupted).
+        return LegOutcomeKind.FAILED
     if termination.signal in _EXTERNAL_KILL_SIGNALS or termination.exit_code in (128 + 9, 128 + 15):
         # Killed from outside without the trainer's own word (SIGKILL, lost process, OOM kill by the
         # node): the work since the last checkpoint is lost but the run is not at fault.

@@ -101,7 +101,7 @@ def _pod(name: str, created: str, **status: Any) -> dict[str, Any]:
 JOB: dict[str, Any] = {"metadata": {"name": "r-leg-0", "annotations": {}}, "spec": {"parallelism": 1}, "status": {}}
 
 
-def test_oom_killed_container_is_a_preemption_and_a_crash_is_a_failure() -> None:
+def test_oom_killed_container_and_a_crash_are_failures_an_eviction_is_a_preemption() -> None:
     oom = _pod(
         "p", "2026-01-01T00:00:00Z", phase="Failed",
         containerStatuses=[{"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}}],
@@ -112,7 +112,13 @@ def test_oom_killed_container_is_a_preemption_and_a_crash_is_a_failure() -> None
     )  # fmt: skip
     verdict = judge_leg(JOB, [oom], [], now=0, stuck_after_s=60)
     assert verdict.observation.termination.reason == "OOMKilled" and verdict.halt and verdict.record
-    assert classify_termination(verdict.observation.termination) == LegOutcomeKind.PREEMPTED
+    assert classify_termination(verdict.observation.termination) == LegOutcomeKind.FAILED
+    evicted = _pod(
+        "p", "2026-01-01T00:00:00Z", phase="Failed", reason="Evicted", message="The node was low on resource: memory.",
+        containerStatuses=[{"name": "trainer", "state": {"terminated": {"exitCode": 137, "reason": "Error"}}}],
+    )  # fmt: skip
+    pressure = judge_leg(JOB, [evicted], [], now=0, stuck_after_s=60).observation.termination
+    assert classify_termination(pressure) == LegOutcomeKind.PREEMPTED
     failed = judge_leg(JOB, [crash], [], now=0, stuck_after_s=60).observation.termination
     assert classify_termination(failed) == LegOutcomeKind.FAILED
 
