@@ -87,7 +87,7 @@ def test_resume_loads_the_verified_bytes_and_never_writes_the_file(tmp_path: Pat
     assert path.read_bytes() == on_disk
     manifest = json.loads((path.parent / "manifest.json").read_text())
     entry = next(e for e in manifest["files"] if e["path"] == ckpt.MODEL_FILE)
-    assert [hashlib.sha256(on_disk).hexdigest()] == entry["sha256_chunks"]  # 1.2 MB: one 16 MiB piece
+    assert [hashlib.sha256(on_disk).hexdigest()] == entry["sha256_chunks"]  # 1.2 MB: one 64 MiB piece
 
 
 def test_a_file_changed_while_verified_is_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,7 +11,7 @@ A checkpoint folder `checkpoints/step-<9 digits>/` holds::
                             thread count, device, snapshot hash; what the data order is derived from
     config.json             the TrainerConfig the run was made with
     model_config.json       the model's config (lets `predict` load a checkpoint)
-    manifest.json           written last by volume.write_manifest: size + sha256 of each 16 MiB piece of
+    manifest.json           written last by volume.write_manifest: size + sha256 of each 64 MiB piece of
                             each file above (manifest format 2; format 1 checkpoints, one sha256 per file, load too)
 
 It is written into `checkpoints/.tmp-step-<N>.<pid>/`, every file fsynced, the manifest written, then the
