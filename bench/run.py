@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-MODULES = ("bench.bench_trainer", "bench.bench_workflow", "bench.bench_kubernetes")
+MODULES = ("bench.bench_trainer", "bench.bench_workflow", "bench.bench_kubernetes", "bench.bench_containers")
 KEYS = (
     "checkpoint_write_vs_disk",
     "checkpoint_restore_vs_disk",
@@ -34,6 +34,9 @@ KEYS = (
     "controller_peak_rss_mb",
     "controller_api_requests_per_run_min",
     "steps_lost_per_sigterm",
+    "container_leg_overhead",
+    "image_size_mb_controller",
+    "image_size_mb_trainer",
 )
 
 
