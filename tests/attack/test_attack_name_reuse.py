@@ -88,6 +88,12 @@ def test_folders_without_an_owner_are_moved_aside_and_empty_ones_claimed(tmp_pat
     assert claim_run_dir(empty, "uid-b") is None and read_owner_uid(empty) == "uid-b"
     assert claim_run_dir(tmp_path / "runs/ml/absent", "uid-c") is None
     assert read_owner_uid(tmp_path / "runs/ml/absent") == "uid-c"
+    elsewhere = tmp_path / "runs/other/theirs"
+    elsewhere.mkdir(parents=True)
+    (tmp_path / "runs/ml/linked").symlink_to(elsewhere)  # a folder that is a symlink is not followed
+    moved = claim_run_dir(tmp_path / "runs/ml/linked", "uid-d", now=0)
+    assert moved is not None and moved.is_symlink() and not (elsewhere / OWNER_FILE).exists()
+    assert read_owner_uid(tmp_path / "runs/ml/linked") == "uid-d"
 
 
 @pytest.mark.anyio

@@ -33,11 +33,13 @@ def read_owner_uid(run_dir: Path) -> str | None:
 def claim_run_dir(run_dir: Path, uid: str, now: float | None = None) -> Path | None:
     """Make `run_dir` belong to `uid`; return where a predecessor's folder was moved, or None."""
     moved: Path | None = None
-    if run_dir.is_dir() and not run_dir.is_symlink():
-        owner = read_owner_uid(run_dir)
+    if run_dir.is_symlink() or run_dir.exists():
+        # A symlink or a file in the folder's place is nobody's folder: moved aside (the link itself), never followed.
+        plain = run_dir.is_dir() and not run_dir.is_symlink()
+        owner = read_owner_uid(run_dir) if plain else None
         if owner == uid:
             return None
-        if owner is not None or any(run_dir.iterdir()):
+        if not plain or owner is not None or any(run_dir.iterdir()):
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
             previous = run_dir.parent / PREVIOUS_DIR
             previous.mkdir(parents=True, exist_ok=True)
