@@ -44,6 +44,8 @@ def _volume_relative_path(value: str) -> str:
         raise ValueError("must not contain '..' (paths stay inside the volume)")
     if not value.strip() or value in (".", "./"):
         raise ValueError("must name a file or folder inside the volume")
+    if not re.match(VOLUME_PATH_PATTERN, value):  # the CRD's pattern: the API server refuses the same paths
+        raise ValueError("must be a plain relative path: no empty ('//') segments, no leading space or './.'")
     return value
 
 
@@ -57,9 +59,7 @@ def _run_name(value: str) -> str:
 
 
 def _model_reference(value: str) -> str:
-    if value == "tiny" or "/" not in value:
-        return value  # the built-in model or a hub id without an organisation
-    try:
+    try:  # hub ids ("bert-base-uncased", "org/name") are relative paths too; ".." or "~" never is a model
         return _volume_relative_path(value)
     except ValueError as exc:
         raise ValueError(f"must be 'tiny', a hub id or a path inside the volume: {exc}") from None
@@ -107,7 +107,7 @@ MAX_MEMORY_BYTES = 4 * 2**40
 # A relative path with no ".." segment, not starting with '/' or '~'. RE2 (the API server's regex engine) has no
 # look-ahead, so "a segment that is not '..'" is spelled out; 'tiny' and hub ids ("org/name") match it too.
 _SEGMENT = r"([^./][^/]*|\.[^./][^/]*|\.\.[^/]+|\.)"
-_FIRST_SEGMENT = r"([^./~][^/]*|\.[^./][^/]*|\.\.[^/]+)"
+_FIRST_SEGMENT = r"([^./~\s][^/]*|\.[^./][^/]*|\.\.[^/]+)"
 VOLUME_PATH_PATTERN = rf"^(\./)?{_FIRST_SEGMENT}(/{_SEGMENT})*/?$"
 
 DnsLabel = Annotated[str, AfterValidator(_dns_label)]

@@ -84,6 +84,7 @@ ATTACKS = [
     ("spec.model", "../../../etc", "must not contain '..'"),
     ("spec.model", "/etc", "not absolute"),
     ("spec.model", "models/../../etc", "must not contain '..'"),
+    ("spec.model", "..", "must not contain '..'"),  # no '/', yet the trainer would load the parent folder
     ("spec.resources.cpu", "999999999999", "more than 512 cores"),
     ("spec.resources.memory", "99999999999999Ti", "more than 4Ti"),
     ("spec.retries.stuckAfterSeconds", 1e300, "less than or equal to 604800"),

@@ -6,6 +6,7 @@ Never a traceback, and nothing that validates can name a path outside the volume
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.spec import InvalidTrainingRun, TrainingRun, parse_training_run, trainer_config
+from controller.spec import VOLUME_PATH_PATTERN, InvalidTrainingRun, TrainingRun, parse_training_run, trainer_config
 
 VALID: dict[str, Any] = {
     "apiVersion": "relay.dev/v1alpha1",
@@ -150,3 +151,24 @@ def test_each_bad_field_is_named(mutate: Any, field: str, words: str) -> None:
     with pytest.raises(InvalidTrainingRun) as caught:
         parse_training_run(document, "run.yaml")
     assert any(f == field and words in m for f, m in caught.value.errors), caught.value.errors
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=["a", ".", "/", "~", " ", "\\"], max_size=10))
+def test_the_crd_pattern_and_validation_accept_the_same_volume_paths(path: str) -> None:
+    """Issue 11 parity: the API server (the CRD's pattern) and `relay validate` agree on every model and
+    dataset path, and whatever passes stays inside the volume."""
+    for field in ("model", "path"):
+        document = copy.deepcopy(VALID)
+        if field == "model":
+            document["spec"]["model"] = path
+        else:
+            document["spec"]["dataset"]["path"] = path
+        try:
+            parse_training_run(document)
+            accepted = True
+        except InvalidTrainingRun:
+            accepted = False
+        assert accepted == bool(re.match(VOLUME_PATH_PATTERN, path)), (field, path)
+        if accepted:
+            assert not PurePosixPath(path).is_absolute() and ".." not in PurePosixPath(path).parts
