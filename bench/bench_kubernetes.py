@@ -33,6 +33,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.rest import ApiException
 
+from controller.kubernetes.server import evict_pod, server_features
 from relay_testing.control_plane import (
     ControlPlane,
     die_with_parent,
@@ -269,7 +270,8 @@ def detection_latency(bench: Bench, namespace: str, evictions: int = 7) -> dict[
     assert bench.kubelet is not None and bench.jobs is not None
     bench.kubelet.extra_env["RELAY_STANDIN_STEP_S"] = "0.05"
     bench.kubelet.extra_env["RELAY_STANDIN_STEPS"] = "100000"
-    core = kubernetes.client.CoreV1Api(bench.kube)
+    assert bench.kube is not None
+    policy = f"policy/{server_features(bench.kube).policy_version}"
     name = "detect"
     bench.apply(namespace, name, run_spec(100_000))
     latencies = []
@@ -279,8 +281,7 @@ def detection_latency(bench: Bench, namespace: str, evictions: int = 7) -> dict[
         until(lambda pod=pod: f"{namespace}/{pod}" in bench.kubelet.running(), 60, f"{pod} never ran")  # type: ignore[union-attr]
         time.sleep(0.5)  # a little training, as a real preemption finds it
         bench.assert_controller_alive()
-        eviction = {"apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {"name": pod}}
-        core.create_namespaced_pod_eviction(pod, namespace, eviction)
+        evict_pod(bench.kube, namespace, pod)
         nxt = f"{namespace}/{name}-leg-{leg + 1}"
         until(lambda nxt=nxt: nxt in bench.jobs.first_seen, 60, f"{nxt} never created")  # type: ignore[union-attr]
         exited = until(lambda pod=pod: bench.kubelet.exited_at(f"{namespace}/{pod}"), 10, "no exit time")  # type: ignore[union-attr]
@@ -294,7 +295,7 @@ def detection_latency(bench: Bench, namespace: str, evictions: int = 7) -> dict[
         "s",
         "<= 2 s median",
         f"median over {len(latencies)} legs (min {min(latencies):.2f}, max {max(latencies):.2f} s): a running "
-        "stand-in leg's pod evicted (policy/v1beta1 Eviction), time from its process exit (SIGTERM -> checkpoint "
+        f"stand-in leg's pod evicted ({policy} Eviction), time from its process exit (SIGTERM -> checkpoint "
         "-> exit 75, seen by the process kubelet) to the next leg's Job first seen by a watch",
     )
 

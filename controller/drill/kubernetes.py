@@ -138,17 +138,28 @@ class PodWatch:
         self._thread.join(timeout=10)
 
     def _loop(self) -> None:
+        """List, then watch from that list's version; each (re)start lists again, so a pod deleted while no
+        watch ran is noticed too."""
         while not self._stop.is_set():
             watcher = kubernetes.watch.Watch()
             try:
+                listed: Any = self.core.list_namespaced_pod(self.namespace, label_selector=self.selector)
+                present = {pod.metadata.name for pod in listed.items}
+                for name in [n for n in list(self.pods) if n not in present]:
+                    self._record("DELETED", {"metadata": {"name": name}})
+                for pod in listed.items:
+                    self._record("MODIFIED", self.core.api_client.sanitize_for_serialization(pod))
                 stream = watcher.stream(
                     self.core.list_namespaced_pod,
                     self.namespace,
                     label_selector=self.selector,
+                    resource_version=listed.metadata.resource_version,
                     timeout_seconds=5,
                     deserialize=False,
                 )
                 for event in stream:
+                    if event["type"] == "ERROR":  # e.g. 410 Gone: list again
+                        break
                     self._record(event["type"], event["object"])
                     if self._stop.is_set():
                         watcher.stop()
