@@ -63,6 +63,7 @@ from controller.kubernetes.jobs import (
 )
 from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
 from controller.kubernetes.server import ServerFeatures, server_features
+from controller.policy import Policy, check_policy
 from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec, volume_model
 from trainer import volume
 
@@ -82,6 +83,7 @@ class KubernetesBackend:
         conflict_wait_s: float = 60.0,
         max_threads: int = 16,
         delete_wait_s: float = 60.0,
+        policy: Policy | None = None,
     ) -> None:
         self._api_client = api_client
         self._batch = kubernetes.client.BatchV1Api(api_client)
@@ -94,6 +96,7 @@ class KubernetesBackend:
         self._seen: dict[tuple[str, str], int] = {}
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
         self.volume_root = Path(volume_root).resolve() if volume_root is not None else None  # the controller's mount
+        self.policy = policy or Policy()  # the cluster's allow-lists, checked again at every launch
         self.api_retry_s = api_retry_s
         self.conflict_wait_s = conflict_wait_s
         self.delete_wait_s = delete_wait_s
@@ -342,6 +345,9 @@ class KubernetesBackend:
             raise RunIdentityMismatch(f"{where}: run_path {leg.run_path!r} is not its own run folder")
         if not SNAPSHOT_PATH.fullmatch(leg.snapshot_path):
             raise RunIdentityMismatch(f"{where}: snapshot_path {leg.snapshot_path!r} is not snapshots/<sha256>")
+        refused = check_policy(spec, self.policy)  # the object may be one the create handler already failed
+        if refused:
+            raise RunIdentityMismatch(f"{where}: {'; '.join(refused)}")
         return leg.model_copy(update={"spec": spec, "owner_uid": uid})
 
     async def _wait_other_legs_gone(self, cache: NamespaceCache, leg: LegSpec) -> None:

@@ -158,7 +158,8 @@ async def run_controller(
     from controller.worker import MAX_CONCURRENT_ACTIVITIES, build_worker
 
     api_client = kubernetes.client.ApiClient(configuration)
-    backend = KubernetesBackend(api_client, volume_root=volume_root)
+    policy = policy or Policy()
+    backend = KubernetesBackend(api_client, volume_root=volume_root, policy=policy)
     sink: Any = KubernetesStatusSink(api_client)
     if metrics is not None:
         from controller.observability import MetricsStatusSink
@@ -172,9 +173,7 @@ async def run_controller(
         task_queue,
         max_concurrent_activities=max_concurrent_activities or MAX_CONCURRENT_ACTIVITIES,
     )
-    ctx = OperatorContext(
-        temporal, api_client, backend, volume_root, task_queue, status_interval_s, policy=policy or Policy()
-    )
+    ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue, status_interval_s, policy=policy)
     registry = build_registry(ctx)
     register_login(registry, configuration)
     settings = kopf.OperatorSettings()

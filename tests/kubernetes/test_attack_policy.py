@@ -15,10 +15,16 @@ from typing import Any
 
 import kubernetes
 import pytest
+from conftest import make_training_run
+from temporalio.client import Client
+from test_attack_forged_workflow import OBJECT_SPEC, _jobs, _run_forged, worker_client
 from test_k8s_operator import Cluster, controller, phase, run_spec
 
+from controller.messages import TrainingRunInput
+from controller.spec import TrainingRunSpec
+
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
-__all__ = ["controller"]  # the fixture, shared with the operator's tests
+__all__ = ["controller", "worker_client"]  # fixtures, shared with the operator's and forged-workflow tests
 
 
 @pytest.mark.parametrize(
@@ -55,3 +61,19 @@ async def test_the_api_server_refuses_absurd_quantities_naming_the_field(
         await cluster.apply(f"attack-{uuid.uuid4().hex[:6]}", run_spec(resources=resources))
     assert refused.value.status == 422
     assert field in str(refused.value.body)
+
+
+async def test_a_workflow_for_a_run_the_policy_refuses_creates_no_job(
+    worker_client: Client, kube: Any, namespace: str, task_queue: str
+) -> None:
+    """The object exists with its own uid but asks for system-node-critical (the create handler failed it):
+    a workflow started by hand for it still creates nothing, since launch_leg checks the policy again."""
+    name = f"refused-{uuid.uuid4().hex[:6]}"
+    spec = {**OBJECT_SPEC, "scheduling": {"priorityClassName": "system-node-critical"}}
+    uid = make_training_run(kube, namespace, name, spec)
+    run_input = TrainingRunInput(
+        namespace=namespace, name=name, spec=TrainingRunSpec.model_validate(spec), owner_uid=uid
+    )
+    failure = await _run_forged(worker_client, task_queue, run_input)
+    assert "spec.scheduling.priorityClassName: 'system-node-critical' is reserved" in failure.message
+    assert failure.non_retryable and _jobs(kube, namespace) == []
