@@ -4,10 +4,13 @@ rule the create handler and `relay validate --policy` apply; a table of specs an
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from controller.cli import run_command
 from controller.policy import Policy, PolicyError, check_policy, image_repository
 from controller.spec import TrainingRunSpec
 
@@ -131,3 +134,22 @@ def test_image_repository_spells_out_the_registry(image: str, repository: str) -
 def test_a_bad_policy_names_its_field(text: str, words: str) -> None:
     with pytest.raises(PolicyError, match=words):
         Policy.from_json(text)
+
+
+def test_relay_validate_checks_the_policy_the_controller_enforces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    document = {
+        "apiVersion": "relay.dev/v1alpha1",
+        "kind": "TrainingRun",
+        "metadata": {"name": "greedy", "namespace": "ml"},
+        "spec": {"dataset": {"source": "demo"}, "scheduling": {"priorityClassName": "system-node-critical"}},
+    }
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps(document))
+    assert run_command(["validate", str(run_file)]) == 0  # the document itself is valid
+    capsys.readouterr()
+    assert run_command(["validate", str(run_file), "--policy", "{}"]) == 2
+    assert "  spec.scheduling.priorityClassName: 'system-node-critical' is reserved" in capsys.readouterr().err
+    assert run_command(["validate", str(run_file), "--policy", '{"priority": 1}']) == 2
+    assert "--policy: priority" in capsys.readouterr().err
