@@ -169,6 +169,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     from temporalio.service import RPCError
 
     from controller.backends.local import LocalBackend
+    from controller.visibility import start_attributes
     from controller.worker import build_worker
     from controller.workflows import TrainingRunInput
 
@@ -198,6 +199,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
                 id=wf_id,
                 task_queue=args.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                search_attributes=await start_attributes(client, namespace, name, run.spec.model),
             )
             _note(f"TrainingRun {namespace}/{name}: workflow {wf_id} (volume {volume_root})")
             _note(f"  status as JSON:  {_query_hint(wf_id, args.address)}")
@@ -325,6 +327,71 @@ async def _cmd_status(args: argparse.Namespace) -> int:
         if status.metrics:
             print(f"metrics: {_fmt_metrics(status.metrics)}")
     return EXIT_OK
+
+
+@contextlib.asynccontextmanager
+async def _visibility_client(args: argparse.Namespace, temporal_namespace: str) -> AsyncIterator[Any]:
+    """A client of `temporal_namespace` at --address; the embedded server (its db on --volume) when none answers.
+    Visibility and histories need no worker."""
+    from temporalio.client import Client
+
+    volume_root = Path(args.volume).resolve() if (Path(args.volume) / "temporal.db").is_file() else None
+    async with _temporal(args.address, volume_root, embedded=True) as (client, _):
+        if temporal_namespace == client.namespace:
+            yield client
+        else:
+            yield Client(client.service_client, namespace=temporal_namespace, data_converter=client.data_converter)
+
+
+async def _cmd_list(args: argparse.Namespace) -> int:
+    """Runs from visibility (search attributes and memo): one paged list call, no query to any workflow."""
+    from datetime import UTC, datetime
+
+    from temporalio.service import RPCError
+
+    from controller.visibility import format_table, list_runs
+
+    async with _visibility_client(args, args.namespace) as client:
+        try:
+            runs = await list_runs(client, phase=args.phase, run_namespace=args.run_namespace)
+        except RPCError as exc:
+            raise CliError(f"cannot list runs in Temporal namespace {args.namespace}: {exc.message}") from None
+    now = datetime.now(UTC)
+    if args.json:
+        print(json.dumps([run.to_json(now) for run in runs], indent=2))
+    else:
+        print(format_table(runs, now))
+    return EXIT_OK
+
+
+async def _cmd_history(args: argparse.Namespace) -> int:
+    """A run's story across continue-as-new, from its history alone, and a replay on the installed code."""
+    from temporalio.service import RPCError
+
+    from controller.history import UnknownRun, fetch_histories, format_story, replay, tell
+    from controller.run_workflows import find_run_workflow
+
+    async with _visibility_client(args, args.temporal_namespace) as client:
+        try:
+            found = await find_run_workflow(client, args.namespace, args.name, None)  # current or legacy id
+            wf_id = found.workflow_id if found else workflow_id(args.namespace, args.name)
+            histories = await fetch_histories(client, wf_id)
+        except UnknownRun as exc:
+            raise CliError(f"no TrainingRun {args.namespace}/{args.name}: {exc}") from None
+        except RPCError as exc:
+            raise CliError(f"cannot read the history of {args.namespace}/{args.name}: {exc.message}") from None
+    story, report = tell(histories), await replay(histories)
+    if args.json:
+        document = {
+            "workflowId": wf_id,
+            "runIds": [entry.run_id for entry in story if entry.kind == "started"],
+            "story": [entry.model_dump(mode="json", by_alias=True) for entry in story],
+            "replay": {**report.model_dump(mode="json", by_alias=True), "ok": report.ok},
+        }
+        print(json.dumps(document, indent=2))
+    else:
+        print(format_story(wf_id, story, report))
+    return EXIT_OK if report.ok else EXIT_ERROR
 
 
 async def _cmd_signal(args: argparse.Namespace) -> int:
@@ -497,6 +564,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     common(p)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("list", help="list runs from Temporal's visibility (search attributes and memo)")
+    p.add_argument("--namespace", default="default", help="Temporal namespace")
+    p.add_argument("--phase", default=None, help="only runs in this phase (Running, Failed, Succeeded, ...)")
+    p.add_argument("--run-namespace", default=None, help="only TrainingRuns of this Kubernetes namespace")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("history", help="a run's story from its Temporal history, replayed on this code")
+    p.add_argument("name")
+    p.add_argument("--namespace", default="default", help="the TrainingRun's namespace")
+    p.add_argument("--temporal-namespace", default="default", help="Temporal namespace")
+    p.add_argument("--json", action="store_true")
+    common(p)
+    p.set_defaults(func=_cmd_history)
 
     for verb, text in (("pause", "checkpoint and stop the current leg; no new leg"), ("resume", "resume a paused run")):
         p = sub.add_parser(verb, help=text)

@@ -2,7 +2,8 @@
 
 Started only when nothing answers at the configured address; its SQLite file lives on the volume
 (`<volume>/temporal.db`), so a workflow interrupted with the relay process continues when `relay run`
-is started again. Stopped cleanly (SIGTERM, then SIGKILL) when relay exits.
+is started again. Stopped cleanly (SIGTERM, then SIGKILL) when relay exits. It registers Relay's search
+attributes at start (`--search-attribute KEY=TYPE`, controller.visibility), so runs are findable at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+
+from controller.visibility import dev_server_flags
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 
@@ -101,6 +104,7 @@ class DevServer:
         ]
         if self.db_file is not None:
             command += ["--db-filename", str(self.db_file)]
+        command += dev_server_flags()  # also on an existing db file: registering again is a no-op
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.process = subprocess.Popen(

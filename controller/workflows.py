@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
@@ -56,6 +56,7 @@ with workflow.unsafe.imports_passed_through():
         SnapshotStatus,
         rfc3339,
     )
+    from controller.visibility import MEMO_KEY, SEARCH_ATTRIBUTES, VISIBILITY_PATCH, RunSummary, summarize, upserts_due
 
 TRAINING_RUN_FAILED = "TrainingRunFailed"
 MAX_LEGS_IN_STATE = 200  # legs kept in the workflow's status across continue-as-new (all are on the volume)
@@ -88,6 +89,9 @@ class CheckpointedBertTrainingWorkflow:
         self._state: WorkflowState | None = None
         self._events: list[RunEvent] = []
         self._published: RunStatus | None = None
+        self._visible = False  # upserts search attributes and memo (not in histories recorded before them)
+        self._shown: RunSummary | None = None  # what visibility shows of this run
+        self._shown_at: datetime | None = None
 
     # ------------------------------------------------------------ queries and signals
 
@@ -129,6 +133,7 @@ class CheckpointedBertTrainingWorkflow:
         else:
             self._state = run_input.state
         state = self._state
+        self._visible = workflow.patched(VISIBILITY_PATCH)
         legs_this_run = 0
         current: LegSpec | None = None
         try:
@@ -482,6 +487,7 @@ class CheckpointedBertTrainingWorkflow:
     async def _publish(self) -> None:
         """Hand status and new events to the StatusSink; a failing sink never fails the run."""
         state = self._require_state()
+        self._show()
         if not self._events and self._published == state.status:
             return  # nothing new: no activity, no history events
         events, self._events = self._events, []
@@ -498,6 +504,23 @@ class CheckpointedBertTrainingWorkflow:
         except ActivityError as error:
             _reraise_cancellation(error)
             workflow.logger.warning("publishing status failed; it will be published with the next change")
+
+    def _show(self) -> None:
+        """Upsert the memo and the search attributes the run was started with, when visibility.upserts_due says."""
+        if not self._visible:
+            return
+        summary = summarize(
+            self._input.namespace, self._input.name, self._input.spec.model, self._require_state().status
+        )
+        started_with = workflow.info().typed_search_attributes
+        registered = [key for key in SEARCH_ATTRIBUTES if started_with.get(key) is not None]
+        updates = upserts_due(self._shown, summary, self._shown_at, workflow.now(), registered)
+        if updates is None:
+            return
+        if updates:
+            workflow.upsert_search_attributes(updates)
+        workflow.upsert_memo({MEMO_KEY: summary})
+        self._shown, self._shown_at = summary, workflow.now()
 
     def _continue_as_new(self) -> None:
         state = self._require_state()
