@@ -12,6 +12,11 @@
   reported, not applied.
 - delete: kopf's finalizer holds the object until this object's workflow is cancelled and the leg Jobs
   deleted (owner references would remove them too); a same-named object's workflow is never touched.
+- stop (SIGTERM, e.g. `helm uninstall`): the finalizer is taken off every TrainingRun this controller
+  handled, so deleting a run, or its namespace, does not hang once no controller runs. Nothing depends on
+  it: leg and predict Jobs are owned by the TrainingRun (the garbage collector deletes them), and a
+  workflow whose object is gone fails at its next launch (`RunIdentityMismatch`: not found). A controller
+  that starts again puts its finalizer back on every object it resumes.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import kubernetes
@@ -108,10 +113,13 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     resource = (API_GROUP, API_VERSION, PLURAL)
     core = kubernetes.client.CoreV1Api(ctx.api_client)
 
+    custom = kubernetes.client.CustomObjectsApi(ctx.api_client)
+    handled_namespaces: set[str] = set()  # where this controller's finalizer may be, released on stop
     async def start(body: kopf.Body, patch: kopf.Patch, reason: str) -> None:
         document = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in body}
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if (body.get("status") or {}).get("phase") in FINISHED_PHASES:
+        handled_namespaces.add(namespace)
             return
         from controller.workflows import TrainingRunInput  # temporalio workflow module: import when needed
 
@@ -217,3 +225,35 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         await ctx.backend.cleanup(namespace, name)
 
     return registry
+    @kopf.on.cleanup(registry=registry)
+    async def release_finalizers(settings: kopf.OperatorSettings, **_: Any) -> None:
+        """Take this controller's finalizer off its TrainingRuns as it stops: a finalizer without a controller
+        left `helm uninstall`'s runs, and their namespaces, stuck in Terminating (issue 11). kopf runs this
+        after its watches have ended, so nothing puts the finalizer back until a controller starts again."""
+        finalizer = settings.persistence.finalizer
+        for namespace in sorted(handled_namespaces):
+            listing = await ctx.backend.call(
+                custom.list_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL
+            )
+            for item in cast(dict[str, Any], listing).get("items", []):  # the client types custom objects as object
+                metadata = item["metadata"]
+                if finalizer not in (metadata.get("finalizers") or []):
+                    continue
+                kept = [f for f in metadata["finalizers"] if f != finalizer]
+                # resourceVersion: a concurrent change wins (409), and the next controller sees the object.
+                body = {"metadata": {"finalizers": kept, "resourceVersion": metadata["resourceVersion"]}}
+                try:
+                    await ctx.backend.call(
+                        custom.patch_namespaced_custom_object,
+                        API_GROUP,
+                        API_VERSION,
+                        namespace,
+                        PLURAL,
+                        metadata["name"],
+                        body,
+                    )
+                except ApiException as exc:
+                    if exc.status not in (404, 409):
+                        raise
+            log.info("%s: finalizers released (controller stopping)", namespace)
+
