@@ -73,11 +73,18 @@ class PodKubelet(ProcessKubelet):
         mount = next((m for m in container.get("volumeMounts", []) if m["mountPath"] == SERVICE_ACCOUNT_DIR), None)
         if mount is not None:
             volume = next(v for v in obj["spec"]["volumes"] if v["name"] == mount["name"])
-            secret = self.core.read_namespaced_secret(volume["secret"]["secretName"], pod.namespace)
             local = pod.workdir / "volumes" / mount["name"]
             local.mkdir(parents=True, exist_ok=True)
-            for key, value in (secret.data or {}).items():
-                (local / key).write_bytes(base64.b64decode(value))
+            if "secret" in volume:  # the token Secret (1.20)
+                secret = self.core.read_namespaced_secret(volume["secret"]["secretName"], pod.namespace)
+                for key, value in (secret.data or {}).items():
+                    (local / key).write_bytes(base64.b64decode(value))
+            else:  # a projected kube-api-access volume (1.21+; no token Secret from 1.24): a TokenRequest
+                account = obj["spec"].get("serviceAccountName") or "default"
+                request: Any = {"spec": {"expirationSeconds": 3600}}
+                issued = self.core.create_namespaced_service_account_token(account, pod.namespace, request)
+                (local / "token").write_text(issued.status.token, encoding="utf-8")
+                (local / "namespace").write_text(pod.namespace, encoding="utf-8")
             if not (local / "ca.crt").exists():  # the controller-manager here runs without --root-ca-file
                 shutil.copyfile(self.plane.ca_cert, local / "ca.crt")
             command = list(container["command"])
