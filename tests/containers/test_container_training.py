@@ -185,8 +185,9 @@ async def test_legs_from_the_image_on_a_root_owned_volume_are_evicted_resume_and
 @pytest.mark.xfail(
     strict=True,
     reason="the product counts a leg the kernel killed for its memory limit (exit 137, terminated reason OOMKilled) "
-    "as a preemption: controller/backends/base.py classify_termination, exit codes 128+9 -> PREEMPTED; it starts "
-    "the next leg at once, every leg is OOMKilled again, and the run never fails (issue 12)",
+    "as a preemption (controller/backends/base.py classify_termination: exit 128+9 -> PREEMPTED): it starts the "
+    "next leg at once, each is OOMKilled again, and the run fails only when retries.maxPreemptions (default 50) "
+    "runs out (issue 12)",
 )
 async def test_a_leg_over_its_memory_limit_ends_the_run_failed_with_reason_oomkilled(
     controller: Any,
@@ -215,3 +216,26 @@ async def test_a_leg_over_its_memory_limit_ends_the_run_failed_with_reason_oomki
     assert status["phase"] == "Failed", f"phase {status.get('phase')}, {status.get('legCount')} legs, {status}"
     assert "OOMKilled" in status.get("message", ""), status
     assert status["preemptions"] == 0 and status["legCount"] == 1, status
+
+
+async def test_an_image_that_cannot_be_pulled_is_stuck_with_the_runtime_reason(
+    controller: Any,
+    kube: kubernetes.client.ApiClient,
+    namespace: str,
+    trainer_env: ContainerKubelet,
+    volume_root: Path,
+) -> None:
+    runs = Runs(kube, namespace, controller)
+    name = f"pull-{uuid.uuid4().hex[:6]}"
+    write_reviews(volume_root / f"data/{namespace}/reviews.csv")
+    spec = run_spec(namespace)
+    spec["image"] = "relay-missing.invalid/relay-trainer:0.0.0"
+    spec["retries"] = {"stuckAfterSeconds": 3, "maxFailures": 0}
+    await runs.apply(name, spec)
+    run = await runs.until(name, phase("Failed", "Succeeded"), 90, logs(trainer_env, namespace, name))
+    status = run["status"]
+    assert status["phase"] == "Failed", status
+    (leg,) = status["legs"]
+    assert leg["outcome"] == "stuck", leg
+    assert "ErrImagePull" in leg["reason"] and "relay-missing.invalid" in leg["reason"], leg
+    assert not [p for p in trainer_env.started if p.startswith(f"{namespace}/")], "no container may start"
