@@ -17,6 +17,10 @@ Faults that need the trainer's process itself (SIGKILL inside a checkpoint write
 checkpoint, a full volume) are offered only by a harness that plays the node (`NodeAccess`: the test support's
 process kubelet, whose pods are processes on this machine); with one, the hard kill is its own pressure eviction
 and leg lifetimes are its record of each pod process.
+
+Known limit on a real cluster: the shared core tells a new trainer from the one before by the pid in
+progress.json, and a trainer that is its container's pid 1 writes the same pid every leg, so recovery from a
+fault there is not seen (the drill times out). On the process kubelet, pods are host processes with their own pids.
 """
 
 from __future__ import annotations
