@@ -60,6 +60,7 @@ from controller.spec import TrainingRunSpec, trainer_config
 from controller.status import CheckpointStatus, LegStatus, QuarantinedStatus, RunEvent, RunStatus, rfc3339
 from trainer import volume
 from trainer.volume import ownership as volume_ownership
+from trainer.volume.tenancy import ForeignPath, check_namespace_read
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +187,11 @@ class RelayActivities(RelayActivityInterface):
     async def snapshot_dataset(self, request: SnapshotRequest) -> SnapshotResult:
         from controller import snapshot  # datasets/pyarrow: imported only where used
 
-        work = asyncio.ensure_future(
-            asyncio.to_thread(snapshot.snapshot_dataset, self.volume_root, request.dataset, request.num_labels)
-        )
+        def checked_snapshot() -> tuple[Any, bool]:  # a namespace reads only its own prefix (issue 11)
+            snapshot.check_namespace(self.volume_root, request.dataset, request.namespace)
+            return snapshot.snapshot_dataset(self.volume_root, request.dataset, request.num_labels)
+
+        work = asyncio.ensure_future(asyncio.to_thread(checked_snapshot))
         while not work.done():  # heartbeats: a lost worker is noticed in a minute, not after the 6 h timeout
             activity.heartbeat()
             await asyncio.wait({work}, timeout=5.0)
@@ -210,7 +213,15 @@ class RelayActivities(RelayActivityInterface):
         layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
         model = request.spec.model
         if model != "tiny" and "/" in model and (self.volume_root / model).exists():
-            model = str((self.volume_root / model).resolve())  # a model folder on the volume
+            resolved = (self.volume_root / model).resolve()  # a model folder on the volume
+            inside = (
+                resolved.relative_to(self.volume_root).as_posix() if resolved.is_relative_to(self.volume_root) else ".."
+            )
+            try:  # a namespace trains only from its own models or the shared area (issue 11)
+                check_namespace_read(request.namespace, inside, "spec.model")
+            except ForeignPath as exc:
+                raise ApplicationError(str(exc), type="ForeignPath", non_retryable=True) from None
+            model = str(resolved)
         config = trainer_config(request.spec, model=model)
         text = config.to_json_text()
 
@@ -361,6 +372,10 @@ class RelayActivities(RelayActivityInterface):
         model = (self.volume_root / rel).resolve()
         if not model.is_relative_to(self.volume_root) or model == self.volume_root:
             raise ApplicationError(f"modelPath {rel!r}: escapes the volume", type=PREDICT_FAILED, non_retryable=True)
+        try:  # symlinks resolved: a namespace predicts only with its own models (issue 11)
+            check_namespace_read(request.namespace, model.relative_to(self.volume_root).as_posix(), "modelPath")
+        except ForeignPath as exc:
+            raise ApplicationError(str(exc), type=PREDICT_FAILED, non_retryable=True) from None
         if not model.is_dir():
             raise ApplicationError(f"{model}: no such model folder", type=MISSING_FINAL_MODEL, non_retryable=True)
         info = activity.info()

