@@ -49,6 +49,7 @@ from controller.spec import (
     workflow_id,
 )
 from controller.status import Phase, RunStatus, rfc3339
+from controller.visibility import check_search_attributes, initial_attributes
 
 log = logging.getLogger(__name__)
 WORKFLOW = "CheckpointedBertTrainingWorkflow"
@@ -112,14 +113,14 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource = (API_GROUP, API_VERSION, PLURAL)
     core = kubernetes.client.CoreV1Api(ctx.api_client)
+
     custom = kubernetes.client.CustomObjectsApi(ctx.api_client)
     handled_namespaces: set[str] = set()  # where this controller's finalizer may be, released on stop
-
     async def start(body: kopf.Body, patch: kopf.Patch, reason: str) -> None:
         document = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in body}
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        handled_namespaces.add(namespace)
         if (body.get("status") or {}).get("phase") in FINISHED_PHASES:
+        handled_namespaces.add(namespace)
             return
         from controller.workflows import TrainingRunInput  # temporalio workflow module: import when needed
 
@@ -156,6 +157,10 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
             await_window_s=ctx.status_interval_s,
             poll_interval_s=min(PROGRESS_POLL_S, ctx.status_interval_s),
         )
+        check = await check_search_attributes(ctx.temporal)
+        if not check.complete:  # the run works without them; `relay list` reads the memo
+            log.warning("%s/%s: %s", namespace, name, check.message(ctx.temporal.namespace))
+            kopf.warn(body, reason="SearchAttributesMissing", message=check.message(ctx.temporal.namespace))
         try:
             await ctx.temporal.start_workflow(
                 WORKFLOW,
@@ -163,6 +168,7 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                 id=wf_id,
                 task_queue=ctx.task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                search_attributes=initial_attributes(namespace, name, run.spec.model, check.registered),
                 # A restarted controller must not re-run this object's finished workflow; a new object may
                 # reuse the id of a same-named predecessor's.
                 id_reuse_policy=(
@@ -224,6 +230,7 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                 raise kopf.TemporaryError(f"cannot cancel the workflow yet: {exc}", delay=5) from exc
         await ctx.backend.cleanup(namespace, name)
 
+    return registry
     @kopf.on.cleanup(registry=registry)
     async def release_finalizers(settings: kopf.OperatorSettings, **_: Any) -> None:
         """Take this controller's finalizer off its TrainingRuns as it stops: a finalizer without a controller
@@ -256,4 +263,3 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                         raise
             log.info("%s: finalizers released (controller stopping)", namespace)
 
-    return registry
