@@ -113,14 +113,14 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     resource = (API_GROUP, API_VERSION, PLURAL)
     core = kubernetes.client.CoreV1Api(ctx.api_client)
-
     custom = kubernetes.client.CustomObjectsApi(ctx.api_client)
     handled_namespaces: set[str] = set()  # where this controller's finalizer may be, released on stop
+
     async def start(body: kopf.Body, patch: kopf.Patch, reason: str) -> None:
         document = {key: body[key] for key in ("apiVersion", "kind", "metadata", "spec") if key in body}
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-        if (body.get("status") or {}).get("phase") in FINISHED_PHASES:
         handled_namespaces.add(namespace)
+        if (body.get("status") or {}).get("phase") in FINISHED_PHASES:
             return
         from controller.workflows import TrainingRunInput  # temporalio workflow module: import when needed
 
@@ -230,7 +230,6 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                 raise kopf.TemporaryError(f"cannot cancel the workflow yet: {exc}", delay=5) from exc
         await ctx.backend.cleanup(namespace, name)
 
-    return registry
     @kopf.on.cleanup(registry=registry)
     async def release_finalizers(settings: kopf.OperatorSettings, **_: Any) -> None:
         """Take this controller's finalizer off its TrainingRuns as it stops: a finalizer without a controller
@@ -263,3 +262,4 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
                         raise
             log.info("%s: finalizers released (controller stopping)", namespace)
 
+    return registry
