@@ -4,10 +4,11 @@ size of each image `make images` builds.
 `run(out)` adds `{"value", "unit", "target", "method"}` entries; `python -m bench.bench_containers` prints them as
 JSON. The leg is MiniLM (the offline mirror, in the image and in the venv) on the Rotten Tomatoes reviews, one
 torch thread, run in interleaved pairs: `docker run` with what a leg's pod gets (read-only root, UID 1000, no
-capabilities, no-new-privileges, a 1-CPU quota and the Job's 4Gi memory limit, the volume bound) and the same
-`python -m trainer train` on the host. Throughput is the trainer's own samples/s log lines after the first window
-(model load and the first steps are not training speed). About 4 minutes on 2 busy cores. Needs a Docker engine and
-both images (`make images`); scratch files go to $RELAY_BENCH_DIR (default: the system temp folder).
+capabilities, no-new-privileges, the cpu.shares of a 1-CPU request, a 4Gi memory limit, the volume bound) and
+the same `python -m trainer train` on the host. Throughput is the trainer's own samples/s log lines after the
+first window (model load and the first steps are not training speed). About 4 minutes on 2 busy cores. Needs a
+Docker engine and both images (`make images`); scratch files go to $RELAY_BENCH_DIR (default: the system temp
+folder).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def bare_leg(scratch: Path, name: str) -> float:
 def container_leg(scratch: Path, name: str, image: str) -> float:
     mount = "/relay-volume"
     flags = ["--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp:rw,exec,mode=1777", "--user", "1000:1000",
-             "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--cpus", "1", "--memory", "4g",
+             "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--cpu-shares", "1024", "--memory", "4g",
              "-v", f"{scratch}:{mount}"]  # fmt: skip
     for key, value in {**OFFLINE_ENV, "OMP_NUM_THREADS": "1", "HOME": "/tmp"}.items():
         flags += ["-e", f"{key}={value}"]
@@ -106,8 +107,8 @@ def bench_leg_overhead(scratch: Path, image: str, out: dict[str, Any]) -> None:
         "ratio",
         ">= 0.97",
         f"MiniLM on Rotten Tomatoes, batch 16, 1 torch thread, {PAIRS} interleaved pairs of {STEPS}-step legs: "
-        f"{statistics.mean(container):.2f} samples/s in {image} (read-only root, UID 1000, cap-drop ALL, --cpus 1, "
-        f"--memory 4g) vs {statistics.mean(bare):.2f} samples/s as a bare process (each: container "
+        f"{statistics.mean(container):.2f} samples/s in {image} (read-only root, UID 1000, cap-drop ALL, "
+        f"--cpu-shares 1024, --memory 4g) vs {statistics.mean(bare):.2f} samples/s as a bare process (each: container "
         f"{[round(r, 2) for r in container]}, bare {[round(r, 2) for r in bare]}; median of the trainer's "
         f"samples/s windows of {LOG_EVERY} steps after the first)",
     )

@@ -11,7 +11,7 @@ only how a container starts, stops and ends differs. What a kubelet honours for 
   a tmpfs; a secret or a projected ServiceAccount token -> its files in a host folder, read-only.
 - securityContext: runAsUser/runAsGroup (`--user`), fsGroup (`--group-add`), readOnlyRootFilesystem (`--read-only`),
   capabilities drop (`--cap-drop`), allowPrivilegeEscalation false (`--security-opt no-new-privileges`).
-- limits: cpu (`--cpus`), memory (`--memory`, no swap beyond it).
+- resources: cpu request (`--cpu-shares`), cpu limit (`--cpus`), memory limit (`--memory`, no swap beyond it).
 - terminationGracePeriodSeconds: `docker stop -t` (SIGTERM, the grace period, SIGKILL).
 - terminationMessagePath: a 0666 host file bound there, read back as the kubelet does.
 - the end: the runtime's exit code, and reason OOMKilled when the kernel killed it for its memory limit.
@@ -134,7 +134,10 @@ class ContainerKubelet(ProcessKubelet):
             args += ["--cap-drop", capability]
         if security.get("allowPrivilegeEscalation") is False:
             args += ["--security-opt", "no-new-privileges"]
-        limits = (container.get("resources") or {}).get("limits") or {}
+        resources = container.get("resources") or {}
+        limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+        if "cpu" in requests:  # the kubelet's cgroup cpu.shares: 1024 per CPU requested
+            args += ["--cpu-shares", str(max(2, int(float(parse_quantity(requests["cpu"])) * 1024)))]
         if "cpu" in limits:
             args += ["--cpus", f"{float(parse_quantity(limits['cpu'])):g}"]
         if "memory" in limits:
