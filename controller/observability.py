@@ -16,6 +16,8 @@
   relay_checkpoint_age_seconds                gauge      now minus the newest verified checkpoint's
                                                          time, per run (`namespace`, `name`)
   relay_time_to_recover_seconds               histogram  preemption seen -> next leg running
+  relay_trainingrun_step                      gauge      the run's training step (`namespace`, `name`);
+                                                         steps/s is its deriv()
   ==========================================  =========  ==========================================
 
 Health and metrics may share a port (then one server answers all three paths). Port 0 binds a free
@@ -56,6 +58,11 @@ class _RunStateCollector(Collector):
         self._lock = threading.Lock()
         self._phases: dict[tuple[str, str], str] = {}
         self._checkpoint_times: dict[tuple[str, str], float] = {}
+        self._steps: dict[tuple[str, str], int] = {}
+
+    def set_step(self, namespace: str, name: str, step: int) -> None:
+        with self._lock:
+            self._steps[(namespace, name)] = step
 
     def set_phase(self, namespace: str, name: str, phase: str) -> None:
         with self._lock:
@@ -69,11 +76,13 @@ class _RunStateCollector(Collector):
         with self._lock:
             self._phases.pop((namespace, name), None)
             self._checkpoint_times.pop((namespace, name), None)
+            self._steps.pop((namespace, name), None)
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             phases = dict(self._phases)
             checkpoint_times = dict(self._checkpoint_times)
+            steps = dict(self._steps)
         now = self._clock()
         runs = GaugeMetricFamily(
             "relay_trainingruns", "TrainingRuns known to this controller, by phase.", labels=["namespace", "phase"]
@@ -92,6 +101,14 @@ class _RunStateCollector(Collector):
         for (namespace, name), created_at in sorted(checkpoint_times.items()):
             ages.add_metric([namespace, name], max(0.0, now - created_at))
         yield ages
+        step_gauge = GaugeMetricFamily(
+            "relay_trainingrun_step",
+            "Each run's training step (the Grafana dashboard's steps/s is its deriv()).",
+            labels=["namespace", "name"],
+        )
+        for (namespace, name), step in sorted(steps.items()):
+            step_gauge.add_metric([namespace, name], step)
+        yield step_gauge
 
 
 class RelayMetrics:
@@ -132,8 +149,12 @@ class RelayMetrics:
         """Unix time the run's newest verified checkpoint was written; its age is computed at each scrape."""
         self._runs.set_checkpoint_time(namespace, name, created_at)
 
+    def set_step(self, namespace: str, name: str, step: int) -> None:
+        """The run's training step, as its status says; `relay_trainingrun_step`."""
+        self._runs.set_step(namespace, name, step)
+
     def forget_run(self, namespace: str, name: str) -> None:
-        """The TrainingRun was deleted: drop its phase and checkpoint age series."""
+        """The TrainingRun was deleted: drop its phase, checkpoint age and step series."""
         self._runs.forget(namespace, name)
 
     def leg_started(self, namespace: str) -> None:
@@ -185,6 +206,7 @@ class MetricsStatusSink:
         """Update the metrics from one published status (idempotent: a repeated status counts nothing twice)."""
         key = (namespace, name)
         self.metrics.set_run_phase(namespace, name, str(status.phase))
+        self.metrics.set_step(namespace, name, status.step)
         checkpoint = status.latest_checkpoint
         created_at = _unix_time(checkpoint.created_at) if checkpoint is not None else None
         if created_at is not None:
