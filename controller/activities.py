@@ -30,6 +30,7 @@ from controller.backends.base import (
     LegOutcomeKind,
     LegState,
     LegTermination,
+    OwnerVerifying,
     PredictFailed,
     PredictJob,
     RunIdentityMismatch,
@@ -183,9 +184,19 @@ class RelayActivities(RelayActivityInterface):
             self.cleanup_run,
         ]
 
+    async def _verify_owner(self, namespace: str, name: str, owner_uid: str | None) -> None:
+        """Where runs have owners (Kubernetes), the TrainingRun must exist with this uid before anything is written."""
+        if isinstance(self.backend, OwnerVerifying):
+            try:
+                await self.backend.verify_owner(namespace, name, owner_uid)
+            except RunIdentityMismatch as exc:
+                raise ApplicationError(str(exc), type=RUN_IDENTITY_MISMATCH, non_retryable=True) from None
+
     @activity.defn(name="snapshot_dataset")
     async def snapshot_dataset(self, request: SnapshotRequest) -> SnapshotResult:
         from controller import snapshot  # datasets/pyarrow: imported only where used
+
+        await self._verify_owner(request.namespace, request.name, request.owner_uid)
 
         def checked_snapshot() -> tuple[Any, bool]:  # a namespace reads only its own prefix (issue 11)
             snapshot.check_namespace(self.volume_root, request.dataset, request.namespace)
@@ -210,6 +221,7 @@ class RelayActivities(RelayActivityInterface):
     @activity.defn(name="prepare_run")
     async def prepare_run(self, request: PrepareRunRequest) -> PrepareRunResult:
         """Write runs/<ns>/<name>/config.json (the resolved trainer config); report the newest checkpoint."""
+        await self._verify_owner(request.namespace, request.name, request.owner_uid)
         layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
         model = request.spec.model
         if model != "tiny" and "/" in model and (self.volume_root / model).exists():

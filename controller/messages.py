@@ -36,6 +36,7 @@ class RunRef(BaseModel):
 class SnapshotRequest(RunRef):
     dataset: DatasetSpec
     num_labels: int = Field(ge=2)
+    owner_uid: str | None = None  # the TrainingRun's uid, checked where the backend has owners (Kubernetes)
 
 
 class SnapshotResult(BaseModel):

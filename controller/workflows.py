@@ -75,6 +75,14 @@ def _reraise_cancellation(error: BaseException) -> None:
         raise asyncio.CancelledError() from error
 
 
+def _raise_if_not_the_owner(error: ActivityError, what: str) -> None:
+    """An activity refused this workflow as not its TrainingRun's (issue 11): fail at once, saying what did not match.
+    Retrying would not make it so, and no recorded history reaches this (replay is unchanged)."""
+    cause = error.cause
+    if isinstance(cause, ApplicationError) and cause.type == RUN_IDENTITY_MISMATCH:
+        raise _RunFailed(RUN_IDENTITY_MISMATCH, f"{what}: {cause.message}") from None
+
+
 def _non_retryable_message(error: ActivityError) -> str | None:
     """The message of an activity's non-retryable ApplicationError (bad input), else None."""
     cause = error.cause
@@ -169,13 +177,19 @@ class CheckpointedBertTrainingWorkflow:
             try:
                 state.snapshot = await workflow.execute_activity_method(
                     RelayActivityInterface.snapshot_dataset,
-                    SnapshotRequest(**ref, dataset=spec.dataset, num_labels=spec.training.num_labels),
+                    SnapshotRequest(
+                        **ref,
+                        dataset=spec.dataset,
+                        num_labels=spec.training.num_labels,
+                        owner_uid=self._input.owner_uid,
+                    ),
                     start_to_close_timeout=timedelta(hours=6),
                     heartbeat_timeout=timedelta(minutes=1),
                     retry_policy=RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(minutes=2)),
                 )
             except ActivityError as error:
                 _reraise_cancellation(error)
+                _raise_if_not_the_owner(error, "no snapshot made")
                 message = _non_retryable_message(error) or f"snapshot failed: {error.cause}"
                 raise _RunFailed("InvalidDataset", message) from None
             snap = state.snapshot
@@ -195,6 +209,7 @@ class CheckpointedBertTrainingWorkflow:
                 )
             except ActivityError as error:
                 _reraise_cancellation(error)
+                _raise_if_not_the_owner(error, "run folder untouched")
                 raise _RunFailed("PrepareFailed", f"could not write the run's config: {error.cause}") from None
             state.status.total_steps = state.prepared.total_steps
             if state.prepared.previous_run_path:  # an event only: no command, recorded histories replay unchanged
@@ -233,11 +248,7 @@ class CheckpointedBertTrainingWorkflow:
             )
         except ActivityError as error:
             _reraise_cancellation(error)
-            cause = error.cause
-            if isinstance(cause, ApplicationError) and cause.type == RUN_IDENTITY_MISMATCH:
-                # Not this TrainingRun's workflow (started by hand, or its object replaced): nothing was created,
-                # and trying again would not make it so. No recorded history reaches this branch.
-                raise _RunFailed(RUN_IDENTITY_MISMATCH, f"leg {leg.leg} not launched: {cause.message}") from None
+            _raise_if_not_the_owner(error, f"leg {leg.leg} not launched")  # nothing was created
             record = LegStatus(leg=leg.leg, started_at=self._now())
             state.status.legs.append(record)
             return await self._carry_out(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -252,4 +252,17 @@ class Backend(Protocol):
         """Run `python -m trainer predict` for the job (adopting a run of the same request_id), wait for it,
         return its validated predictions; raise PredictFailed. Nothing of the run is left behind (process, Job,
         work folder), also when cancelled or timed out."""
+        ...
+
+
+@runtime_checkable
+class OwnerVerifying(Protocol):
+    """A backend whose runs are objects with an owner (Kubernetes: the TrainingRun and its uid).
+
+    The activities ask it before writing anything for a run, so a workflow started by anyone else (issue 11)
+    makes no snapshot, config or folder move. A local backend has no such objects and does not implement it.
+    """
+
+    async def verify_owner(self, namespace: str, name: str, owner_uid: str | None) -> None:
+        """Raise RunIdentityMismatch unless `namespace/name` exists now with uid `owner_uid`."""
         ...

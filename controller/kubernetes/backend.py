@@ -73,6 +73,11 @@ T = TypeVar("T")
 SNAPSHOT_PATH = re.compile(r"snapshots/[0-9a-f]{64}")
 
 
+def _same_owner(where: str, owner_uid: str | None, uid: str) -> None:
+    if owner_uid != uid:
+        raise RunIdentityMismatch(f"{where}: owner_uid {owner_uid!r} is not the object's uid {uid!r}")
+
+
 class KubernetesBackend:
     def __init__(
         self,
@@ -257,6 +262,11 @@ class KubernetesBackend:
             await asyncio.shield(self._delete_job(job.namespace, name))
             await asyncio.to_thread(remove_predict_work, self.volume_root, job)
 
+    async def verify_owner(self, namespace: str, name: str, owner_uid: str | None) -> None:
+        """controller.backends.base.OwnerVerifying: the TrainingRun exists now, with uid `owner_uid`."""
+        _, uid = await self._run_spec(namespace, name)
+        _same_owner(f"TrainingRun {namespace}/{name}", owner_uid, uid)
+
     async def _run_spec(self, namespace: str, name: str) -> tuple[TrainingRunSpec, str]:
         """The TrainingRun's spec (image, resources, scheduling, claim) and uid, read from the API server now."""
         try:
@@ -339,8 +349,7 @@ class KubernetesBackend:
         """
         where = f"TrainingRun {leg.namespace}/{leg.name}"
         spec, uid = await self._run_spec(leg.namespace, leg.name)
-        if leg.owner_uid != uid:
-            raise RunIdentityMismatch(f"{where}: owner_uid {leg.owner_uid!r} is not the object's uid {uid!r}")
+        _same_owner(where, leg.owner_uid, uid)
         if leg.run_path != volume.run_path(leg.namespace, leg.name):
             raise RunIdentityMismatch(f"{where}: run_path {leg.run_path!r} is not its own run folder")
         if not SNAPSHOT_PATH.fullmatch(leg.snapshot_path):

@@ -3,13 +3,15 @@
 Finding: starting `CheckpointedBertTrainingWorkflow` by hand, with no TrainingRun, made the controller create
 Jobs with any image and priority class `system-node-critical`; with a made-up owner uid the garbage collector
 deleted each Job and the workflow relaunched it, 46 "preemptions" in 15 s. Now launch_leg re-reads the
-TrainingRun: a workflow whose input is not an existing object's (namespace, name and uid) creates nothing and
-fails at once naming what did not match, and a matching one gets Jobs built from the object's own spec.
+TrainingRun: a workflow whose input is not an existing object's (namespace, name and uid) writes nothing (no
+snapshot, config or folder move), creates nothing and fails at once naming what did not match; launch checks
+again, and a matching workflow gets Jobs built from the object's own spec and run folder.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from conftest import make_training_run
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
+from controller.backends.base import LegSpec, RunIdentityMismatch
 from controller.kubernetes.backend import KubernetesBackend
 from controller.messages import TrainingRunInput
 from controller.spec import TrainingRunSpec, workflow_id
@@ -74,26 +77,65 @@ def _jobs(kube: kubernetes.client.ApiClient, namespace: str) -> list[str]:
 
 
 async def test_a_workflow_for_no_trainingrun_creates_no_job_and_fails_at_once(
-    worker_client: Client, kube: Any, namespace: str, task_queue: str
+    worker_client: Client, kube: Any, namespace: str, task_queue: str, volume_root: Path
 ) -> None:
     """No TrainingRun at all: an evil image and system-node-critical were once created as a Job."""
     run_input = TrainingRunInput(namespace=namespace, name="ghost", spec=forged_spec(), owner_uid=str(uuid.uuid4()))
     failure = await _run_forged(worker_client, task_queue, run_input)
-    assert f"TrainingRun {namespace}/ghost: not found" in failure.message
-    assert _jobs(kube, namespace) == []
+    assert failure.message == f"no snapshot made: TrainingRun {namespace}/ghost: not found"
+    assert _jobs(kube, namespace) == [] and not (volume_root / f"runs/{namespace}/ghost").exists()
 
 
 async def test_a_forged_owner_uid_creates_no_job_and_is_not_relaunched(
-    worker_client: Client, kube: Any, namespace: str, task_queue: str
+    worker_client: Client, kube: Any, namespace: str, task_queue: str, volume_root: Path
 ) -> None:
-    """A real TrainingRun but a made-up uid: once 46 launches in 15 s; now none, and one failure naming the uid."""
+    """A real TrainingRun but a made-up uid (or none): once 46 launches in 15 s; now none, one failure naming
+    the uid, and the victim's folder untouched (its config is not rewritten, nor the folder moved aside)."""
     name = f"victim-{uuid.uuid4().hex[:6]}"
     real_uid = make_training_run(kube, namespace, name, OBJECT_SPEC)
-    run_input = TrainingRunInput(namespace=namespace, name=name, spec=forged_spec(), owner_uid="forged-uid")
-    failure = await _run_forged(worker_client, task_queue, run_input)
-    assert f"owner_uid 'forged-uid' is not the object's uid '{real_uid}'" in failure.message
-    assert failure.message.startswith("leg 0 not launched: ") and failure.non_retryable
+    victim = volume_root / f"runs/{namespace}/{name}"
+    victim.mkdir(parents=True)
+    (victim / "config.json").write_text("{}")
+    for forged_uid in ("forged-uid", None):
+        run_input = TrainingRunInput(namespace=namespace, name=name, spec=forged_spec(), owner_uid=forged_uid)
+        failure = await _run_forged(worker_client, task_queue, run_input)
+        assert failure.message == (
+            f"no snapshot made: TrainingRun {namespace}/{name}: owner_uid {forged_uid!r} is not the object's uid "
+            f"{real_uid!r}"
+        )
+        assert failure.non_retryable
     assert _jobs(kube, namespace) == []
+    assert sorted(p.name for p in victim.iterdir()) == ["config.json"] and (victim / "config.json").read_text() == "{}"
+
+
+async def test_launch_itself_refuses_a_leg_that_is_not_the_objects(
+    control_plane: Any, crd_installed: Any, kube: Any, namespace: str, volume_root: Path
+) -> None:
+    """The launch check on its own (a workflow past snapshot and prepare): uid, run folder and snapshot path."""
+    name = f"leg-{uuid.uuid4().hex[:6]}"
+    uid = make_training_run(kube, namespace, name, OBJECT_SPEC)
+    backend = KubernetesBackend(control_plane.api_client(), volume_root=volume_root, api_retry_s=10.0)
+    good = LegSpec(
+        namespace=namespace,
+        name=name,
+        leg=0,
+        run_path=f"runs/{namespace}/{name}",
+        snapshot_path=f"snapshots/{'0' * 64}",
+        spec=forged_spec(),
+        owner_uid=uid,
+    )
+    forged = {
+        "owner_uid": ("forged", "owner_uid 'forged'"),
+        "run_path": ("runs/other-ns/their-run", "run_path 'runs/other-ns/their-run' is not its own run folder"),
+        "snapshot_path": ("runs/other-ns", "snapshot_path 'runs/other-ns' is not snapshots/<sha256>"),
+    }
+    try:
+        for field, (value, message) in forged.items():
+            with pytest.raises(RunIdentityMismatch, match=re.escape(message)):
+                await backend.launch(good.model_copy(update={field: value}))
+        assert _jobs(kube, namespace) == []
+    finally:
+        await backend.close()
 
 
 async def test_a_matching_workflow_gets_a_job_from_the_objects_spec_not_its_input(
