@@ -17,6 +17,7 @@ from typing import Any
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.leg_state import Learner, LegStats, Plan, Totals
+from trainer.optimizer import implementation_of
 from trainer.reporting import Reporter
 from trainer.volume import CheckpointInfo, RunLayout
 
@@ -30,6 +31,7 @@ MANIFEST_EXTRA_FIELDS = (
     "snapshot_sha256",
     "samples_seen",
     "device",
+    "optimizer",
 )
 
 
@@ -92,6 +94,7 @@ class CheckpointPolicy:
             "torch_threads": self.config.torch_threads,
             "device": self.learner.device.type,
             "precision": self.learner.precision,
+            "optimizer": implementation_of(self.learner.optimizer.param_groups),  # informative: resume reads the groups
             "snapshot_sha256": self.facts.snapshot_sha256,
             "torch_version": self.facts.torch_version,
         }

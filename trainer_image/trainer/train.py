@@ -20,11 +20,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from trainer import data as data_mod
+from trainer.checkpoint_consistency import check_self_consistent
 from trainer.config import TrainerConfig
 from trainer.errors import InvalidInput, Preempted
 from trainer.faults import Faults, injected
@@ -37,13 +38,19 @@ from trainer.volume import (
     CheckpointInvalid,
     ExitCode,
     RunLayout,
+    SymlinkRefused,
     VerifiedCheckpoint,
     find_latest_verified,
     list_checkpoint_dirs,
     read_checkpoint,
+    read_json,
     remove_stale_temp_dirs,
     write_termination_message,
 )
+from trainer.volume.durable import opened_dir
+
+if TYPE_CHECKING:
+    from trainer.optimizer import Implementation
 
 log = logging.getLogger("trainer")
 
@@ -86,8 +93,11 @@ def check_run_matches(layout: RunLayout, config: TrainerConfig, config_path: Pat
     for _, folder in reversed(list_checkpoint_dirs(layout.checkpoints_dir)):
         try:
             info = read_checkpoint(folder, verify_hashes=False)
+            # Only a checkpoint that agrees with itself speaks for the run's inputs; one that does not is no
+            # input of the run (tampered or mixed up) and is quarantined by the verified search below.
+            check_self_consistent(info, lambda name: read_json(folder / name))  # noqa: B023 (called right here)
         except CheckpointInvalid:
-            continue  # the verified search quarantines it later
+            continue
         threads = info.extra.get("torch_threads")
         if threads is not None and threads != config.torch_threads:
             raise InvalidInput(
@@ -153,11 +163,37 @@ def run_leg(
     return result
 
 
+def run_dir_problem(layout: RunLayout) -> str | None:
+    """Why the leg cannot use its run folder (one line naming the path), or None; makes the folder if absent.
+
+    Checked before anything is written there, so the answer goes to the termination log, not a traceback.
+    """
+    where = f"--run-dir {layout.run_dir}"
+    try:
+        with opened_dir(layout.run_dir, create=True):  # every folder on the way, none through a symlink
+            pass
+    except SymlinkRefused as exc:
+        return f"{where}: {exc.filename} is a symlink (never followed)"
+    except (NotADirectoryError, FileExistsError) as exc:
+        return f"{where}: {exc.filename} is not a folder"
+    except OSError as exc:
+        return f"{where}: cannot be made or opened ({exc.strerror or exc})"
+    if not os.access(layout.run_dir, os.W_OK | os.X_OK):
+        return f"{where}: not writable"
+    for folder in (layout.checkpoints_dir, layout.quarantine_dir, layout.final_dir, layout.legs_dir):
+        if folder.is_symlink():  # the trainer would write through it; the controller refuses it too
+            return f"{where}: {folder} is a symlink (never followed)"
+    return None
+
+
 def _run_leg(run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest, faults: Faults | None) -> LegResult:
     layout = RunLayout(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(layout)
     stats = LegStats()
+    problem = run_dir_problem(layout)
+    if problem is not None:
+        log.error("invalid input: %s", problem)
+        return LegResult(ExitCode.INVALID_INPUT, problem, stats)
+    reporter = Reporter(layout)
     try:
         reporter.update(state="starting", message="checking inputs")
         leg_faults = faults if faults is not None else Faults.from_env()
@@ -236,7 +272,9 @@ def _run(
     verified = _newest_verified_checkpoint(layout, config, config_path, ckpt.REQUIRED_FILES)
     latest = verified.info if verified is not None else None
 
-    learner = _learner(model, config, plan, device, use_bf16)
+    # A resumed run keeps the AdamW implementation it started with (trainer.optimizer: they round differently).
+    resumed_optimizer = _checkpoint_optimizer(verified) if verified is not None else None
+    learner = _learner(model, config, plan, device, use_bf16, resumed_optimizer)
     totals = Totals()
     resumed_from: int | None = None
     if verified is not None:
@@ -304,23 +342,43 @@ def _set_up_torch(config: TrainerConfig) -> tuple[Any, bool]:
     return device, use_bf16
 
 
-def _learner(model: Any, config: TrainerConfig, plan: Plan, device: Any, bf16: bool) -> Learner:
-    """The model on its device in train mode, with AdamW (no decay for biases and norms) and the linear
-    warm-up schedule built on it: both before any state is loaded (DETERMINISM.md)."""
-    import torch
+def _learner(
+    model: Any,
+    config: TrainerConfig,
+    plan: Plan,
+    device: Any,
+    bf16: bool,
+    optimizer_implementation: Implementation | None = None,
+) -> Learner:
+    """The model on its device in train mode, with AdamW (no decay for biases and norms; the fastest
+    implementation the device has, or `optimizer_implementation`, the resumed run's) and the linear warm-up
+    schedule built on it: both before any state is loaded (DETERMINISM.md)."""
     from transformers import get_linear_schedule_with_warmup
+
+    from trainer.optimizer import build_adamw
 
     model.to(device)
     model.train()
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    optimizer = build_adamw(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.learning_rate,
+        device=device,
+        implementation=optimizer_implementation,
     )
     warmup_steps = math.ceil(config.warmup_ratio * plan.total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, plan.total_steps)
     return Learner(model=model, optimizer=optimizer, scheduler=scheduler, device=device, bf16=bf16)
+
+
+def _checkpoint_optimizer(verified: VerifiedCheckpoint) -> Implementation:
+    """The AdamW implementation `verified` was made with, read from its optimizer.json param groups."""
+    from trainer import checkpoint as ckpt
+    from trainer.optimizer import implementation_of
+
+    meta = json.loads(bytes(verified.contents[ckpt.OPTIMIZER_META_FILE]))
+    return implementation_of(meta["param_groups"])
 
 
 def _newest_verified_checkpoint(
@@ -332,7 +390,10 @@ def _newest_verified_checkpoint(
         log.info("removed half-written %s (left by a killed writer)", path.name)
     # Each file is read once: hashed, and loaded by _restore from the very bytes that were hashed.
     verified, rejected = find_latest_verified(
-        layout.checkpoints_dir, quarantine_dir=layout.quarantine_dir, required_files=required_files
+        layout.checkpoints_dir,
+        quarantine_dir=layout.quarantine_dir,
+        required_files=required_files,
+        accept=lambda found: check_self_consistent(found.info, lambda name: json.loads(bytes(found.contents[name]))),
     )
     for bad in rejected:
         log.warning("checkpoint step %d quarantined to %s: %s", bad.step, bad.path, bad.reason)
@@ -361,7 +422,9 @@ def _restore(verified: VerifiedCheckpoint, learner: Learner, totals: Totals, pla
 
 
 def _log_start(config: TrainerConfig, plan: Plan, learner: Learner, resumed_from: int | None) -> None:
-    where = f"{learner.device.type} {learner.precision}"
+    from trainer.optimizer import implementation_of
+
+    where = f"{learner.device.type} {learner.precision} | AdamW {implementation_of(learner.optimizer.param_groups)}"
     if resumed_from is None:
         log.info(
             "start: fresh run (no checkpoint) | %d steps = %s x %d steps/epoch | model %s | %d threads | %s",
