@@ -2,16 +2,21 @@
 
 A due checkpoint is captured on the training thread (the state copied into reused host buffers; parameters and
 optimizer moments are copied by the writer thread while the next forward/backward only read them) and written
-off-thread by checkpoint.AsyncCheckpointWriter, at most one write in flight. The training thread's cost, the
+off-thread by checkpoint.AsyncCheckpointWriter, at most one write in flight. The training thread's wait, the
 stall, is the capture plus any wait for the previous write or for the copy before the next optimizer.step();
-it is kept per checkpoint in LegStats.stall_seconds and logged with the checkpoint line. The last step of a
-run and the step a SIGTERM stops at are always saved (synchronously) before the leg goes on or exits.
+it is kept per checkpoint in LegStats.stall_seconds. It is not the whole cost: the write's copy, sha256 and
+file writes compete with the steps for the cores (on 2 cores with 2 torch threads, the ~10 steps after a
+MiniLM checkpoint ran slower). So the checkpoint line logs the slowdown too (WriteOverlap): the steps that
+overlapped the write, against the median of the leg's recent steps that did not. The last step of a run and
+the step a SIGTERM stops at are always saved (synchronously) before the leg goes on or exits.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import checkpoint as ckpt
@@ -44,6 +49,35 @@ class RunFacts:
     torch_version: str
 
 
+# The baseline for WriteOverlap: the median of this many recent steps without a write in flight.
+QUIET_STEPS = 50
+
+
+@dataclass
+class WriteOverlap:
+    """How much slower the steps that overlapped a checkpoint's write ran than the leg's other steps."""
+
+    quiet_steps: deque[float] = field(default_factory=lambda: deque(maxlen=QUIET_STEPS))  # no write in flight
+    overlapping: list[float] = field(default_factory=list)  # step times while the current write was in flight
+    waited: float = 0.0  # the part of those step times already counted as stall (waiting for the copy)
+    writing: bool = False
+
+    def step(self, seconds: float) -> None:
+        (self.overlapping if self.writing else self.quiet_steps).append(seconds)
+
+    def started(self) -> None:
+        self.writing, self.overlapping, self.waited = True, [], 0.0
+
+    def finished(self) -> tuple[float, int] | None:
+        """(extra seconds the overlapping steps took beyond their waits, how many there were); None without
+        steps to compare to."""
+        self.writing = False
+        if not self.quiet_steps:
+            return None
+        usual = statistics.median(self.quiet_steps)
+        return sum(seconds - usual for seconds in self.overlapping) - self.waited, len(self.overlapping)
+
+
 class CheckpointPolicy:
     """Decides and takes the leg's checkpoints; owns the writer thread (close it when the leg ends)."""
 
@@ -72,6 +106,7 @@ class CheckpointPolicy:
         self._config_json = config.to_json_text()
         self._identity = config.identity_hash()
         self._last_checkpoint_time = time.monotonic()
+        self.overlap = WriteOverlap()
 
     # ---------------------------------------------------------------- what a checkpoint holds
 
@@ -126,13 +161,16 @@ class CheckpointPolicy:
         """Wait for a checkpoint's copy of the weights to finish before they change; the wait counts as that
         checkpoint's stall."""
         waited = self.writer.wait_copied()
+        self.overlap.waited += waited
         if waited and self.stats.stall_seconds:
             self.stats.stall_seconds[-1] += waited
             if self.last_saved_step in self.reporter.stalls:
                 self.reporter.stalls[self.last_saved_step] = self.stats.stall_seconds[-1]
 
     def poll(self) -> None:
-        """Report a write that finished since the last call."""
+        """After each step (its time in LegStats.step_seconds): report a write that finished since the last call."""
+        if self.stats.step_seconds:
+            self.overlap.step(self.stats.step_seconds[-1])
         self._note_saved(self.writer.poll())
 
     def due(self, step: int) -> bool:
@@ -149,6 +187,7 @@ class CheckpointPolicy:
         stall_started = time.perf_counter()
         self._note_saved(self.writer.wait())  # at most one write in flight
         self.writer.submit(self.capture(step))  # the state is copied here; the files are written off-thread
+        self.overlap.started()
         stall = time.perf_counter() - stall_started
         self.stats.stall_seconds.append(stall)
         self.reporter.stalls[step] = stall
@@ -182,4 +221,5 @@ class CheckpointPolicy:
         if info is None:
             return
         self.stats.checkpoint_bytes = info.total_bytes
-        self.reporter.checkpoint_saved(info)
+        slowdown = self.overlap.finished() if self.overlap.writing else None
+        self.reporter.checkpoint_saved(info, slowdown=slowdown)

@@ -159,9 +159,22 @@ class Reporter:
             eta_s=round(eta, 1),
         )
 
-    def checkpoint_saved(self, info: CheckpointInfo, stall: float | None = None) -> None:
+    def checkpoint_saved(
+        self, info: CheckpointInfo, stall: float | None = None, slowdown: tuple[float, int] | None = None
+    ) -> None:
+        """The checkpoint line. `stall`: the training thread's wait; `slowdown`: (extra seconds, steps) that the
+        steps overlapping the write took beyond the leg's usual step (checkpoint_policy.WriteOverlap)."""
         stall = stall if stall is not None else self.stalls.pop(info.step, None)
         total = self.fields["total_steps"]
+        cost = ""
+        if stall is not None and slowdown is not None:
+            extra, steps = slowdown
+            cost = (
+                f" | cost to training {fmt_duration(max(stall + extra, 0.0))}: stalled {fmt_duration(stall)}"
+                f" + {extra:+.2f}s over the {steps} step(s) that overlapped the write"
+            )
+        elif stall is not None:
+            cost = f" | training stalled {fmt_duration(stall)}"
         log.info(
             "checkpoint %s saved: step %d/%s | %.1f MB | loss %.4f%s",
             info.path.name,
@@ -169,7 +182,7 @@ class Reporter:
             total,
             info.total_bytes / 1e6,
             info.metrics.get("loss", float("nan")),
-            f" | training stalled {fmt_duration(stall)}" if stall is not None else "",
+            cost,
         )
         self.history(step=info.step, event="checkpoint")
         self.update(last_checkpoint_step=info.step)
