@@ -6,6 +6,12 @@ allow-lists for TrainingRuns (`controller.policy`); `--metrics-bind-address` and
 the interface of each endpoint (default 0.0.0.0: the kubelet probes the pod IP, Prometheus scrapes it).
 The Kubernetes connection is the in-cluster service account when present, else KUBECONFIG. The worker runs
 the same workflows as `relay run`, with the KubernetesBackend (one Job per leg) and the KubernetesStatusSink.
+
+Replicas: every replica runs the Temporal worker; the handlers run only on the holder of a Lease
+(`controller.kubernetes.leader`, `--leader-election-*`). A replica that loses the Lease exits (status 1) so
+its pod restarts as a candidate: kopf cancels every task started after it in its loop when it stops (kopf's
+run_tasks), the worker's activities among them, so handlers cannot stop alone while the worker goes on.
+On SIGTERM the leader stops its handlers and releases the Lease, so the next leader starts at its next retry.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ import kubernetes
 
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.handlers import STATUS_INTERVAL_S, OperatorContext, build_registry
+from controller.kubernetes.leader import (
+    LEASE_DURATION_S,
+    RENEW_DEADLINE_S,
+    RETRY_PERIOD_S,
+    LeaderElectionError,
+    LeadershipLost,
+    LeaseElector,
+)
 from controller.kubernetes.status_sink import KubernetesStatusSink
 from controller.kubernetes.temporal_client import connect, tls_config
 from controller.policy import Policy, PolicyError
@@ -88,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=STATUS_INTERVAL_S,
         help="seconds between progress updates in a running TrainingRun's .status (phase changes are at once)",
     )
+    parser.add_argument(
+        "--leader-elect",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the handlers only while holding a Lease (needed with more than one replica)",
+    )
+    parser.add_argument("--leader-election-name", default="relay-controller", help="the Lease's name")
+    parser.add_argument(
+        "--leader-election-namespace",
+        default=env("RELAY_POD_NAMESPACE"),
+        help="the Lease's namespace (default: RELAY_POD_NAMESPACE, else the first --watch-namespace)",
+    )
+    parser.add_argument("--lease-duration", type=_positive_seconds, default=LEASE_DURATION_S)
+    parser.add_argument("--renew-deadline", type=_positive_seconds, default=RENEW_DEADLINE_S)
+    parser.add_argument("--retry-period", type=_positive_seconds, default=RETRY_PERIOD_S)
     parser.add_argument("--kubeconfig", default=env("KUBECONFIG"), help=argparse.SUPPRESS)
     return parser
 
@@ -153,8 +182,13 @@ async def run_controller(
     max_concurrent_activities: int | None = None,
     status_interval_s: float = STATUS_INTERVAL_S,
     policy: Policy | None = None,
+    elector: LeaseElector | None = None,
 ) -> None:
-    """Run until `stop` is set. `namespaces=None` watches all namespaces."""
+    """Run until `stop` is set. `namespaces=None` watches all namespaces.
+
+    With an `elector` the handlers start once this replica holds its Lease (the worker runs meanwhile), and
+    LeadershipLost is raised, after the handlers stopped, when the Lease could not be renewed.
+    """
     from controller.worker import MAX_CONCURRENT_ACTIVITIES, build_worker
 
     api_client = kubernetes.client.ApiClient(configuration)
@@ -178,21 +212,47 @@ async def run_controller(
     register_login(registry, configuration)
     settings = kopf.OperatorSettings()
     kopf_settings(settings)
+    lost = asyncio.Event()
     try:
         async with worker:
-            await _operator(
-                registry=registry,
-                settings=settings,
-                standalone=True,
-                namespaces=namespaces or [],
-                clusterwide=namespaces is None,
-                stop_flag=stop,
-                ready_flag=ready,
-            )
+            if elector is not None and not await elector.acquire(stop):
+                log.info("stopped before leading; shutting the Temporal worker down")
+                return
+            handlers_stop = stop
+            holding: asyncio.Task[None] | None = None
+            if elector is not None:
+                # Started before kopf, so kopf's shutdown leaves it alone; it ends the handlers on either event.
+                handlers_stop = asyncio.Event()
+                holding = asyncio.create_task(_hold(elector, stop, lost, handlers_stop))
+            try:
+                await _operator(
+                    registry=registry,
+                    settings=settings,
+                    standalone=True,
+                    namespaces=namespaces or [],
+                    clusterwide=namespaces is None,
+                    stop_flag=handlers_stop,
+                    ready_flag=ready,
+                )
+            finally:
+                if holding is not None and elector is not None:
+                    holding.cancel()
+                    if not lost.is_set():
+                        await asyncio.to_thread(elector.release)
             log.info("operator stopped; shutting the Temporal worker down")
     finally:
         await backend.close()
         api_client.close()
+    if lost.is_set():
+        raise LeadershipLost(f"lease {elector.namespace}/{elector.name} lost by {elector.identity}" if elector else "")
+
+
+async def _hold(elector: LeaseElector, stop: asyncio.Event, lost: asyncio.Event, handlers_stop: asyncio.Event) -> None:
+    """Renew the Lease until `stop` or a failed renewal, then stop the handlers."""
+    try:
+        await elector.hold(stop, lost)
+    finally:
+        handlers_stop.set()
 
 
 async def _amain(args: argparse.Namespace) -> int:
@@ -209,6 +269,24 @@ async def _amain(args: argparse.Namespace) -> int:
             return 2
     tls = tls_config(args.temporal_tls_ca, args.temporal_tls_cert, args.temporal_tls_key)
     configuration = kube_configuration(args.kubeconfig)
+    elector = None
+    if args.leader_elect:
+        lease_namespace = args.leader_election_namespace or (namespaces[0] if namespaces else "")
+        if not lease_namespace:
+            print("relay controller: --leader-election-namespace (or RELAY_POD_NAMESPACE) is required", file=sys.stderr)
+            return 2
+        try:
+            elector = LeaseElector(
+                kubernetes.client.ApiClient(configuration),
+                lease_namespace,
+                args.leader_election_name,
+                lease_duration_s=args.lease_duration,
+                renew_deadline_s=args.renew_deadline,
+                retry_period_s=args.retry_period,
+            )
+        except LeaderElectionError as exc:
+            print(f"relay controller: {exc}", file=sys.stderr)
+            return 2
     temporal = await connect(args.temporal_address, args.temporal_namespace, tls)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -239,7 +317,11 @@ async def _amain(args: argparse.Namespace) -> int:
             max_concurrent_activities=args.max_concurrent_activities,
             status_interval_s=args.status_interval,
             policy=args.policy,
+            elector=elector,
         )
+    except LeadershipLost as exc:
+        print(f"relay controller: {exc}; exiting so the pod restarts as a candidate", file=sys.stderr)
+        return 1
     finally:
         if observability is not None:
             observability.close()

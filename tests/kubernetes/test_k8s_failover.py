@@ -1,0 +1,197 @@
+"""Two `relay controller` OS processes on envtest: SIGKILL the leader mid-leg, the other one takes over.
+
+Both processes run the Temporal worker on one task queue; only the Lease holder runs the handlers. The test
+kills the leader while a run's leg trains (the stand-in trainer, run by the process kubelet), measures how long
+until the survivor handles a new TrainingRun, and checks that no leg was launched twice and both runs succeed
+with the uninterrupted weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+import kubernetes
+import pytest
+
+from controller.kubernetes.leader import LEASE_DURATION_S, RETRY_PERIOD_S
+from relay_testing.control_plane import ControlPlane, free_port
+from relay_testing.process_kubelet import ProcessKubelet
+from trainer import volume
+
+pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
+REPO = Path(__file__).resolve().parents[2]
+LEASE = "relay-controller"
+STEPS = 120
+STEP_S = 0.25  # a 30 s leg: the kill lands mid-leg and the leg outlives the lease's expiry
+
+
+def run_spec(steps: int) -> dict[str, Any]:
+    return {
+        "dataset": {"source": "demo", "maxRows": 40},
+        "training": {"maxSteps": steps, "checkpointEverySteps": 10},
+        "resources": {"cpu": "1", "memory": "1Gi", "gpus": 1},
+        "terminationGracePeriodSeconds": 5,
+        "retries": {"backoffSeconds": 0.5},
+    }
+
+
+def expected_weights(steps: int) -> str:
+    import hashlib
+
+    state = "seed"
+    for step in range(1, steps + 1):
+        state = hashlib.sha256(f"{state}:{step}".encode()).hexdigest()
+    return state
+
+
+class Replica:
+    """One `relay controller` process with its log in a file."""
+
+    def __init__(self, index: int, args: list[str], log_dir: Path) -> None:
+        self.log_path = log_dir / f"controller-{index}.log"
+        self.log: IO[bytes] = self.log_path.open("wb")
+        command = [sys.executable, "-m", "controller", "controller", *args]
+        command += ["--health-port", str(free_port()), "--metrics-port", str(free_port())]
+        command += ["--health-bind-address", "127.0.0.1", "--metrics-bind-address", "127.0.0.1"]
+        self.name = f"replica-{index}"  # the pod name the chart hands in: the Lease holder's identity starts with it
+        env = {**os.environ, "RELAY_POD_NAME": self.name}
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def logs(replicas: list[Replica]) -> str:
+    return "\n".join(f"--- {r.log_path.name} (exit {r.process.poll()})\n{r.text()[-5000:]}" for r in replicas)
+
+
+async def wait_for(what: str, check: Any, timeout_s: float, replicas: list[Replica]) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs(replicas)}"
+        await asyncio.sleep(0.1)
+
+
+async def test_sigkill_of_the_leader_mid_leg_hands_over_without_a_second_leg(
+    temporal_env: Any,
+    control_plane: ControlPlane,
+    kube: kubernetes.client.ApiClient,
+    crd_installed: Any,
+    namespace: str,
+    volume_root: Path,
+    task_queue: str,
+    standin_kubelet: ProcessKubelet,
+    tmp_path: Path,
+) -> None:
+    standin_kubelet.extra_env.update(
+        {"RELAY_STANDIN_STEPS": str(STEPS), "RELAY_STANDIN_STEP_S": str(STEP_S), "RELAY_STANDIN_CHECKPOINT_EVERY": "10"}
+    )
+    custom = kubernetes.client.CustomObjectsApi(kube)
+    core = kubernetes.client.CoreV1Api(kube)
+    coordination = kubernetes.client.CoordinationV1Api(kube)
+    target_host = temporal_env.client.service_client.config.target_host
+    args = [
+        "--temporal-address", target_host,
+        "--watch-namespace", namespace,
+        "--leader-election-namespace", namespace,
+        "--task-queue", task_queue,
+        "--volume-root", str(volume_root),
+        "--kubeconfig", str(control_plane.kubeconfig),
+        "--status-interval", "2",
+    ]  # fmt: skip
+    replicas = [Replica(i, args, tmp_path) for i in range(2)]
+
+    def status(name: str) -> dict[str, Any]:
+        run = custom.get_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingruns", name)
+        return run.get("status") or {}
+
+    def create(name: str, steps: int) -> None:
+        body = {"apiVersion": "relay.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name}}
+        custom.create_namespaced_custom_object(
+            "relay.dev", "v1alpha1", namespace, "trainingruns", {**body, "spec": run_spec(steps)}
+        )
+
+    def holder() -> str:
+        try:
+            lease = coordination.read_namespaced_lease(LEASE, namespace)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return ""
+            raise
+        return str(lease.spec.holder_identity or "")
+
+    def leading() -> Replica | None:
+        return next((r for r in replicas if holder().startswith(f"{r.name}_")), None)
+
+    try:
+        leader = await wait_for("a leader", leading, 120, replicas)
+        follower = next(r for r in replicas if r is not leader)
+
+        name = f"fo-{uuid.uuid4().hex[:6]}"
+        await asyncio.to_thread(create, name, STEPS)
+        checkpoints = volume_root / f"runs/{namespace}/{name}/checkpoints"
+        await wait_for("leg 0's first checkpoint", lambda: volume.list_checkpoint_dirs(checkpoints), 90, replicas)
+
+        leader.process.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        leader.process.wait()
+        probe = f"probe-{uuid.uuid4().hex[:6]}"
+        await asyncio.to_thread(create, probe, 10)  # a change only a live leader handles
+
+        await wait_for("the follower to take the Lease", lambda: leading() is follower, 3 * LEASE_DURATION_S, replicas)
+        lease_taken_s = time.monotonic() - killed_at
+        await wait_for("the new leader to handle the probe run", lambda: status(probe).get("phase"), 60, replicas)
+        failover_s = time.monotonic() - killed_at
+        print(f"controller_failover_s={failover_s:.1f} (lease taken after {lease_taken_s:.1f} s)")
+        lease = await asyncio.to_thread(coordination.read_namespaced_lease, LEASE, namespace)
+        assert lease.spec.holder_identity and lease.spec.lease_transitions >= 1
+
+        for run in (name, probe):
+            final = await wait_for(
+                f"{run} to succeed", lambda r=run: status(r).get("phase") in ("Succeeded", "Failed") and status(r), 120,
+                replicas,
+            )  # fmt: skip
+            assert final["phase"] == "Succeeded", f"{run}: {final.get('message')}\n{logs(replicas)}"
+            assert final["legCount"] == 1 and final["preemptions"] == 0 and final["failures"] == 0, final
+            done = volume_root / f"runs/{namespace}/{run}/final"
+            volume.read_checkpoint(done, verify_hashes=True)
+        assert (volume_root / f"runs/{namespace}/{name}/final/weights.txt").read_text() == expected_weights(STEPS)
+
+        # Finished runs' Jobs are cleaned up, so count what ran: the kubelet's pods and the LegStarted Events.
+        for run in (name, probe):
+            started = sorted(p.split("/")[1].rsplit("-", 1)[0] for p in standin_kubelet.started if f"/{run}-" in p)
+            assert started == [f"{run}-leg-0"], f"{run}: one pod for its one leg, nothing launched it again"
+            events = await asyncio.to_thread(
+                core.list_namespaced_event, namespace, field_selector=f"involvedObject.name={run}"
+            )
+            reasons = [e.reason for e in events.items]
+            assert reasons.count("LegStarted") == 1, reasons
+            expected = {"SnapshotReady", "LegCompleted", "Succeeded"}
+            assert expected <= set(reasons), f"{run}: an Event was lost: {reasons}"
+        # The Lease's duration, up to two retry periods (seeing the last renewal, then the expiry) and kopf's start;
+        # measured 8.9 and 11.0 s on 2 loaded cores (target: 15 s median).
+        assert failover_s <= LEASE_DURATION_S + 2 * RETRY_PERIOD_S + 6, f"failover took {failover_s:.1f} s"
+    finally:
+        for replica in replicas:
+            replica.stop()
