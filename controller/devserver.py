@@ -8,6 +8,7 @@ attributes at start (`--search-attribute KEY=TYPE`, controller.visibility), so r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -15,8 +16,11 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+
+from temporalio.client import Client
 
 from controller.visibility import dev_server_flags
 
@@ -69,6 +73,21 @@ def _port_or_free(host: str, preferred: int) -> int:
     raise DevServerError(f"no free port for the Web UI on {host}")
 
 
+def _frontend_healthy(address: str) -> bool:
+    """The frontend answers a client: on an existing db the port opens seconds before it does ('Frontend is not
+    healthy yet'), and a command that connected at once failed."""
+
+    async def connect() -> None:
+        await Client.connect(address)
+
+    try:  # a thread of its own: start() may be called where an event loop runs
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, connect()).result()
+    except (RuntimeError, OSError):  # temporalio's connect error (RPC unavailable) is a RuntimeError
+        return False
+    return True
+
+
 def is_local(address: str) -> bool:
     return split_address(address)[0] in LOCAL_HOSTS
 
@@ -118,7 +137,7 @@ class DevServer:
             if self.process.poll() is not None:
                 where = f" (see {self.log_file})" if self.log_file else ""
                 raise DevServerError(f"temporal dev server exited with code {self.process.returncode}{where}")
-            if reachable(self.address, 0.2):
+            if reachable(self.address, 0.2) and _frontend_healthy(self.address):
                 return self
             time.sleep(0.1)
         self.stop()
