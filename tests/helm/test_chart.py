@@ -235,7 +235,7 @@ def test_embedded_temporal_is_a_dev_server_the_controller_points_at(chart: Any) 
     service = one(objects, "Service", f"{RELEASE}-temporal")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 7233, "http-ui": 8233}
     assert flags(controller_container(objects))["--temporal-address"] == [f"{RELEASE}-temporal:7233"]
-    budget = one(objects, "PodDisruptionBudget")
+    budget = one(objects, "PodDisruptionBudget", f"{RELEASE}-temporal")
     assert budget["apiVersion"] == "policy/v1"
     assert budget["spec"]["maxUnavailable"] == 0
     assert "keeps NO durable history" in notes
@@ -322,12 +322,21 @@ def test_a_claim_on_the_default_storage_class_comes_with_the_hint_and_the_suppor
 # ------------------------------------------------------------------ RBAC
 
 
+def is_leader_election(obj: dict[str, Any]) -> bool:
+    """The Lease's Role and RoleBinding (release namespace only), apart from the rules on watched namespaces."""
+    return str(obj["metadata"]["name"]).endswith("-leader-election")
+
+
+def without_leader_election(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [o for o in objects if not is_leader_election(o)]
+
+
 def reference_rbac_rules() -> set[tuple[str, str, str]]:
     """The rules of the plain manifests in manifests/rbac/ (area 3's source of what the controller calls)."""
     rules: set[tuple[str, str, str]] = set()
     for path in sorted((REPO / "manifests" / "rbac").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if doc and doc["kind"] in ("Role", "ClusterRole"):
+            if doc and doc["kind"] in ("Role", "ClusterRole") and not is_leader_election(doc):
                 rules |= rule_set(doc["rules"])
     assert rules, "manifests/rbac/ holds no Role or ClusterRole"
     return rules
@@ -337,6 +346,7 @@ def reference_rbac_rules() -> set[tuple[str, str, str]]:
 def test_rbac_grants_exactly_what_the_controller_needs(chart: Any, values_file: Path) -> None:
     values = ci_values(values_file)
     objects, _ = render(chart, values)
+    objects = without_leader_election(objects)
     cluster_wide = values.get("controller", {}).get("watch", {}).get("allNamespaces", False)
     roles = by_kind(objects, "ClusterRole" if cluster_wide else "Role")
     assert by_kind(objects, "Role" if cluster_wide else "ClusterRole") == []
@@ -363,10 +373,60 @@ def test_watching_listed_namespaces_grants_a_role_in_each(chart: Any) -> None:
     values = ci_values(CHART / "ci" / "embedded-temporal-values.yaml")
     values["controller"] = {"watch": {"allNamespaces": False, "namespaces": ["team-a", "team-b"]}}
     objects, notes = render(chart, values)
+    objects = without_leader_election(objects)
     assert sorted(r["metadata"]["namespace"] for r in by_kind(objects, "Role")) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in by_kind(objects, "RoleBinding")) == ["team-a", "team-b"]
     assert flags(controller_container(objects))["--watch-namespace"] == ["team-a", "team-b"]
     assert "need a claim of that name in their own namespace" in notes
+
+
+@SHAPES
+def test_the_lease_role_is_get_create_update_on_the_one_lease_in_the_release_namespace(
+    chart: Any, values_file: Path
+) -> None:
+    objects, _ = render(chart, ci_values(values_file))
+    role = one(objects, "Role", f"{RELEASE}-leader-election")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert rule_set(role["rules"]) == {("coordination.k8s.io", "leases", v) for v in ("get", "create", "update")}
+    named = [r for r in role["rules"] if "get" in r["verbs"] or "update" in r["verbs"]]
+    assert all(r.get("resourceNames") == [RELEASE] for r in named), "get/update only on the release's Lease"
+    binding = one(objects, "RoleBinding", f"{RELEASE}-leader-election")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"] and binding["metadata"]["namespace"] == NAMESPACE
+    manifest = [
+        doc
+        for doc in yaml.safe_load_all((REPO / "manifests" / "rbac" / "controller.yaml").read_text(encoding="utf-8"))
+        if doc and doc["kind"] == "Role" and is_leader_election(doc)
+    ]
+    assert [rule_set(doc["rules"]) for doc in manifest] == [rule_set(role["rules"])], "manifests/rbac agrees"
+
+
+def test_two_replicas_by_default_with_a_lease_a_budget_and_a_surge_first_rollout(chart: Any) -> None:
+    objects, _ = render(chart, ci_values(CHART / "ci" / "embedded-temporal-values.yaml"))
+    deployment = one(objects, "Deployment", RELEASE)
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    parsed = flags(controller_container(objects))
+    assert parsed["--leader-election-name"] == [RELEASE]
+    assert (parsed["--lease-duration"], parsed["--renew-deadline"], parsed["--retry-period"]) == (["10"], ["7"], ["2"])
+    env = {e["name"]: e for e in controller_container(objects)["env"]}
+    assert env["RELAY_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    budget = one(objects, "PodDisruptionBudget", RELEASE)
+    assert budget["spec"]["minAvailable"] == 1
+    assert (
+        budget["spec"]["selector"]["matchLabels"].items()
+        <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
+
+
+def test_one_replica_gets_no_budget_that_would_block_every_drain(chart: Any) -> None:
+    values = ci_values(CHART / "ci" / "embedded-temporal-values.yaml")
+    values["controller"] = {**values.get("controller", {}), "replicas": 1}
+    objects, _ = render(chart, values)
+    assert one(objects, "Deployment", RELEASE)["spec"]["replicas"] == 1
+    assert [b["metadata"]["name"] for b in by_kind(objects, "PodDisruptionBudget")] == [f"{RELEASE}-temporal"]
 
 
 def test_no_rbac_and_an_existing_service_account(chart: Any) -> None:
@@ -393,6 +453,11 @@ BAD_VALUES = [
     ({"replicas": 2}, "additional properties 'replicas' not allowed"),
     ({"controller": {"replicaCount": 2}}, "at '/controller': additional properties 'replicaCount' not allowed"),
     ({"controller": {"metricsPort": "9090"}}, "at '/controller/metricsPort': got string, want integer"),
+    ({"controller": {"replicas": 0}}, "at '/controller/replicas'"),
+    (
+        {"temporal": {"address": "t:7233"}, "controller": {"leaderElection": {"renewDeadline": 12}}},
+        "leaseDuration must exceed renewDeadline",
+    ),
     ({"temporal": {"embedded": {"enabled": "yes"}}}, "at '/temporal/embedded/enabled': got string, want boolean"),
     ({"temporal": {"address": "temporal.example.com"}}, "at '/temporal/address'"),
     ({"persistence": {"accessModes": ["ReadWriteSometimes"]}}, "at '/persistence/accessModes/0'"),
