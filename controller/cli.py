@@ -1,4 +1,5 @@
-"""The `relay` command line: run a TrainingRun locally, watch, pause, resume, predict, validate; host the operator.
+"""The `relay` command line: run a TrainingRun locally, watch, pause, resume, predict, validate, list runs and tell a
+run's history; host the operator.
 
 `relay run FILE` is the quickstart: it validates the file, starts an embedded Temporal dev server
 when none answers at --address, runs a worker with the local backend in-process, submits the run

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.client import Client, WorkflowHistory
+from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -170,6 +171,29 @@ async def test_without_registered_attributes_the_run_succeeds_and_the_starter_wa
             break
         await asyncio.sleep(0.1)
     assert runs[0].summary is not None and (runs[0].summary.step, runs[0].summary.legs) == (30, 1)
+
+
+async def test_an_attribute_of_the_wrong_type_is_reported_and_left_alone(
+    task_queue: str, caplog: pytest.LogCaptureFixture
+):
+    """A server where RelayStep is a Keyword: the warning names it, the run upserts the other five and succeeds."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(Path(sys.executable).parent / "temporal"),
+        data_converter=pydantic_data_converter,
+        dev_server_log_level="error",
+        ui=False,
+        search_attributes=[SearchAttributeKey.for_keyword("RelayStep"), RELAY_PHASE],
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="controller.visibility"):
+            handle, final = await _run(env.client, task_queue, "ml", "typed", ["completed"])
+        assert final.phase == Phase.SUCCEEDED
+        assert "RelayStep is Keyword, not Int" in caplog.text and "RelayNamespace missing" in caplog.text
+        attributes = (await handle.describe()).typed_search_attributes
+        assert attributes.get(RELAY_PHASE) == "Succeeded"
+        assert attributes.get(SearchAttributeKey.for_keyword("RelayStep")) is None
+    finally:
+        await env.shutdown()
 
 
 @pytest.mark.parametrize(
