@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from trainer import faults
+from trainer.checkpoint_consistency import CONFIG_FILE, STATE_FILE
 from trainer.volume import (
     TMP_PREFIX,
     CheckpointInfo,
@@ -60,8 +61,6 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_META_FILE = "optimizer.json"
 _OPTIMIZER_FILE = re.compile(r"^optimizer\.([A-Za-z0-9_]+)\.safetensors$")
 RNG_FILE = "rng.json"
-STATE_FILE = "trainer_state.json"
-CONFIG_FILE = "config.json"
 MODEL_CONFIG_FILE = "model_config.json"
 # What load_checkpoint reads besides the optimizer tensors: a checkpoint whose manifest lacks one is invalid.
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_META_FILE, RNG_FILE, STATE_FILE)

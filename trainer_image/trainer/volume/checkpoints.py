@@ -11,26 +11,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from trainer.volume.durable import fsync_dir
+from trainer.volume.durable import fsync_dir, open_file, opened_dir
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.layout import TMP_PREFIX, parse_step
 from trainer.volume.manifests import CheckpointInfo, VerifiedCheckpoint, open_verified_checkpoint, read_checkpoint
 
 
 def list_checkpoint_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """(step, folder) for every step-N folder, oldest first, ordered by the parsed step number."""
+    """(step, folder) for every step-N folder, oldest first, ordered by the parsed step number.
+
+    A step-N that is a symlink is nobody's checkpoint: never listed, so never followed, loaded or counted.
+    """
     if not checkpoints_dir.is_dir():
         return []
-    found = [(parse_step(p.name), p) for p in checkpoints_dir.iterdir() if p.is_dir()]
+    found = [(parse_step(p.name), p) for p in checkpoints_dir.iterdir() if p.is_dir() and not p.is_symlink()]
     return sorted((step, p) for step, p in found if step is not None)
 
 
 def quarantine(folder: Path, quarantine_dir: Path, reason: str) -> Path:
     """Move a bad checkpoint aside (never delete evidence) with a reason.txt; return its new path."""
-    quarantine_dir.mkdir(parents=True, exist_ok=True)
     target = quarantine_dir / f"{folder.name}.{int(time.time() * 1000)}"
-    os.replace(folder, target)
-    (target / "reason.txt").write_text(reason + "\n", encoding="utf-8")
+    with opened_dir(quarantine_dir, create=True):  # made, or found, without following a symlink
+        os.replace(folder, target)
+    (target / "reason.txt").unlink(missing_ok=True)  # one the folder came with (a link is removed, not followed)
+    fd = open_file(target / "reason.txt", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(reason + "\n")
     fsync_dir(folder.parent)
     fsync_dir(quarantine_dir)
     return target
@@ -63,12 +69,25 @@ def find_latest_checkpoint(
 
 
 def find_latest_verified(
-    checkpoints_dir: Path, *, quarantine_dir: Path | None, required_files: Collection[str] = ()
+    checkpoints_dir: Path,
+    *,
+    quarantine_dir: Path | None,
+    required_files: Collection[str] = (),
+    accept: Callable[[VerifiedCheckpoint], None] | None = None,
 ) -> tuple[VerifiedCheckpoint | None, list[QuarantinedCheckpoint]]:
-    """find_latest_checkpoint with hashes verified, keeping the verified bytes for loading (the trainer's resume)."""
-    return _newest_valid(
-        checkpoints_dir, quarantine_dir, lambda folder: open_verified_checkpoint(folder, required_files=required_files)
-    )
+    """find_latest_checkpoint with hashes verified, keeping the verified bytes for loading (the trainer's resume).
+
+    `accept` (the trainer's own checks of what the files say) raises CheckpointInvalid for a verified checkpoint
+    that must not be used either: it is quarantined and the previous one tried, like one that failed its hashes.
+    """
+
+    def check(folder: Path) -> VerifiedCheckpoint:
+        verified = open_verified_checkpoint(folder, required_files=required_files)
+        if accept is not None:
+            accept(verified)
+        return verified
+
+    return _newest_valid(checkpoints_dir, quarantine_dir, check)
 
 
 _Checked = TypeVar("_Checked")

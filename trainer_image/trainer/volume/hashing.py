@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.volume.durable import SymlinkRefused, open_file
 from trainer.volume.errors import CheckpointInvalid
 
 # 64 MiB pieces: several threads reading pieces of one file at once cost CPU (the kernel's readahead is kept per open
@@ -140,7 +141,7 @@ def _submit_spans(fd: int, spans: Sequence[tuple[int, int]]) -> list[Future[str]
 
 def file_digests(path: Path, chunk_bytes: int = CHUNK_BYTES) -> tuple[str, ...]:
     """The sha256 of each piece of a file on disk, hashed in parallel."""
-    with open(path, "rb", buffering=0) as handle:
+    with os.fdopen(open_file(path), "rb", buffering=0) as handle:  # no symlink followed
         size = os.fstat(handle.fileno()).st_size
         futures = _submit_spans(handle.fileno(), chunk_spans(size, chunk_bytes))
         return tuple(future.result() for future in futures)
@@ -158,9 +159,11 @@ class _Verification:
         self.entry = entry
         self.path = folder / entry.path
         try:
-            self.handle = open(self.path, "rb", buffering=0)  # noqa: SIM115 (closed in finish)
+            self.handle = os.fdopen(open_file(self.path), "rb", buffering=0)  # closed in finish
         except FileNotFoundError as exc:
             raise CheckpointInvalid(f"{self.path}: listed in manifest but missing") from exc
+        except SymlinkRefused as exc:
+            raise CheckpointInvalid(f"{exc.filename}: a symlink (never followed)") from exc
         except OSError as exc:
             raise CheckpointInvalid(f"{self.path}: unreadable ({exc.strerror or exc})") from exc
         self.futures: list[Future[str]] = []

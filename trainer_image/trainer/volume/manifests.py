@@ -7,8 +7,10 @@ it is read (see hashing.py); format 1 (checkpoints written before) holds one `"s
 
 from __future__ import annotations
 
+import os
+import stat
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,27 @@ def walk_files(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(TMP_PREFIX)
     )
+
+
+def check_entries(manifest_path: Path, files: Sequence[FileEntry]) -> None:
+    """CheckpointInvalid unless every entry is a plain name inside the manifest's folder (`a` or `a/b`, never
+    absolute, empty, `.` or `..`), listed once, and a regular file there that is not a symlink: a manifest is
+    data the run's pod can write, and it must not make a reader hash or load anything outside (issue 11)."""
+    seen: set[str] = set()
+    for entry in files:
+        parts = entry.path.split("/")
+        if entry.path in seen or any(part in ("", ".", "..") or "\\" in part for part in parts):
+            raise CheckpointInvalid(f"{manifest_path}: entry {entry.path!r} is not a plain name inside the folder")
+        seen.add(entry.path)
+        file = manifest_path.parent / entry.path
+        try:
+            mode = os.lstat(file).st_mode
+        except OSError:
+            raise CheckpointInvalid(f"{file}: listed in manifest but missing") from None
+        if stat.S_ISLNK(mode):
+            raise CheckpointInvalid(f"{file}: a symlink (never followed)")
+        if not stat.S_ISREG(mode):
+            raise CheckpointInvalid(f"{file}: listed in manifest but not a file")
 
 
 def entry_json(entry: FileEntry) -> dict[str, Any]:
@@ -178,15 +201,14 @@ def _read_manifest(folder: Path, required_files: Collection[str]) -> CheckpointI
         raise CheckpointInvalid(f"{manifest_path}: says step {step} but folder is {folder.name}")
     if not files:
         raise CheckpointInvalid(f"{manifest_path}: lists no files")
+    check_entries(manifest_path, files)
     listed = {entry.path for entry in files}
     for name in required_files:
         if name not in listed:
             raise CheckpointInvalid(f"{folder / name}: required but not in the manifest (another checkpoint format?)")
     for entry in files:
         file = folder / entry.path
-        if not file.is_file():
-            raise CheckpointInvalid(f"{file}: listed in manifest but missing")
-        size = file.stat().st_size
+        size = file.lstat().st_size
         if size != entry.size:
             raise CheckpointInvalid(f"{file}: size {size} != {entry.size} in manifest (truncated?)")
     return CheckpointInfo(

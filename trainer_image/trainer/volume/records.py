@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.config import CamelModel
-from trainer.volume.durable import atomic_write_json, read_json
+from trainer.volume.durable import SymlinkRefused, atomic_write_json, open_file, read_json
 from trainer.volume.layout import RunLayout
 
 ProgressState = Literal[
@@ -126,7 +126,7 @@ def append_history(layout: RunLayout, entry: HistoryEntry) -> None:
     """Append one line to history.jsonl in one write call, so a reader never sees half a line (not fsynced: a
     SIGKILL may drop the last lines, which the next leg writes again)."""
     line = json.dumps(entry.model_dump(mode="json", exclude_none=True), sort_keys=True) + "\n"
-    fd = os.open(layout.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = open_file(layout.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # no symlink followed
     try:
         os.write(fd, line.encode())
     finally:
@@ -136,8 +136,9 @@ def append_history(layout: RunLayout, entry: HistoryEntry) -> None:
 def read_history(layout: RunLayout) -> list[HistoryEntry]:
     """Every readable line of history.jsonl in file order; a line cut short by a SIGKILL is skipped."""
     try:
-        text = layout.history_path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        with os.fdopen(open_file(layout.history_path), encoding="utf-8") as handle:
+            text = handle.read()
+    except (FileNotFoundError, SymlinkRefused):  # a link in its place is not the run's history
         return []
     entries = []
     for line in text.splitlines():

@@ -15,7 +15,7 @@ from typing import Any
 from trainer.volume.durable import atomic_write_json, fsync_file, read_json
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.hashing import FileEntry, sha256_file
-from trainer.volume.manifests import WHOLE_FILE_FORMAT, entry_json, parse_entry, walk_files
+from trainer.volume.manifests import WHOLE_FILE_FORMAT, check_entries, entry_json, parse_entry, walk_files
 
 SNAPSHOT_MANIFEST_NAME = "snapshot.json"
 SNAPSHOT_DATA_DIR = "data"
@@ -82,11 +82,10 @@ def read_snapshot(folder: Path, *, verify_hashes: bool) -> SnapshotInfo:
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointInvalid(f"{manifest_path}: unreadable snapshot manifest ({exc})") from exc
+    check_entries(manifest_path, files)
     for entry in files:
         file = folder / entry.path
-        if not file.is_file():
-            raise CheckpointInvalid(f"{file}: listed in snapshot manifest but missing")
-        if file.stat().st_size != entry.size:
+        if file.lstat().st_size != entry.size:
             raise CheckpointInvalid(f"{file}: size differs from snapshot manifest (truncated?)")
         if verify_hashes and sha256_file(file) != entry.digests[0]:
             raise CheckpointInvalid(f"{file}: sha256 does not match snapshot manifest (corrupt)")
