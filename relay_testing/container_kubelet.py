@@ -42,10 +42,6 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 LABEL = "relay.dev/test-kubelet"
 
 
-class ContainerError(RuntimeError):
-    """The container engine refused an operation; the message is the engine's."""
-
-
 def docker(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout_s)
 
