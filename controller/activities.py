@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +65,10 @@ from trainer.volume import ownership as volume_ownership
 from trainer.volume.tenancy import ForeignPath, check_namespace_read
 
 log = logging.getLogger(__name__)
+
+# Workflow executions whose owner publish_status has verified, newest last: a few hundred bytes each, more than
+# the runs one controller watches (500 were measured), so an active run is checked again only after 4096 others.
+VERIFIED_RUNS_KEPT = 4096
 
 # Error types the workflow treats as final (ApplicationError.type); also set non_retryable.
 INVALID_DATASET = "InvalidDataset"
@@ -168,6 +173,7 @@ class RelayActivities(RelayActivityInterface):
         self.backend = backend
         self.volume_root = Path(volume_root).resolve()
         self.status_sink: StatusSink = status_sink or LogStatusSink()
+        self._verified_runs: OrderedDict[str, str | None] = OrderedDict()  # workflow run id -> its owner uid
 
     def all(self) -> list[Any]:
         """Every activity callable, for Worker(activities=...)."""
@@ -352,6 +358,19 @@ class RelayActivities(RelayActivityInterface):
 
     @activity.defn(name="publish_status")
     async def publish_status(self, request: PublishStatusRequest) -> None:
+        """Hand status and events to the sink, once the execution is known to be its TrainingRun's (Kubernetes).
+
+        A workflow started by hand once marked another run Failed and posted Warning Events on it. Checked once
+        per workflow execution (its input never changes), not per publish: that would add an API GET to every
+        status update (~17 a second at 500 runs). An execution whose object is replaced under the same name
+        stays verified; its deletion cancels it.
+        """
+        run_id = activity.info().workflow_run_id
+        if run_id not in self._verified_runs or self._verified_runs[run_id] != request.owner_uid:
+            await self._verify_owner(request.namespace, request.name, request.owner_uid)
+            self._verified_runs[run_id] = request.owner_uid
+            while len(self._verified_runs) > VERIFIED_RUNS_KEPT:
+                self._verified_runs.popitem(last=False)
         await self.status_sink.publish(request.namespace, request.name, request.status, request.events)
 
     @activity.defn(name="evaluate")

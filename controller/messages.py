@@ -123,6 +123,7 @@ class RecordLegRequest(RunRef):
 class PublishStatusRequest(RunRef):
     status: RunStatus
     events: list[RunEvent] = Field(default_factory=list)
+    owner_uid: str | None = None  # the TrainingRun's uid: a workflow that is not its object's publishes nothing
 
 
 class EvaluateResult(BaseModel):

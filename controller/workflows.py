@@ -507,7 +507,11 @@ class CheckpointedBertTrainingWorkflow:
             await workflow.execute_activity_method(
                 RelayActivityInterface.publish_status,
                 PublishStatusRequest(
-                    namespace=self._input.namespace, name=self._input.name, status=state.status, events=events
+                    namespace=self._input.namespace,
+                    name=self._input.name,
+                    status=state.status,
+                    events=events,
+                    owner_uid=self._input.owner_uid,
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RetryPolicy(maximum_attempts=3),

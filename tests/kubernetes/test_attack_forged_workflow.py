@@ -25,6 +25,7 @@ from temporalio.exceptions import ApplicationError
 
 from controller.backends.base import LegSpec, RunIdentityMismatch
 from controller.kubernetes.backend import KubernetesBackend
+from controller.kubernetes.status_sink import KubernetesStatusSink
 from controller.messages import TrainingRunInput
 from controller.spec import TrainingRunSpec, workflow_id
 from controller.worker import DATA_CONVERTER, build_worker
@@ -50,10 +51,11 @@ def forged_spec() -> TrainingRunSpec:
 async def worker_client(
     temporal_env: Any, control_plane: Any, crd_installed: Any, volume_root: Path, task_queue: str
 ) -> AsyncIterator[Client]:
-    """The controller's worker (real activities, Kubernetes backend) on this test's task queue."""
+    """The controller's worker (real activities, Kubernetes backend and status sink) on this test's task queue."""
     client = await Client.connect(temporal_env.client.service_client.config.target_host, data_converter=DATA_CONVERTER)
     backend = KubernetesBackend(control_plane.api_client(), volume_root=volume_root, api_retry_s=10.0)
-    async with build_worker(client, backend, volume_root, task_queue=task_queue):
+    sink = KubernetesStatusSink(control_plane.api_client(), api_retry_s=10.0)  # what the controller publishes with
+    async with build_worker(client, backend, volume_root, sink, task_queue=task_queue):
         yield client
     await backend.close()
 
@@ -106,6 +108,15 @@ async def test_a_forged_owner_uid_creates_no_job_and_is_not_relaunched(
         assert failure.non_retryable
     assert _jobs(kube, namespace) == []
     assert sorted(p.name for p in victim.iterdir()) == ["config.json"] and (victim / "config.json").read_text() == "{}"
+    # Nor did it publish: the victim's status is not "Failed" and it carries no Events of the forged workflow.
+    run = kubernetes.client.CustomObjectsApi(kube).get_namespaced_custom_object(
+        "relay.dev", "v1alpha1", namespace, "trainingruns", name
+    )
+    assert not run.get("status")
+    events = kubernetes.client.CoreV1Api(kube).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}"
+    )
+    assert events.items == []
 
 
 async def test_launch_itself_refuses_a_leg_that_is_not_the_objects(
