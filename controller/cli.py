@@ -534,7 +534,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from controller.worker import TASK_QUEUE  # light: temporalio only
+    from controller.worker import INFERENCE_TASK_QUEUE, TASK_QUEUE  # light: temporalio only
 
     parser = argparse.ArgumentParser(prog="relay", description="Durable, preemption-tolerant BERT fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task-queue",
         default=None,
-        help=f"ask the worker already serving this queue (the controller's: {TASK_QUEUE}) at --address; "
+        help=f"ask the worker already serving this queue (the controller's: {INFERENCE_TASK_QUEUE}) at --address; "
         "no embedded server or worker, --volume unused",
     )
     p.add_argument("--temporal-namespace", default="default", help="Temporal namespace, with --task-queue")
@@ -614,9 +614,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", help="also check the cluster's allow-lists (the JSON `relay controller --policy` takes)")
     p.set_defaults(func=_cmd_validate)
 
-    p = sub.add_parser("worker", help="a standalone worker (local backend) for an external Temporal server")
+    p = sub.add_parser(
+        "worker",
+        help="a standalone worker (local backend) for an external Temporal server; "
+        "on Kubernetes: relay controller --no-handlers --task-queue Q",
+    )
     common(p)
-    p.add_argument("--task-queue", default=TASK_QUEUE)
+    p.add_argument(
+        "--task-queue", default=TASK_QUEUE, help=f"training ({TASK_QUEUE}) or inference ({INFERENCE_TASK_QUEUE})"
+    )
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("controller", help="run the Kubernetes operator (arguments go to it)")

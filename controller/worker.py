@@ -1,7 +1,10 @@
-"""The Temporal worker: the task queue name, the pydantic data converter and `build_worker`.
+"""The Temporal worker: the task queue names, the pydantic data converter and `build_worker`.
 
 The local CLI (`relay run`, `relay worker`) and the Kubernetes operator process both build their
 worker here, with their own Backend and StatusSink, so both run exactly the same workflows.
+Training runs are started on TASK_QUEUE and predictions on INFERENCE_TASK_QUEUE, so each queue's
+capacity is its own (a worker's activity slots are shared by what its queue carries): `build_workers`
+gives one worker per distinct queue, each able to run either workflow.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from controller.backends.base import Backend
 from controller.workflows import BertInferenceWorkflow, CheckpointedBertTrainingWorkflow
 
 TASK_QUEUE = "bert-checkpointing-task-queue"
+INFERENCE_TASK_QUEUE = "bert-inference-task-queue"
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
 DATA_CONVERTER: DataConverter = pydantic_data_converter
@@ -68,3 +72,27 @@ def build_worker(
         workflow_task_poller_behavior=PollerBehaviorAutoscaling(),
         activity_task_poller_behavior=PollerBehaviorAutoscaling(),
     )
+
+
+def build_workers(
+    client: Client,
+    backend: Backend,
+    volume_root: Path | str,
+    status_sink: StatusSink | None,
+    task_queues: list[str],
+    *,
+    max_concurrent_activities: int = MAX_CONCURRENT_ACTIVITIES,
+) -> list[Worker]:
+    """One worker per distinct queue (training, inference), sharing one set of activities and one backend."""
+    acts = RelayActivities(backend, volume_root, status_sink)
+    return [
+        build_worker(
+            client,
+            backend,
+            volume_root,
+            task_queue=queue,
+            activities=acts,
+            max_concurrent_activities=max_concurrent_activities,
+        )
+        for queue in dict.fromkeys(task_queues)
+    ]

@@ -12,12 +12,16 @@ Replicas: every replica runs the Temporal worker; the handlers run only on the h
 its pod restarts as a candidate: kopf cancels every task started after it in its loop when it stops (kopf's
 run_tasks), the worker's activities among them, so handlers cannot stop alone while the worker goes on.
 On SIGTERM the leader stops its handlers and releases the Lease, so the next leader starts at its next retry.
+
+Queues: TrainingRuns start on `--task-queue`, predictions on `--inference-task-queue`; each replica polls both.
+`--no-handlers` makes a worker-only process (no kopf, no Lease) that adds capacity to the queues it is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -67,7 +71,7 @@ def _policy(text: str) -> Policy:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from controller.worker import MAX_CONCURRENT_ACTIVITIES, TASK_QUEUE
+    from controller.worker import INFERENCE_TASK_QUEUE, MAX_CONCURRENT_ACTIVITIES, TASK_QUEUE
 
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="relay controller", description=__doc__.split("\n")[0])
@@ -89,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("RELAY_POLICY", "{}"),  # a string default goes through type= too
         help='JSON allow-lists: {"priorityClasses": [...], "tolerations": [...], "imageRegistries": [...]}',
     )
-    parser.add_argument("--task-queue", default=TASK_QUEUE)
+    parser.add_argument("--task-queue", default=TASK_QUEUE, help="the training runs' queue (TrainingRuns start there)")
+    parser.add_argument(
+        "--inference-task-queue", default=INFERENCE_TASK_QUEUE, help="the predictions' queue (`relay predict`)"
+    )
+    parser.add_argument(
+        "--handlers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the TrainingRun handlers (--no-handlers: a worker that only adds capacity to the queues)",
+    )
     parser.add_argument(
         "--max-concurrent-activities",
         type=_positive_int,
@@ -177,6 +190,8 @@ async def run_controller(
     namespaces: list[str] | None,
     task_queue: str,
     stop: asyncio.Event,
+    inference_task_queue: str | None = None,
+    handlers: bool = True,
     ready: Any | None = None,
     metrics: Any | None = None,
     max_concurrent_activities: int | None = None,
@@ -186,10 +201,13 @@ async def run_controller(
 ) -> None:
     """Run until `stop` is set. `namespaces=None` watches all namespaces.
 
+    Workers poll `task_queue` and `inference_task_queue` (None: the training queue alone serves both workflows).
+    `handlers=False` runs the workers only: capacity on the queues, no TrainingRun handling, no Lease.
+
     With an `elector` the handlers start once this replica holds its Lease (the worker runs meanwhile), and
     LeadershipLost is raised, after the handlers stopped, when the Lease could not be renewed.
     """
-    from controller.worker import MAX_CONCURRENT_ACTIVITIES, build_worker
+    from controller.worker import MAX_CONCURRENT_ACTIVITIES, build_workers
 
     api_client = kubernetes.client.ApiClient(configuration)
     policy = policy or Policy()
@@ -199,12 +217,12 @@ async def run_controller(
         from controller.observability import MetricsStatusSink
 
         sink = MetricsStatusSink(sink, metrics)
-    worker = build_worker(
+    workers = build_workers(
         temporal,
         backend,
         volume_root,
         sink,
-        task_queue,
+        [task_queue, inference_task_queue or task_queue],
         max_concurrent_activities=max_concurrent_activities or MAX_CONCURRENT_ACTIVITIES,
     )
     ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue, status_interval_s, policy=policy)
@@ -214,7 +232,13 @@ async def run_controller(
     kopf_settings(settings)
     lost = asyncio.Event()
     try:
-        async with worker:
+        async with contextlib.AsyncExitStack() as running:
+            for worker in workers:
+                await running.enter_async_context(worker)
+            if not handlers:
+                log.info("workers only (--no-handlers) on %s", ", ".join(w.task_queue for w in workers))
+                await stop.wait()
+                return
             if elector is not None and not await elector.acquire(stop):
                 log.info("stopped before leading; shutting the Temporal worker down")
                 return
@@ -270,7 +294,7 @@ async def _amain(args: argparse.Namespace) -> int:
     tls = tls_config(args.temporal_tls_ca, args.temporal_tls_cert, args.temporal_tls_key)
     configuration = kube_configuration(args.kubeconfig)
     elector = None
-    if args.leader_elect:
+    if args.leader_elect and args.handlers:
         lease_namespace = args.leader_election_namespace or (namespaces[0] if namespaces else "")
         if not lease_namespace:
             print("relay controller: --leader-election-namespace (or RELAY_POD_NAMESPACE) is required", file=sys.stderr)
@@ -312,6 +336,8 @@ async def _amain(args: argparse.Namespace) -> int:
             volume_root=args.volume_root,
             namespaces=namespaces,
             task_queue=args.task_queue,
+            inference_task_queue=args.inference_task_queue,
+            handlers=args.handlers,
             stop=stop,
             metrics=observability.metrics if observability is not None else None,
             max_concurrent_activities=args.max_concurrent_activities,

@@ -411,6 +411,8 @@ def test_two_replicas_by_default_with_a_lease_a_budget_and_a_surge_first_rollout
     parsed = flags(controller_container(objects))
     assert parsed["--leader-election-name"] == [RELEASE]
     assert (parsed["--lease-duration"], parsed["--renew-deadline"], parsed["--retry-period"]) == (["10"], ["7"], ["2"])
+    assert parsed["--task-queue"] == ["bert-checkpointing-task-queue"]
+    assert parsed["--inference-task-queue"] == ["bert-inference-task-queue"]
     env = {e["name"]: e for e in controller_container(objects)["env"]}
     assert env["RELAY_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     budget = one(objects, "PodDisruptionBudget", RELEASE)
