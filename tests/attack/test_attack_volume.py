@@ -23,7 +23,7 @@ from controller.activities import RelayActivities
 from controller.messages import PredictRequest, PrepareRunRequest, SnapshotRequest, SnapshotResult
 from controller.snapshot import write_rows_file
 from controller.spec import DatasetSpec, TrainingRunSpec
-from trainer.volume import RunLayout, atomic_write_json, read_json
+from trainer.volume import RunLayout, atomic_write_json, read_json, read_termination_message, write_termination_message
 from trainer.volume.durable import SymlinkRefused
 from trainer.volume.tenancy import ForeignPath, check_namespace_read
 
@@ -148,3 +148,14 @@ async def test_training_from_another_namespaces_model_is_refused(tmp_path: Path)
         await ActivityEnvironment().run(_activities(tmp_path).prepare_run, request)
     assert refused.value.non_retryable and refused.value.message.startswith("spec.model 'models/other-ns/bert'")
     assert not RunLayout.for_run(tmp_path, "ml", "r").config_path.exists()
+
+
+def test_a_planted_termination_log_link_is_neither_read_nor_written_through(tmp_path: Path):
+    """The local supervisor's legs/<n>.termination-log lies in the run folder the leg can write."""
+    victim = _victim_file(tmp_path)
+    legs = RunLayout.for_run(tmp_path, "ml", "r").legs_dir
+    legs.mkdir(parents=True)
+    (legs / "0.termination-log").symlink_to(victim)
+    assert read_termination_message(legs / "0.termination-log") == ""
+    assert write_termination_message("boom", legs / "0.termination-log") is False
+    assert json.loads(victim.read_text(encoding="utf-8")) == VICTIM

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from trainer.volume.durable import open_file
+
 TERMINATION_LOG_ENV = "RELAY_TERMINATION_LOG"
 TERMINATION_MESSAGE_MAX_BYTES = 4096  # what the kubelet keeps of a termination message
 
@@ -25,7 +27,7 @@ def write_termination_message(message: str, path: str | Path | None = None) -> b
     line = next((part.strip() for part in message.splitlines() if part.strip()), "")
     data = line.encode("utf-8")[: TERMINATION_MESSAGE_MAX_BYTES - 1].decode("utf-8", "ignore").encode() + b"\n"
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # a planted link is not written through
         try:
             os.pwrite(fd, data, 0)
             os.ftruncate(fd, len(data))
@@ -39,7 +41,7 @@ def write_termination_message(message: str, path: str | Path | None = None) -> b
 def read_termination_message(path: Path) -> str:
     """The message in a termination-message file (up to a NUL: space reserved but not written), or ''."""
     try:
-        with open(path, "rb") as handle:
+        with os.fdopen(open_file(path), "rb") as handle:  # no symlink followed: it may lie in a run folder
             data = handle.read(TERMINATION_MESSAGE_MAX_BYTES)
     except OSError:
         return ""
