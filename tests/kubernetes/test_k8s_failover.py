@@ -21,7 +21,7 @@ from typing import IO, Any
 import kubernetes
 import pytest
 
-from controller.kubernetes.leader import LEASE_DURATION_S, RETRY_PERIOD_S
+from controller.kubernetes.leader import LEASE_DURATION_S, RETRY_PERIOD_S, LeaseElector
 from relay_testing.control_plane import ControlPlane, free_port
 from relay_testing.process_kubelet import ProcessKubelet
 from trainer import volume
@@ -195,3 +195,40 @@ async def test_sigkill_of_the_leader_mid_leg_hands_over_without_a_second_leg(
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def elector(kube: kubernetes.client.ApiClient, namespace: str, identity: str) -> LeaseElector:
+    """Short timings, so the protocol's waits take seconds here."""
+    return LeaseElector(
+        kube, namespace, "race", identity=identity, lease_duration_s=3, renew_deadline_s=2, retry_period_s=0.5
+    )
+
+
+async def test_one_holder_at_a_time_a_silent_holder_expires_and_a_release_hands_over_at_once(
+    kube: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    a, b = elector(kube, namespace, "a"), elector(kube, namespace, "b")
+    assert await asyncio.to_thread(a.try_acquire_or_renew)
+    assert not await asyncio.to_thread(b.try_acquire_or_renew), "b took a Lease a had just renewed"
+    assert await asyncio.to_thread(a.try_acquire_or_renew), "the holder renews"
+
+    # a goes silent: b waits a whole lease duration from when it saw a's last renewal, on its own clock.
+    seen = time.monotonic()
+    assert not await asyncio.to_thread(b.try_acquire_or_renew)
+    stop = asyncio.Event()
+    assert await asyncio.wait_for(b.acquire(stop), 10)
+    assert time.monotonic() - seen >= 3 - 0.1
+    lease = await asyncio.to_thread(kubernetes.client.CoordinationV1Api(kube).read_namespaced_lease, "race", namespace)
+    assert lease.spec.holder_identity == "b" and lease.spec.lease_transitions == 1
+
+    # a comes back: it has lost, and says so within its renew deadline instead of going on as a leader.
+    lost = asyncio.Event()
+    started = time.monotonic()
+    await asyncio.wait_for(a.hold(asyncio.Event(), lost), 10)
+    assert lost.is_set() and time.monotonic() - started < 2 + 0.5 + 2
+
+    # b releases: a candidate takes it at its next try, without waiting for expiry.
+    await asyncio.to_thread(b.release)
+    started = time.monotonic()
+    assert await asyncio.wait_for(a.acquire(asyncio.Event()), 10)
+    assert time.monotonic() - started < 1.5
