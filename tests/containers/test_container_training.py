@@ -239,3 +239,31 @@ async def test_an_image_that_cannot_be_pulled_is_stuck_with_the_runtime_reason(
     assert leg["outcome"] == "stuck", leg
     assert "ErrImagePull" in leg["reason"] and "relay-missing.invalid" in leg["reason"], leg
     assert not [p for p in trainer_env.started if p.startswith(f"{namespace}/")], "no container may start"
+
+
+async def test_a_leg_that_cannot_write_the_volume_fails_naming_the_path_not_as_a_preemption(
+    controller: Any,
+    kube: kubernetes.client.ApiClient,
+    namespace: str,
+    trainer_env: ContainerKubelet,
+    volume_root: Path,
+) -> None:
+    """A volume whose files keep their owner (hostPath, NFS: no fsGroup) and were made by root. The trainer's
+    message names the folder; it does not name the UID yet (reported in issue 12)."""
+    runs = Runs(kube, namespace, controller)
+    name = f"ro-{uuid.uuid4().hex[:6]}"
+    write_reviews(volume_root / f"data/{namespace}/reviews.csv")
+    trainer_env.fs_group_on_claims = False
+    try:
+        spec = run_spec(namespace)
+        spec["retries"] = {"maxFailures": 0, "backoffSeconds": 0.5}
+        await runs.apply(name, spec)
+        run = await runs.until(name, phase("Failed", "Succeeded"), 120, logs(trainer_env, namespace, name))
+    finally:
+        trainer_env.fs_group_on_claims = True
+    status = run["status"]
+    assert status["phase"] == "Failed", status
+    assert status["preemptions"] == 0, "not retried as a preemption"
+    message = status.get("message", "")
+    assert f"/relay-volume/runs/{namespace}/{name}: not writable" in message, message
+    assert status["legs"][0]["outcome"] == "invalid", status["legs"]
