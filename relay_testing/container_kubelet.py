@@ -105,8 +105,11 @@ class ContainerKubelet(ProcessKubelet):
     def _launch(self, pod: LocalPod, obj: dict[str, Any], log: IO[bytes]) -> subprocess.Popen[bytes]:
         args = self._docker_run_args(pod, obj)
         self.docker_args[f"{pod.namespace}/{pod.name}"] = args
-        # Not start_new_session: `docker run` is a client; the container is stopped through the engine.
-        return subprocess.Popen(["docker", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # `docker run` is a client: signals reach the container through the engine (_kill, _terminate); its own
+        # session lets the base class's stop() end the client alone.
+        return subprocess.Popen(
+            ["docker", *args], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     @staticmethod
     def container_name(pod: LocalPod) -> str:

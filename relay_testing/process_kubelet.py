@@ -7,7 +7,8 @@ interpreter), and reports phase, container state and exit code through `pods/sta
 A pod marked for deletion (kubectl delete, the Eviction API, the garbage collector) gets SIGTERM, then
 SIGKILL after its grace period, then is removed. `pressure_evict()` plays the kubelet's own node-pressure
 eviction (phase Failed, reason Evicted). `spans` keeps every pod's process start and end time, so a drill
-can check that no two legs of a run ever ran at once.
+can check that no two legs of a run ever ran at once. The container mode (relay_testing/container_kubelet.py)
+is this class with `_launch`, `_kill`, `_terminate` and `_exit_reason` run through a Docker engine instead.
 """
 
 from __future__ import annotations
