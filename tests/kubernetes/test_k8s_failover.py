@@ -93,6 +93,67 @@ async def wait_for(what: str, check: Any, timeout_s: float, replicas: list[Repli
         await asyncio.sleep(0.1)
 
 
+def start_replicas(
+    temporal_env: Any, plane: ControlPlane, namespace: str, volume_root: Path, task_queue: str, log_dir: Path
+) -> list[Replica]:
+    args = [
+        "--temporal-address", temporal_env.client.service_client.config.target_host,
+        "--watch-namespace", namespace,
+        "--leader-election-namespace", namespace,
+        "--task-queue", task_queue,
+        "--inference-task-queue", f"{task_queue}-inference",
+        "--volume-root", str(volume_root),
+        "--kubeconfig", str(plane.kubeconfig),
+        "--status-interval", "2",
+    ]  # fmt: skip
+    return [Replica(i, args, log_dir) for i in range(2)]
+
+
+def leader_of(coordination: Any, namespace: str, replicas: list[Replica]) -> Replica | None:
+    """The replica whose identity holds the Lease, if any."""
+    try:
+        lease = coordination.read_namespaced_lease(LEASE, namespace)
+    except kubernetes.client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    holder = str(lease.spec.holder_identity or "")
+    return next((r for r in replicas if holder.startswith(f"{r.name}_")), None)
+
+
+async def test_sigterm_of_the_leader_hands_the_lease_over_before_it_would_expire(
+    temporal_env: Any,
+    control_plane: ControlPlane,
+    kube: kubernetes.client.ApiClient,
+    crd_installed: Any,
+    namespace: str,
+    volume_root: Path,
+    task_queue: str,
+    tmp_path: Path,
+) -> None:
+    """A rolling update's old pod gets SIGTERM: it stops its handlers and releases the Lease."""
+    coordination = kubernetes.client.CoordinationV1Api(kube)
+    replicas = start_replicas(temporal_env, control_plane, namespace, volume_root, task_queue, tmp_path)
+    try:
+        leader = await wait_for("a leader", lambda: leader_of(coordination, namespace, replicas), 120, replicas)
+        follower = next(r for r in replicas if r is not leader)
+        leader.process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        await wait_for(
+            "the follower to take the Lease",
+            lambda: leader_of(coordination, namespace, replicas) is follower,
+            3 * LEASE_DURATION_S,
+            replicas,
+        )
+        handover_s = time.monotonic() - stopped_at
+        print(f"handover after SIGTERM: {handover_s:.1f} s")
+        assert handover_s < LEASE_DURATION_S, f"the Lease was not released: taken after {handover_s:.1f} s"
+        assert await asyncio.to_thread(leader.process.wait, 60) == 0, logs(replicas)
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
 async def test_sigkill_of_the_leader_mid_leg_hands_over_without_a_second_leg(
     temporal_env: Any,
     control_plane: ControlPlane,
@@ -110,17 +171,7 @@ async def test_sigkill_of_the_leader_mid_leg_hands_over_without_a_second_leg(
     custom = kubernetes.client.CustomObjectsApi(kube)
     core = kubernetes.client.CoreV1Api(kube)
     coordination = kubernetes.client.CoordinationV1Api(kube)
-    target_host = temporal_env.client.service_client.config.target_host
-    args = [
-        "--temporal-address", target_host,
-        "--watch-namespace", namespace,
-        "--leader-election-namespace", namespace,
-        "--task-queue", task_queue,
-        "--volume-root", str(volume_root),
-        "--kubeconfig", str(control_plane.kubeconfig),
-        "--status-interval", "2",
-    ]  # fmt: skip
-    replicas = [Replica(i, args, tmp_path) for i in range(2)]
+    replicas = start_replicas(temporal_env, control_plane, namespace, volume_root, task_queue, tmp_path)
 
     def status(name: str) -> dict[str, Any]:
         run = custom.get_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingruns", name)
@@ -132,17 +183,8 @@ async def test_sigkill_of_the_leader_mid_leg_hands_over_without_a_second_leg(
             "relay.dev", "v1alpha1", namespace, "trainingruns", {**body, "spec": run_spec(steps)}
         )
 
-    def holder() -> str:
-        try:
-            lease = coordination.read_namespaced_lease(LEASE, namespace)
-        except kubernetes.client.ApiException as exc:
-            if exc.status == 404:
-                return ""
-            raise
-        return str(lease.spec.holder_identity or "")
-
     def leading() -> Replica | None:
-        return next((r for r in replicas if holder().startswith(f"{r.name}_")), None)
+        return leader_of(coordination, namespace, replicas)
 
     try:
         leader = await wait_for("a leader", leading, 120, replicas)
