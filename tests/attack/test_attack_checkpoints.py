@@ -158,6 +158,20 @@ def test_one_tampered_manifest_field_quarantines_the_checkpoint_and_the_run_goes
     assert sha256(layout.final_dir / "model.safetensors") == sha256(reference / "final" / "model.safetensors")
 
 
+def test_a_tampered_config_hash_in_the_final_model_redoes_it_from_the_checkpoints(
+    reference: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    shutil.copytree(reference, tmp_path / "run", symlinks=True)
+    layout = RunLayout(tmp_path / "run")
+    manifest = json.loads((layout.final_dir / "manifest.json").read_text(encoding="utf-8"))
+    edit_manifest(layout.final_dir, config_hash=manifest["config_hash"][:-1] + "x")
+    log = resume(layout, snapshot, tmp_path, capsys)
+    assert "final model quarantined to " in log and "start: resumed from checkpoint step 12 " in log
+    reasons = [q.reason for q in list_quarantined(layout.quarantine_dir)]
+    assert len(reasons) == 1 and "config_hash disagrees with the run's own checkpoints" in reasons[0]
+    assert sha256(layout.final_dir / "model.safetensors") == sha256(reference / "final" / "model.safetensors")
+
+
 def test_a_changed_config_still_stops_the_run_with_exit_65(
     reference: Path, snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):

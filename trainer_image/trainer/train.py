@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ from trainer.volume import (
     VerifiedCheckpoint,
     find_latest_verified,
     list_checkpoint_dirs,
+    quarantine,
     read_checkpoint,
     read_json,
     remove_stale_temp_dirs,
@@ -90,14 +92,8 @@ def _checkpoint_config_diff(folder: Path, config: TrainerConfig) -> str:
 def check_run_matches(layout: RunLayout, config: TrainerConfig, config_path: Path, snapshot_sha256: str) -> None:
     """Refuse a run dir whose checkpoints were made with another config, thread count or snapshot."""
     identity = config.identity_hash()
-    for _, folder in reversed(list_checkpoint_dirs(layout.checkpoints_dir)):
-        try:
-            info = read_checkpoint(folder, verify_hashes=False)
-            # Only a checkpoint that agrees with itself speaks for the run's inputs; one that does not is no
-            # input of the run (tampered or mixed up) and is quarantined by the verified search below.
-            check_self_consistent(info, lambda name: read_json(folder / name))  # noqa: B023 (called right here)
-        except CheckpointInvalid:
-            continue
+    for info in _self_consistent_checkpoints(layout):
+        folder = info.path
         threads = info.extra.get("torch_threads")
         if threads is not None and threads != config.torch_threads:
             raise InvalidInput(
@@ -126,8 +122,34 @@ def finished_run(layout: RunLayout, config: TrainerConfig, config_path: Path) ->
     except CheckpointInvalid:
         return None
     if info.config_hash != config.identity_hash():
+        if _newest_consistent_config_hash(layout) == config.identity_hash():
+            # final/ has no config of its own to check its config_hash against; the checkpoints it was made
+            # from do, and say this config: final/ is the odd one (tampered), so it is redone from them.
+            reason = f"{layout.final_dir / 'manifest.json'}: config_hash disagrees with the run's own checkpoints"
+            moved = quarantine(layout.final_dir, layout.quarantine_dir, reason)
+            log.warning("final model quarantined to %s: %s", moved, reason)
+            return None
         raise InvalidInput(f"config {config_path}: differs from the one {layout.final_dir} was made with")
     return info
+
+
+def _self_consistent_checkpoints(layout: RunLayout) -> Iterator[CheckpointInfo]:
+    """The checkpoints that agree with themselves, newest first (hashes not verified: a cheap look).
+
+    Only those speak for the run's inputs; one that does not agree with itself is no input of the run (tampered
+    or mixed up) and is quarantined by the verified search.
+    """
+    for _, folder in reversed(list_checkpoint_dirs(layout.checkpoints_dir)):
+        try:
+            info = read_checkpoint(folder, verify_hashes=False)
+            check_self_consistent(info, lambda name: read_json(folder / name))  # noqa: B023 (called right here)
+        except CheckpointInvalid:
+            continue
+        yield info
+
+
+def _newest_consistent_config_hash(layout: RunLayout) -> str | None:
+    return next((info.config_hash for info in _self_consistent_checkpoints(layout)), None)
 
 
 def _remove_stale_run_temps(layout: RunLayout) -> None:
