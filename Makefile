@@ -64,6 +64,7 @@ clean:
 
 ## One benchmark report: bench/results.json + bench/results.md (under 30 minutes on 2 cores).
 bench: install envtest
+	$(PY) -m pip install -q -e '.[bench]'
 	@$(WITH_ENVTEST) $(PY) -m bench.run
 
 ## Container images (Docker; BuildKit or the legacy builder); tags match the chart's appVersion and the examples'.
