@@ -93,10 +93,8 @@ async def wait_for(what: str, check: Any, timeout_s: float, replicas: list[Repli
         await asyncio.sleep(0.1)
 
 
-def start_replicas(
-    temporal_env: Any, plane: ControlPlane, namespace: str, volume_root: Path, task_queue: str, log_dir: Path
-) -> list[Replica]:
-    args = [
+def start_args(temporal_env: Any, plane: ControlPlane, namespace: str, volume_root: Path, task_queue: str) -> list[str]:
+    return [
         "--temporal-address", temporal_env.client.service_client.config.target_host,
         "--watch-namespace", namespace,
         "--leader-election-namespace", namespace,
@@ -106,6 +104,12 @@ def start_replicas(
         "--kubeconfig", str(plane.kubeconfig),
         "--status-interval", "2",
     ]  # fmt: skip
+
+
+def start_replicas(
+    temporal_env: Any, plane: ControlPlane, namespace: str, volume_root: Path, task_queue: str, log_dir: Path
+) -> list[Replica]:
+    args = start_args(temporal_env, plane, namespace, volume_root, task_queue)
     return [Replica(i, args, log_dir) for i in range(2)]
 
 
@@ -274,3 +278,48 @@ async def test_one_holder_at_a_time_a_silent_holder_expires_and_a_release_hands_
     started = time.monotonic()
     assert await asyncio.wait_for(a.acquire(asyncio.Event()), 10)
     assert time.monotonic() - started < 1.5
+
+
+async def test_a_worker_only_process_polls_both_queues_and_never_takes_the_lease(
+    temporal_env: Any,
+    control_plane: ControlPlane,
+    kube: kubernetes.client.ApiClient,
+    crd_installed: Any,
+    namespace: str,
+    volume_root: Path,
+    task_queue: str,
+    tmp_path: Path,
+) -> None:
+    """`relay controller --no-handlers`: capacity on the training and inference queues, no handlers, no Lease."""
+    from temporalio.api.enums.v1 import TaskQueueType
+    from temporalio.api.taskqueue.v1 import TaskQueue
+    from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+
+    client = temporal_env.client
+    coordination = kubernetes.client.CoordinationV1Api(kube)
+    args = start_args(temporal_env, control_plane, namespace, volume_root, task_queue)
+    replica = Replica(0, [*args, "--no-handlers"], tmp_path)
+
+    def pollers(queue: str) -> int:
+        request = DescribeTaskQueueRequest(
+            namespace=client.namespace,
+            task_queue=TaskQueue(name=queue),
+            task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
+        )
+        response = asyncio.run_coroutine_threadsafe(client.workflow_service.describe_task_queue(request), loop).result(
+            10
+        )
+        return len(response.pollers)
+
+    loop = asyncio.get_running_loop()
+    try:
+        for queue in (task_queue, f"{task_queue}-inference"):
+            await wait_for(f"a poller on {queue}", lambda q=queue: pollers(q) > 0, 90, [replica])
+        await asyncio.sleep(3)  # longer than a retry period: a candidate would have created the Lease by now
+        with pytest.raises(kubernetes.client.ApiException) as absent:
+            await asyncio.to_thread(coordination.read_namespaced_lease, LEASE, namespace)
+        assert absent.value.status == 404
+        assert replica.process.poll() is None, logs([replica])
+    finally:
+        replica.stop()
+    assert replica.process.returncode == 0, logs([replica])
