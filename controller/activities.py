@@ -365,7 +365,7 @@ class RelayActivities(RelayActivityInterface):
         status update (~17 a second at 500 runs). An execution whose object is replaced under the same name
         stays verified; its deletion cancels it.
         """
-        run_id = activity.info().workflow_run_id
+        run_id = activity.info().workflow_run_id or ""  # None only outside a workflow (ActivityEnvironment)
         if run_id not in self._verified_runs or self._verified_runs[run_id] != request.owner_uid:
             await self._verify_owner(request.namespace, request.name, request.owner_uid)
             self._verified_runs[run_id] = request.owner_uid

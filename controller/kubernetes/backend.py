@@ -74,6 +74,10 @@ T = TypeVar("T")
 SNAPSHOT_PATH = re.compile(r"snapshots/[0-9a-f]{64}")
 
 
+def _owner_uids(job: dict[str, Any]) -> list[str | None]:
+    return [ref.get("uid") for ref in job["metadata"].get("ownerReferences") or []]
+
+
 def _same_owner(where: str, owner_uid: str | None, uid: str) -> None:
     if owner_uid != uid:
         raise RunIdentityMismatch(f"{where}: owner_uid {owner_uid!r} is not the object's uid {uid!r}")
@@ -101,6 +105,7 @@ class KubernetesBackend:
         self._generation: dict[tuple[str, str], int] = {}
         self._seen: dict[tuple[str, str], int] = {}
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
+        self._job_uids: dict[tuple[str, str], str] = {}  # (namespace, Job) -> uid of the Job this backend created
         self.volume_root = Path(volume_root).resolve() if volume_root is not None else None  # the controller's mount
         self.policy = policy or Policy()  # the cluster's allow-lists, checked again at every launch
         self.api_retry_s = api_retry_s
@@ -161,6 +166,12 @@ class KubernetesBackend:
         cache = await self.cache(leg.namespace)
         name = job_name(leg.name, leg.leg)
         existing = cache.job(name) or await self._read_job(leg.namespace, name)
+        if existing is not None and _owner_uids(existing) != [trusted.owner_uid]:
+            # The Job of an earlier object of this name, not yet collected (the garbage collector deletes it after
+            # its owner, asynchronously): adopting it made a re-applied run "complete" at once. Remove it first.
+            log.info("leg %s/%s: Job %s belongs to an earlier TrainingRun; deleting it", leg.namespace, leg.name, name)
+            await self._delete_job(leg.namespace, name)
+            existing = None
         if existing is not None:
             return self._handle(leg, existing, adopted=True)
         await self._wait_other_legs_gone(cache, leg)
@@ -189,14 +200,16 @@ class KubernetesBackend:
                 raise
             return self._handle(leg, adopted, adopted=True)
         log.info("leg %s/%s: created Job %s", leg.namespace, leg.name, name)
-        return self._handle(leg, self._api_client.sanitize_for_serialization(created), adopted=False)
+        document = self._api_client.sanitize_for_serialization(created)
+        self._job_uids[(leg.namespace, name)] = document["metadata"]["uid"]
+        return self._handle(leg, document, adopted=False)
 
     async def observe(self, leg: LegSpec) -> LegObservation:
         cache = await self.cache(leg.namespace)
         name = job_name(leg.name, leg.leg)
         self._seen[(leg.namespace, name)] = self._generation.get((leg.namespace, name), 0)
         job = cache.job(name)
-        pods, vanished = cache.pods_of(name)
+        pods, vanished = self._pods_of(cache, leg.namespace, name, job)
         verdict = judge_leg(job, pods, vanished, now=time.time(), stuck_after_s=leg.spec.retries.stuck_after_seconds)
         if job is not None:
             await self._carry_out(leg.namespace, job, verdict)
@@ -303,7 +316,7 @@ class KubernetesBackend:
         while True:
             seen = self._generation.get(key, 0)
             found = cache.job(name)
-            pods, vanished = cache.pods_of(name)
+            pods, vanished = self._pods_of(cache, job.namespace, name, found)
             verdict = judge_leg(found, pods, vanished, now=time.time(), stuck_after_s=stuck_after_s)
             observation = verdict.observation
             if observation.state == LegState.TERMINATED and observation.termination is not None:
@@ -337,6 +350,22 @@ class KubernetesBackend:
             await self._wait_for_wake(key, min(remaining, 1.0))
 
     # ------------------------------------------------------------ helpers
+
+    def _pods_of(
+        self, cache: NamespaceCache, namespace: str, name: str, job: dict[str, Any] | None
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The live and vanished pods of this Job, not of an earlier Job of the same name (a re-applied run's
+        predecessor): the cache groups pods by the job-name label, and a predecessor's finished pod once made a
+        new leg look completed at once. Without a known Job uid (the Job not yet seen), every pod counts."""
+        pods, vanished = cache.pods_of(name)
+        uid = job["metadata"].get("uid") if job is not None else self._job_uids.get((namespace, name))
+        if uid is None:
+            return pods, vanished
+
+        def of_this_job(pod: dict[str, Any]) -> bool:
+            return uid in _owner_uids(pod)
+
+        return [p for p in pods if of_this_job(p)], [p for p in vanished if of_this_job(p)]
 
     def _handle(self, leg: LegSpec, job: dict[str, Any], adopted: bool) -> LegHandle:
         created = parse_time(job["metadata"].get("creationTimestamp")) or time.time()
