@@ -70,6 +70,7 @@ class LeaseElector:
     _observed: tuple[Any, ...] | None = field(default=None, init=False)
     _observed_at: float = field(default=0.0, init=False)
     _last_renewed: float = field(default=0.0, init=False)
+    _other_holder: str | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         if not self.lease_duration_s > self.renew_deadline_s:
@@ -130,6 +131,7 @@ class LeaseElector:
             return True
         spec = lease.spec
         holder = spec.holder_identity if spec is not None else None
+        self._other_holder = holder if holder and holder != self.identity else None
         record = (holder, spec.renew_time if spec else None, spec.lease_transitions if spec else None)
         now = time.monotonic()
         if record != self._observed:
@@ -181,13 +183,18 @@ class LeaseElector:
                 pass
             if await self._attempt():
                 continue
-            if time.monotonic() - self._last_renewed > self.renew_deadline_s:
+            # Give up when the next try would start past the renew deadline: the last try then ends by the
+            # deadline + its request timeout (a retry period), 9 s with the defaults, before the 10 s Lease can
+            # expire for the others. And give up at once when another replica holds the Lease.
+            overdue = time.monotonic() - self._last_renewed + self.retry_period_s > self.renew_deadline_s
+            if overdue or self._other_holder:
                 log.error(
-                    "lease %s/%s: %s could not renew within %.0f s; leadership lost",
+                    "lease %s/%s: %s could not renew within %.0f s (holder now: %s); leadership lost",
                     self.namespace,
                     self.name,
                     self.identity,
                     self.renew_deadline_s,
+                    self._other_holder or "none",
                 )
                 lost.set()
                 return
