@@ -323,3 +323,34 @@ async def test_a_worker_only_process_polls_both_queues_and_never_takes_the_lease
     finally:
         replica.stop()
     assert replica.process.returncode == 0, logs([replica])
+
+
+async def test_a_leader_that_finds_another_holder_stops_its_handlers_and_exits_1(
+    temporal_env: Any,
+    control_plane: ControlPlane,
+    kube: kubernetes.client.ApiClient,
+    crd_installed: Any,
+    namespace: str,
+    volume_root: Path,
+    task_queue: str,
+    tmp_path: Path,
+) -> None:
+    """Another identity in the Lease (a partition healed, a manual takeover): the old leader leaves, it does not
+    go on handling next to the new one; its pod's restart makes it a candidate again."""
+    coordination = kubernetes.client.CoordinationV1Api(kube)
+    args = start_args(temporal_env, control_plane, namespace, volume_root, task_queue)
+    replica = Replica(0, args, tmp_path)
+    try:
+        await wait_for("the leader", lambda: leader_of(coordination, namespace, [replica]), 120, [replica])
+        lease = await asyncio.to_thread(coordination.read_namespaced_lease, LEASE, namespace)
+        lease.spec.holder_identity = "another-replica"
+        await asyncio.to_thread(coordination.replace_namespaced_lease, LEASE, namespace, lease)
+        taken_at = time.monotonic()
+        code = await asyncio.to_thread(replica.process.wait, 60)
+        left_s = time.monotonic() - taken_at
+        assert code == 1, logs([replica])
+        assert "leadership lost" in replica.text() or "lost by" in replica.text(), logs([replica])
+        print(f"the old leader left {left_s:.1f} s after the Lease changed hands")
+        assert left_s < LEASE_DURATION_S, f"it went on for {left_s:.1f} s"
+    finally:
+        replica.stop()
