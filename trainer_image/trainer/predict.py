@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer.errors import InvalidInput
-from trainer.volume import MANIFEST_NAME, CheckpointInvalid, ExitCode, atomic_write_json, read_checkpoint
+from trainer.volume import (
+    MANIFEST_NAME,
+    CheckpointInvalid,
+    ExitCode,
+    atomic_write_json,
+    model_folders,
+    read_checkpoint,
+)
 
 log = logging.getLogger("trainer")
 
@@ -43,13 +50,6 @@ def read_texts(texts: list[str] | None, file: Path | None) -> list[str]:
     if not found:
         raise InvalidInput(f"--file {file}: no texts (one per line expected, or a JSON array in a .json file)")
     return found
-
-
-def model_folders(model_dir: Path) -> list[Path]:
-    """Every folder a model needs: itself, and for a training checkpoint the run's `tokenizer/` (torch-free)."""
-    if (model_dir / "model_config.json").is_file():
-        return [model_dir, model_dir.parent.parent / "tokenizer"]
-    return [model_dir]
 
 
 def load_for_inference(model_dir: Path, device: str = "cpu") -> tuple[Any, Any]:

@@ -46,7 +46,15 @@ from trainer.volume.durable import SymlinkRefused, atomic_write_json, fsync_dir,
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.exitcodes import ExitCode
 from trainer.volume.hashing import CHUNK_BYTES, FileBytes, FileEntry, file_digests, sha256_file, submit_digests
-from trainer.volume.layout import TMP_PREFIX, RunLayout, checkpoint_dir_name, parse_step, run_path, snapshot_dir
+from trainer.volume.layout import (
+    TMP_PREFIX,
+    RunLayout,
+    checkpoint_dir_name,
+    model_folders,
+    parse_step,
+    run_path,
+    snapshot_dir,
+)
 from trainer.volume.manifests import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -120,6 +128,7 @@ __all__ = [
     "list_checkpoint_dirs",
     "list_quarantined",
     "load_progress",
+    "model_folders",
     "open_verified_checkpoint",
     "parse_step",
     "quarantine",

@@ -85,3 +85,11 @@ def parse_step(dir_name: str) -> int | None:
     """Step number of a checkpoint folder name, or None for anything else (temp dirs, stray files)."""
     match = _STEP_DIR.match(dir_name)
     return int(match.group(1)) if match else None
+
+
+def model_folders(model_dir: Path) -> list[Path]:
+    """Every folder a model needs: itself, and for a training checkpoint (`checkpoints/step-N/`, which holds
+    model_config.json instead of a saved model) the run's `tokenizer/` two levels up."""
+    if (model_dir / "model_config.json").is_file():
+        return [model_dir, model_dir.parent.parent / "tokenizer"]
+    return [model_dir]
