@@ -260,7 +260,10 @@ def training_pairs(
     from trainer.train import run_leg
 
     costs = CheckpointCosts()
-    logging.getLogger("trainer").addHandler(costs)
+    trainer_log = logging.getLogger("trainer")
+    level = trainer_log.level
+    trainer_log.setLevel(min(level or logging.INFO, logging.INFO))  # the checkpoint lines are INFO
+    trainer_log.addHandler(costs)
     samples = {"with": 0, "without": 0}
     seconds = {"with": 0.0, "without": 0.0}
     ratios, loads = [], []
@@ -283,7 +286,8 @@ def training_pairs(
                 shutil.rmtree(run_dir)
             ratios.append(rates["with"] / rates["without"])
     finally:
-        logging.getLogger("trainer").removeHandler(costs)
+        trainer_log.removeHandler(costs)
+        trainer_log.setLevel(level)
     return {
         "ratio": (samples["with"] / seconds["with"]) / (samples["without"] / seconds["without"]),
         "rate_with": samples["with"] / seconds["with"],
