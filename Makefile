@@ -39,6 +39,7 @@ test: install envtest
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache   # the layering contracts in .importlinter
 
 typecheck: install
 	$(VENV)/bin/mypy controller trainer_image/trainer relay_testing

@@ -36,7 +36,7 @@ from temporalio.worker import PollerBehaviorAutoscaling, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from controller import worker as production
-from controller.backends.base import LegHandle
+from controller.leg_model import LegHandle
 from controller.messages import (
     AwaitLegRequest,
     AwaitLegResult,

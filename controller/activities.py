@@ -25,16 +25,13 @@ from typing import Any, Protocol
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from controller.backends.base import (
-    Backend,
+from controller.backends.base import Backend, OwnerVerifying, PredictFailed, RunIdentityMismatch
+from controller.leg_model import (
     LegObservation,
     LegOutcomeKind,
     LegState,
     LegTermination,
-    OwnerVerifying,
-    PredictFailed,
     PredictJob,
-    RunIdentityMismatch,
     classify_termination,
 )
 from controller.messages import (
@@ -397,8 +394,6 @@ class RelayActivities(RelayActivityInterface):
     @activity.defn(name="predict")
     async def predict(self, request: PredictRequest) -> PredictResult:
         """Check the model folder, then run `trainer predict` through the backend (heartbeating while it runs)."""
-        from trainer.predict import model_folders  # torch-free: which folders a model needs
-
         rel = request.model_path or f"{volume.run_path(request.namespace, request.name)}/final"
         model = (self.volume_root / rel).resolve()
         if not model.is_relative_to(self.volume_root) or model == self.volume_root:
@@ -412,7 +407,7 @@ class RelayActivities(RelayActivityInterface):
         info = activity.info()
         request_id = hashlib.sha256(f"{info.workflow_id}/{info.activity_id}".encode()).hexdigest()[:8]
         work = f"{volume.run_path(request.namespace, request.name)}/predictions/{request_id}"
-        reads = [p.relative_to(self.volume_root).as_posix() for p in model_folders(model)]
+        reads = [p.relative_to(self.volume_root).as_posix() for p in volume.model_folders(model)]
         for read in reads:
             if read == work or read.startswith(work + "/") or work.startswith(read + "/"):
                 message = f"modelPath {rel!r}: must be a model folder (final/ or checkpoints/step-N), not {read!r}"

@@ -235,7 +235,7 @@ def _status_type() -> type:
 
 
 def _leg_ref(run: TrainingRun, leg: int) -> Any:
-    from controller.backends.base import LegSpec
+    from controller.leg_model import LegSpec
 
     namespace, name = run.metadata.namespace, run.metadata.name
     return LegSpec(namespace=namespace, name=name, leg=leg, run_path="", snapshot_path="", spec=run.spec)

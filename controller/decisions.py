@@ -18,7 +18,7 @@ from temporalio import workflow
 # a frozen dataclass allocates ~10 KB, a NamedTuple ~5 KB, by tracemalloc). The enum's module is data only:
 # passed through, loaded once per process.
 with workflow.unsafe.imports_passed_through():
-    from controller.backends.base import LegOutcomeKind
+    from controller.leg_model import LegOutcomeKind
 
 if TYPE_CHECKING:
     from controller.spec import RetrySpec, SchedulingSpec

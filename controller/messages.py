@@ -17,7 +17,7 @@ from typing import Protocol
 from pydantic import BaseModel, Field
 from temporalio import activity
 
-from controller.backends.base import LegHandle, LegObservation, LegOutcomeKind, LegSpec, LegTermination, Prediction
+from controller.leg_model import LegHandle, LegObservation, LegOutcomeKind, LegSpec, LegTermination, Prediction
 from controller.spec import DatasetSpec, TrainingRunSpec
 from controller.status import CheckpointStatus, LegStatus, QuarantinedStatus, RunEvent, RunStatus
 

@@ -25,7 +25,7 @@ from controller.decisions import Action, LegEnd, RunCounts, decide, on_fallback_
 # Models and enums only (no I/O): passed through, so they are loaded once per process instead of once per run
 # in the sandbox (bench/bench_sandbox.py measures what a run costs).
 with workflow.unsafe.imports_passed_through():
-    from controller.backends.base import LegOutcomeKind, LegSpec
+    from controller.leg_model import LegOutcomeKind, LegSpec
     from controller.messages import (
         RUN_IDENTITY_MISMATCH,
         AwaitLegRequest,

@@ -33,19 +33,13 @@ from typing import Any
 
 from controller.backends.base import (
     LegConflict,
-    LegHandle,
-    LegObservation,
-    LegSpec,
-    LegState,
-    LegTermination,
     PredictFailed,
-    Prediction,
-    PredictJob,
     prepare_predict_work,
     read_predictions,
     remove_predict_work,
 )
 from controller.backends.local_leg import last_log_line, process_start_time
+from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, LegTermination, Prediction, PredictJob
 from trainer.volume import RunLayout, atomic_write_json, read_json
 
 _POLL_S = 0.05

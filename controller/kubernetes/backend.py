@@ -37,14 +37,7 @@ from pydantic import ValidationError
 
 from controller.backends.base import (
     LegConflict,
-    LegHandle,
-    LegObservation,
-    LegSpec,
-    LegState,
-    LegTermination,
     PredictFailed,
-    Prediction,
-    PredictJob,
     RunIdentityMismatch,
     prepare_predict_work,
     read_predictions,
@@ -63,6 +56,7 @@ from controller.kubernetes.jobs import (
 )
 from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
 from controller.kubernetes.server import ServerFeatures, server_features
+from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, LegTermination, Prediction, PredictJob
 from controller.policy import Policy, check_policy
 from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec, volume_model
 from trainer import volume

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.backends.base import LegSpec, PredictJob
+from controller.leg_model import LegSpec, PredictJob
 from controller.spec import (
     API_GROUP,
     API_VERSION,

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from controller.backends.base import LegObservation, LegState, LegTermination
 from controller.kubernetes.jobs import ANNOTATION_TERMINATION, TRAINER_CONTAINER
+from controller.leg_model import LegObservation, LegState, LegTermination
 
 # Pod status.reason values a kubelet or node controller sets when the infrastructure took the pod away.
 DISRUPTION_REASONS = frozenset({"Evicted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated", "Preempting"})

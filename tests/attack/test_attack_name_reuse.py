@@ -15,7 +15,7 @@ import pytest
 from temporalio.testing import ActivityEnvironment
 
 from controller.activities import RelayActivities
-from controller.backends.base import LegHandle, LegObservation, LegSpec, LegState
+from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState
 from controller.messages import PrepareRunRequest, SnapshotResult
 from controller.spec import DatasetSpec, TrainingRunSpec
 from trainer.volume import RunLayout, atomic_write_json, checkpoint_dir_name, write_manifest

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from controller.backends.base import LegSpec, PredictJob
 from controller.kubernetes.jobs import build_leg_job, build_predict_job
+from controller.leg_model import LegSpec, PredictJob
 from controller.spec import TrainingRunSpec, volume_model
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import kubernetes
 
-from controller.backends.base import LegSpec
 from controller.kubernetes.jobs import build_leg_job
+from controller.leg_model import LegSpec
 from controller.spec import TrainingRunSpec
 from relay_testing.container_kubelet import ContainerKubelet, apply_fs_group
 from relay_testing.process_kubelet import LocalPod

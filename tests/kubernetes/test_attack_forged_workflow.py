@@ -23,9 +23,10 @@ from conftest import make_training_run
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
-from controller.backends.base import LegSpec, RunIdentityMismatch
+from controller.backends.base import RunIdentityMismatch
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.status_sink import KubernetesStatusSink
+from controller.leg_model import LegSpec
 from controller.messages import TrainingRunInput
 from controller.spec import TrainingRunSpec, workflow_id
 from controller.worker import DATA_CONVERTER, build_worker

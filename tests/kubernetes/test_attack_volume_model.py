@@ -17,8 +17,9 @@ import kubernetes
 import pytest
 from conftest import make_training_run
 
-from controller.backends.base import LegSpec, RunIdentityMismatch
+from controller.backends.base import RunIdentityMismatch
 from controller.kubernetes.backend import KubernetesBackend
+from controller.leg_model import LegSpec
 from controller.spec import TrainingRunSpec
 
 pytestmark = [pytest.mark.cluster, pytest.mark.anyio]

@@ -15,10 +15,10 @@ import kubernetes
 import pytest
 from conftest import make_training_run
 
-from controller.backends.base import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.kubernetes.backend import KubernetesBackend, LegConflict
 from controller.kubernetes.jobs import ANNOTATION_TERMINATION, POD_FAILURE_POLICY
 from controller.kubernetes.server import evict_pod, server_features
+from controller.leg_model import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.spec import TrainingRunSpec
 from relay_testing.process_kubelet import ProcessKubelet
 from trainer import volume

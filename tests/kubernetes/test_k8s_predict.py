@@ -30,9 +30,9 @@ from test_k8s_real_trainer import OFFLINE_ENV, write_reviews
 from test_k8s_real_trainer import real_kubelet as real_kubelet  # the kubelet running the pod's own command
 
 from controller.activities import PredictRequest, PredictResult
-from controller.backends.base import PredictJob
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.jobs import LABEL_PREDICT_RUN
+from controller.leg_model import PredictJob
 from controller.snapshot import snapshot_dataset
 from controller.spec import DatasetSpec, TrainingRunSpec, trainer_config
 from controller.worker import build_worker

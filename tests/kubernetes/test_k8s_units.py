@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from controller.backends.base import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.crd import OUTPUTS, crd_manifest
 from controller.kubernetes.jobs import ANNOTATION_TERMINATION, build_leg_job, job_name
 from controller.kubernetes.legs import judge_leg
+from controller.leg_model import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.spec import MAX_RUN_NAME, TrainingRunSpec
 
 REPO = Path(__file__).resolve().parents[2]

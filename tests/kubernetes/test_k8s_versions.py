@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from controller.backends.base import LegOutcomeKind, LegSpec, PredictJob, classify_termination
 from controller.kubernetes.jobs import ANNOTATION_WORKFLOW, POD_FAILURE_POLICY, build_leg_job, build_predict_job
 from controller.kubernetes.legs import judge_leg
 from controller.kubernetes.server import ServerFeatures, eviction_body, eviction_version_of, parse_version
 from controller.kubernetes.status_sink import claim_problem
+from controller.leg_model import LegOutcomeKind, LegSpec, PredictJob, classify_termination
 from controller.spec import CustomResourceStatus, ResourceCondition, TrainingRunSpec, workflow_id
 from controller.status import RunStatus
 

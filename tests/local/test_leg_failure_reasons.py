@@ -20,8 +20,8 @@ from temporalio.client import WorkflowFailureError
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.testing import WorkflowEnvironment
 
-from controller.backends.base import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.backends.local import LocalBackend
+from controller.leg_model import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.spec import DatasetSpec, TrainingRunSpec, parse_training_run, workflow_id
 from controller.status import Phase, RunStatus
 from controller.worker import build_worker

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from controller.backends.base import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.backends.local import LegConflict, LocalBackend
 from controller.backends.local_leg import process_start_time
+from controller.leg_model import LegOutcomeKind, LegSpec, LegState, classify_termination
 from controller.spec import DatasetSpec, TrainingRunSpec
 from trainer.volume import read_json
 

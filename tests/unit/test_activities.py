@@ -12,7 +12,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from controller.activities import RelayActivities, read_leg_progress
-from controller.backends.base import LegHandle, LegObservation, LegOutcomeKind, LegSpec, LegState, LegTermination
+from controller.leg_model import LegHandle, LegObservation, LegOutcomeKind, LegSpec, LegState, LegTermination
 from controller.messages import (
     AwaitHeartbeat,
     AwaitLegRequest,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.backends.base import LegOutcomeKind
 from controller.decisions import Action, Decision, LegEnd, RunCounts, decide, failure_backoff_s, on_fallback_profile
+from controller.leg_model import LegOutcomeKind
 from controller.spec import RetrySpec, SchedulingProfile, SchedulingSpec
 
 K = LegOutcomeKind

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.backends.base import LegOutcomeKind, classify_termination
 from controller.kubernetes.legs import judge_leg
+from controller.leg_model import LegOutcomeKind, classify_termination
 
 JOB: dict[str, Any] = {"metadata": {"name": "r-leg-3", "annotations": {}}, "spec": {"parallelism": 1}, "status": {}}
 

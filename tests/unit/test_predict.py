@@ -17,8 +17,9 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from controller.activities import PredictRequest, RelayActivities
-from controller.backends.base import PredictFailed, Prediction, PredictJob, prepare_predict_work, read_predictions
+from controller.backends.base import PredictFailed, prepare_predict_work, read_predictions
 from controller.kubernetes.jobs import LABEL_PREDICT_RUN, LABEL_RUN, MANAGED_SELECTOR, build_predict_job
+from controller.leg_model import Prediction, PredictJob
 from controller.spec import MAX_RUN_NAME, TrainingRunSpec
 
 WORK = "runs/ml/bert-sst2/predictions/0123abcd"

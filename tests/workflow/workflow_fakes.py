@@ -14,7 +14,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from controller.backends.base import LegHandle, LegObservation, LegState, LegTermination, classify_termination
+from controller.leg_model import LegHandle, LegObservation, LegState, LegTermination, classify_termination
 from controller.messages import (
     AwaitLegRequest,
     AwaitLegResult,
