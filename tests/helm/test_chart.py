@@ -241,7 +241,7 @@ def test_embedded_temporal_is_a_dev_server_the_controller_points_at(chart: Any) 
     assert "keeps NO durable history" in notes
     assert "kubectl -n ml port-forward svc/relay-temporal 7233:7233 8233:8233" in notes
     assert "temporal workflow query --address localhost:7233 --namespace default" in notes
-    assert "--workflow-id trainingrun-ml-tiny-cpu --name get_status" in notes
+    assert "--workflow-id trainingrun-ml.tiny-cpu --name get_status" in notes
     assert "kubectl -n ml get trainingruns" in notes
     assert "http://localhost:8233/namespaces/default/workflows" in notes
 

@@ -14,6 +14,7 @@ from temporalio.worker import Worker
 from workflow_fakes import ScriptedActivities, spec
 
 from controller.messages import TrainingRunInput
+from controller.spec import workflow_id
 from controller.status import Phase
 from controller.workflows import CheckpointedBertTrainingWorkflow
 
@@ -35,14 +36,14 @@ async def test_pause_resume_and_status_from_the_command_line(temporal_env: Workf
         temporal_env.client, task_queue=task_queue, workflows=[CheckpointedBertTrainingWorkflow], activities=fakes.all()
     ):
         handle = await temporal_env.client.start_workflow(
-            CheckpointedBertTrainingWorkflow.run, run_input, id=f"trainingrun-default-{name}", task_queue=task_queue
+            CheckpointedBertTrainingWorkflow.run, run_input, id=workflow_id("default", name), task_queue=task_queue
         )
         for _ in range(200):
             if (await handle.query(CheckpointedBertTrainingWorkflow.get_status)).phase == Phase.RUNNING:
                 break
             await asyncio.sleep(0.05)
         paused = await relay("pause", name, "--address", address)
-        assert paused.returncode == 0 and f"pause sent to trainingrun-default-{name}" in paused.stdout
+        assert paused.returncode == 0 and f"pause sent to {workflow_id('default', name)}" in paused.stdout
         for _ in range(200):
             if (await handle.query(CheckpointedBertTrainingWorkflow.get_status)).phase == Phase.PAUSED:
                 break
