@@ -275,7 +275,13 @@ def test_service_monitor_scrapes_the_metrics_port(chart: Any) -> None:
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint == {"port": "http-metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s"}
+    assert endpoint == {
+        "port": "http-metrics",
+        "path": "/metrics",
+        "interval": "30s",
+        "scrapeTimeout": "10s",
+        "honorLabels": True,  # the runs' own `namespace` label stays `namespace` (the dashboard filters on it)
+    }
     services = [
         s
         for s in by_kind(objects, "Service")
