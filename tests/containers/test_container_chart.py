@@ -126,11 +126,13 @@ def test_the_chart_runs_the_controller_image_and_a_run_of_the_trainer_image_succ
         release = config.install(CHART, RELEASE, values, namespace=namespace, timeout=60)
         assert release["status"] == "deployed"
         wait_until("the controller container's /readyz", lambda: http_get(health_port, "/readyz") == 200, 120, pod_logs)
-        (controller_pod,) = [p for p in container_kubelet.pods.values() if p.namespace == namespace]
-        launched = container_kubelet.docker_args[f"{namespace}/{controller_pod.name}"]
         chart = yaml.safe_load((CHART / "Chart.yaml").read_text(encoding="utf-8"))
-        assert f"ghcr.io/relay-ml/relay-controller:{chart['appVersion']}" in launched
-        assert "--read-only" in launched and "1000:1000" in launched
+        controllers = [key for key in container_kubelet.docker_args if key.startswith(f"{namespace}/{RELEASE}-")]
+        assert controllers, "no controller pod ran"
+        for key in controllers:  # every replica (leader or standby) runs the chart's default image, restricted
+            launched = container_kubelet.docker_args[key]
+            assert f"ghcr.io/relay-ml/relay-controller:{chart['appVersion']}" in launched
+            assert "--read-only" in launched and "1000:1000" in launched
 
         custom.create_namespaced_custom_object(
             "relay.dev", "v1alpha1", namespace, "trainingruns", small_training_run(namespace)
