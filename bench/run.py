@@ -19,7 +19,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-MODULES = ("bench.bench_trainer", "bench.bench_workflow", "bench.bench_kubernetes", "bench.bench_containers")
+MODULES = (
+    "bench.bench_trainer",
+    "bench.bench_hf_peer",
+    "bench.bench_workflow",
+    "bench.bench_list",
+    "bench.bench_kubernetes",
+    "bench.bench_containers",
+)
 KEYS = (
     "checkpoint_write_vs_disk",
     "checkpoint_restore_vs_disk",
@@ -37,6 +44,9 @@ KEYS = (
     "container_leg_overhead",
     "image_size_mb_controller",
     "image_size_mb_trainer",
+    "samples_per_s_vs_hf_best",
+    "accuracy_vs_hf_best",
+    "relay_list_s_500_runs",
 )
 
 
