@@ -59,7 +59,7 @@ from controller.spec import TrainingRunSpec, trainer_config
 from controller.status import CheckpointStatus, LegStatus, QuarantinedStatus, RunEvent, RunStatus, rfc3339
 from trainer import volume
 from trainer.volume import ownership as volume_ownership
-from trainer.volume.tenancy import ForeignPath, check_namespace_read
+from trainer.volume.tenancy import ForeignPath, check_namespace_read, check_resolved_read
 
 log = logging.getLogger(__name__)
 
@@ -228,15 +228,10 @@ class RelayActivities(RelayActivityInterface):
         layout = volume.RunLayout.for_run(self.volume_root, request.namespace, request.name)
         model = request.spec.model
         if model != "tiny" and "/" in model and (self.volume_root / model).exists():
-            resolved = (self.volume_root / model).resolve()  # a model folder on the volume
-            inside = (
-                resolved.relative_to(self.volume_root).as_posix() if resolved.is_relative_to(self.volume_root) else ".."
-            )
-            try:  # a namespace trains only from its own models or the shared area (issue 11)
-                check_namespace_read(request.namespace, inside, "spec.model")
+            try:  # a model folder on the volume: a namespace trains only from its own or the shared area (issue 11)
+                model = str(check_resolved_read(request.namespace, self.volume_root, model, "spec.model"))
             except ForeignPath as exc:
                 raise ApplicationError(str(exc), type="ForeignPath", non_retryable=True) from None
-            model = str(resolved)
         config = trainer_config(request.spec, model=model)
         text = config.to_json_text()
 

@@ -60,7 +60,7 @@ from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, L
 from controller.policy import Policy, check_policy
 from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec, volume_model
 from trainer import volume
-from trainer.volume.tenancy import ForeignPath, check_namespace_read
+from trainer.volume.tenancy import ForeignPath, check_resolved_read
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -177,10 +177,8 @@ class KubernetesBackend:
         if model is not None and self.volume_root is not None:
             # A namespace mounts only its own models or the shared area, symlinks resolved (issue 11): prepare_run
             # refuses the same, but a workflow started by hand skips it.
-            resolved, root = (self.volume_root / model).resolve(), self.volume_root
             try:
-                inside = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else ".."
-                check_namespace_read(leg.namespace, inside, "spec.model")
+                check_resolved_read(leg.namespace, self.volume_root, model, "spec.model")
             except ForeignPath as exc:
                 raise RunIdentityMismatch(f"TrainingRun {leg.namespace}/{leg.name}: {exc}") from None
         manifest = build_leg_job(trusted, pod_failure_policy=features.pod_failure_policy, model_path=model)

@@ -14,7 +14,7 @@ planted in a run folder cannot point the read elsewhere.
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 NAMESPACED_ROOTS = ("runs", "data", "models")
 CONTROLLER_ROOTS = ("snapshots",)
@@ -35,3 +35,12 @@ def check_namespace_read(namespace: str, relative: str, field: str) -> None:
         raise ForeignPath(
             f"{field} {relative!r}: namespace {namespace!r} reads only {parts[0]}/{namespace}/ under {parts[0]}/"
         )
+
+
+def check_resolved_read(namespace: str, volume_root: Path, path: str, field: str) -> Path:
+    """Resolve `path` under the (resolved) `volume_root` as a read would, symlinks followed, and check that
+    `namespace` may read where it leads; the resolved path, or ForeignPath naming `field`."""
+    resolved = (volume_root / path).resolve()
+    inside = resolved.relative_to(volume_root).as_posix() if resolved.is_relative_to(volume_root) else ".."
+    check_namespace_read(namespace, inside, field)
+    return resolved
