@@ -311,7 +311,8 @@ class LocalBackend:
         )
         try:
             try:
-                _, stderr = await asyncio.wait_for(process.communicate(), job.timeout_s)
+                async with asyncio.timeout(job.timeout_s):  # not wait_for: see controller.waiting
+                    _, stderr = await process.communicate()
             except TimeoutError:
                 raise PredictFailed(
                     f"trainer predict did not finish within {job.timeout_s:g}s", non_retryable=True

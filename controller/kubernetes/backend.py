@@ -21,7 +21,6 @@ goes first) on every way out, cancellation and timeout included.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import re
@@ -59,6 +58,7 @@ from controller.kubernetes.server import ServerFeatures, server_features
 from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, LegTermination, Prediction, PredictJob
 from controller.policy import Policy, check_policy
 from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec, volume_model
+from controller.waiting import wait_event
 from trainer import volume
 from trainer.volume.tenancy import ForeignPath, check_resolved_read
 
@@ -118,8 +118,7 @@ class KubernetesBackend:
         event = self._wakeups.setdefault(key, asyncio.Event())
         event.clear()
         try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout_s)
+            await wait_event(event, timeout_s)
         finally:
             self._wakeups.pop(key, None)
 

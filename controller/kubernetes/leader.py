@@ -15,7 +15,6 @@ needs only get/create/update on leases in the release namespace.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -27,6 +26,8 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
+
+from controller.waiting import wait_event
 
 log = logging.getLogger("relay.controller.leader")
 
@@ -169,18 +170,14 @@ class LeaseElector:
             if await self._attempt():
                 log.info("lease %s/%s: %s is the leader", self.namespace, self.name, self.identity)
                 return True
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.retry_period_s)
+            await wait_event(stop, self.retry_period_s)
         return False
 
     async def hold(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
         """Renew every retry period until `stop` is set; set `lost` and return once a renewal is overdue."""
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), self.retry_period_s)
+            if await wait_event(stop, self.retry_period_s):
                 return
-            except TimeoutError:
-                pass
             if await self._attempt():
                 continue
             # Give up when the next try would start past the renew deadline: the last try then ends by the
