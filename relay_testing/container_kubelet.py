@@ -237,6 +237,9 @@ class ContainerKubelet(ProcessKubelet):
         )
         stopper.start()
 
+    def _before_restart(self, pod: LocalPod) -> None:
+        docker("rm", "--force", self.container_name(pod))
+
     def _exit_reason(self, pod: LocalPod, exit_code: int) -> str:
         state = docker("inspect", "--format", "{{.State.OOMKilled}}", self.container_name(pod))
         if state.stdout.strip() == "true":
