@@ -557,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("--task-queue", default=TASK_QUEUE)
+    add_log_level_flag(p, "warning")  # the run prints its own progress; library INFO lines only when asked for
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("status", help="show a run's status (get_status query)")
@@ -623,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--task-queue", default=TASK_QUEUE, help=f"training ({TASK_QUEUE}) or inference ({INFERENCE_TASK_QUEUE})"
     )
+    add_log_level_flag(p, "info")
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("controller", help="run the Kubernetes operator (arguments go to it)")
@@ -678,13 +680,50 @@ class _OneLineFormatter(logging.Formatter):
         return super().format(record).rstrip()
 
 
-def _setup_logging() -> None:
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_LEVEL_ENV = "RELAY_LOG_LEVEL"
+
+
+def add_log_level_flag(parser: argparse.ArgumentParser, default: str) -> None:
+    """`--log-level {debug,info,warning,error}`; unset, $RELAY_LOG_LEVEL, else `default` (see log_level)."""
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LOG_LEVELS,
+        default=None,
+        help=f"how much to log (default: ${LOG_LEVEL_ENV}, else {default})",
+    )
+    parser.set_defaults(log_level_default=default)
+
+
+def log_level(flag: str | None, default: str) -> str:
+    """The level a process logs at: its --log-level, else $RELAY_LOG_LEVEL, else its own default.
+
+    Raises ValueError naming RELAY_LOG_LEVEL when the variable holds no level (a flag is checked by argparse).
+    """
+    if flag:
+        return flag
+    text = os.environ.get(LOG_LEVEL_ENV, "").strip().lower()
+    if not text:
+        return default
+    if text not in LOG_LEVELS:
+        raise ValueError(f"{LOG_LEVEL_ENV}={text!r} is not a log level (one of {', '.join(LOG_LEVELS)})")
+    return text
+
+
+def setup_logging(level: str = "warning", *, timestamps: bool = False) -> None:
+    """Log to stderr, one line per record, at `level`. A long-running process (the controller, a worker) logs at
+    INFO with timestamps: one line per run event (leg launched, ended, preempted, resumed; the run finished)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_OneLineFormatter("relay: %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    layout = "%(asctime)s %(levelname)s %(name)s: %(message)s" if timestamps else "relay: %(levelname)s %(message)s"
+    handler.setFormatter(_OneLineFormatter(layout))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+    debug = level == "debug"
     # An activity that fails by design (a missing model, bad data) is reported by the workflow's own result.
-    logging.getLogger("temporalio.worker._activity").setLevel(logging.ERROR)
-    logging.getLogger("temporalio.activity").setLevel(logging.ERROR)
+    logging.getLogger("temporalio.worker._activity").setLevel(logging.NOTSET if debug else logging.ERROR)
+    logging.getLogger("temporalio.activity").setLevel(logging.NOTSET if debug else logging.ERROR)
+    # kopf says "Handler ... succeeded" for every change of every object: its own lines are debugging detail.
+    logging.getLogger("kopf").setLevel(logging.NOTSET if debug else max(logging.WARNING, logging.root.level))
 
 
 def run_command(argv: list[str] | None = None) -> int:
@@ -695,7 +734,13 @@ def run_command(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "controller" and args.operator_args[:1] == ["--"]:
         args.operator_args = args.operator_args[1:]
-    _setup_logging()
+    try:
+        level = log_level(getattr(args, "log_level", None), getattr(args, "log_level_default", "warning"))
+    except ValueError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    # The operator sets up its own logging from its own --log-level (`relay controller --log-level debug`).
+    setup_logging(level, timestamps=args.command == "worker")
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):

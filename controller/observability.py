@@ -26,11 +26,14 @@ port; the handle's `health_port`/`metrics_port` tell which. Nothing here touches
 `MetricsStatusSink(sink, metrics)` wraps the operator's status sink and derives the run metrics from the
 RunStatus the workflow publishes (phase, legs with outcomes and times, newest checkpoint), so the metrics
 say what `.status` says. Legs a restarted controller finds already started or ended are its baseline,
-not counted again.
+not counted again. `RunEventLog(sink)` makes each run event the workflow publishes (a leg launched, ended,
+preempted or resumed; the run finished) one INFO line of the controller's log (Warning events: WARNING), the
+line `kubectl logs deploy/relay` shows beside the Event `kubectl describe` shows.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +48,8 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from controller.status import RunEvent, RunStatus
+
+log = logging.getLogger("relay.events")
 
 # Preemption to the next leg running: seconds for a local process, minutes for a spot node to come back.
 RECOVERY_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0)
@@ -247,6 +252,22 @@ class MetricsStatusSink:
 
     async def publish(self, namespace: str, name: str, status: RunStatus, events: list[RunEvent]) -> None:
         self.record(namespace, name, status)
+        await self.inner.publish(namespace, name, status, events)
+
+
+class RunEventLog:
+    """A status sink that logs each published run event as one line, then hands the status to `inner`:
+    `ml/bert leg 2 Preempted: leg 2 preempted (...); resuming from checkpoint step 40`."""
+
+    def __init__(self, inner: _StatusSink) -> None:
+        self.inner = inner
+
+    async def publish(self, namespace: str, name: str, status: RunStatus, events: list[RunEvent]) -> None:
+        leg = status.legs[-1].leg if status.legs else None
+        where = f"{namespace}/{name}" + (f" leg {leg}" if leg is not None else "")
+        for event in events:
+            level = logging.WARNING if event.type == "Warning" else logging.INFO
+            log.log(level, "%s %s: %s", where, event.reason, event.message)
         await self.inner.publish(namespace, name, status, events)
 
 

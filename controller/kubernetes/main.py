@@ -32,6 +32,7 @@ from typing import Any
 import kopf
 import kubernetes
 
+from controller.cli import add_log_level_flag, log_level, setup_logging
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.handlers import STATUS_INTERVAL_S, OperatorContext, build_registry
 from controller.kubernetes.leader import (
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--renew-deadline", type=_positive_seconds, default=RENEW_DEADLINE_S)
     parser.add_argument("--retry-period", type=_positive_seconds, default=RETRY_PERIOD_S)
     parser.add_argument("--kubeconfig", default=env("KUBECONFIG"), help=argparse.SUPPRESS)
+    add_log_level_flag(parser, "info")
     return parser
 
 
@@ -212,10 +214,10 @@ async def run_controller(
     api_client = kubernetes.client.ApiClient(configuration)
     policy = policy or Policy()
     backend = KubernetesBackend(api_client, volume_root=volume_root, policy=policy)
-    sink: Any = KubernetesStatusSink(api_client)
-    if metrics is not None:
-        from controller.observability import MetricsStatusSink
+    from controller.observability import MetricsStatusSink, RunEventLog
 
+    sink: Any = RunEventLog(KubernetesStatusSink(api_client))  # each Event also one line of this log
+    if metrics is not None:
         sink = MetricsStatusSink(sink, metrics)
     workers = build_workers(
         temporal,
@@ -356,7 +358,11 @@ async def _amain(args: argparse.Namespace) -> int:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        setup_logging(log_level(args.log_level, args.log_level_default), timestamps=True)
+    except ValueError as exc:
+        print(f"relay controller: {exc}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_amain(args))
     except (OSError, kubernetes.config.ConfigException) as exc:
