@@ -59,6 +59,8 @@ drill: install envtest
 	@$(WITH_ENVTEST) if [ -n "$${KUBEBUILDER_ASSETS:-}" ]; then \
 	  $(PY) -m relay_testing.drill --seed $(DRILL_SEED) --faults $(DRILL_FAULTS); \
 	  else echo "envtest binaries not found: the Kubernetes drill was SKIPPED"; fi
+	@# The short drills' own tests (tests/kubernetes/test_k8s_drill.py: with and without the node harness).
+	@$(WITH_ENVTEST) $(PY) -m pytest -m drill
 
 clean:
 	rm -rf relay-volume .pytest_cache .ruff_cache .mypy_cache

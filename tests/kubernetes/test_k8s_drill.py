@@ -4,7 +4,7 @@ It runs on the session's envtest control plane, pointed at its kubeconfig like a
 kubelet lent as the node harness (relay_testing.drill.lend), `relay controller` as its own OS process and the
 real trainer in every pod. The drill's checks are what a user relies on; this test also checks each fault left
 its own evidence. The same drill without the harness (API-level faults only: policy/v1beta1 Eviction here on
-1.20, force delete) is the second test.
+1.20, force delete) is the second test. Both run in `make drill` (pytest -m drill), beside the long drills.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from controller.drill.kubernetes import API_FAULTS, KubernetesDrill
 from relay_testing.drill import lend
 from relay_testing.process_kubelet import ProcessKubelet
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.drill]  # 3-4 minutes: `make drill` runs them, not make test
 SEED, FAULTS = 43, 3  # plans sigterm, corrupt-newest, controller-restart (the new controller finishes the run)
 # Plans sigterm, then controller-restart. Not sigkill: a force delete (gracePeriodSeconds=0) removes the pod from the
 # API before its container has stopped, so the next leg can start beside the old trainer; the drill's overlap check
