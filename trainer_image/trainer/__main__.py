@@ -19,6 +19,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(ExitCode.INVALID_INPUT)
 
 
+def _generation(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a leg number (0 or more)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m trainer", description="Relay trainer: one training leg, or predictions.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -26,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", required=True, type=Path, help="the run's folder on the volume")
     train.add_argument("--snapshot", required=True, type=Path, help="the dataset snapshot folder")
     train.add_argument("--config", required=True, type=Path, help="TrainerConfig JSON (camelCase)")
+    train.add_argument(
+        "--generation",
+        type=_generation,
+        help="the leg number the controller launched this leg as: it commits nothing once fence.json names a newer one",
+    )
     predict = commands.add_parser("predict", help="labels and probabilities from a final model or a checkpoint")
     predict.add_argument("--model", required=True, type=Path, help="final/ folder or checkpoints/step-N folder")
     source = predict.add_mutually_exclusive_group(required=True)
@@ -50,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from trainer.train import run_leg
 
-        return int(run_leg(args.run_dir, args.snapshot, args.config).exit_code)
+        return int(run_leg(args.run_dir, args.snapshot, args.config, generation=args.generation).exit_code)
     from trainer.predict import run_predict
 
     return int(

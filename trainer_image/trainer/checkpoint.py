@@ -14,9 +14,11 @@ A checkpoint folder `checkpoints/step-<9 digits>/` holds::
     manifest.json           written last by volume.write_manifest: size + sha256 of each 64 MiB piece of
                             each file above (manifest format 2; format 1 checkpoints, one sha256 per file, load too)
 
-It is written into `checkpoints/.tmp-step-<N>.<pid>/`, every file fsynced, the manifest written, then the
-folder renamed to `step-<N>` and the parent fsynced: a SIGKILL at any instant leaves either no `step-<N>`
-or a complete one (stale `.tmp-*` folders are removed at the next start).
+It is written into `checkpoints/.tmp-g<leg>-step-<N>.<pid>.<thread>/` (`.tmp-step-...` for a leg without a
+generation), every file fsynced, the manifest written, then the folder renamed to `step-<N>` and the parent
+fsynced: a SIGKILL at any instant leaves either no `step-<N>` or a complete one (stale `.tmp-*` folders of
+older generations are removed at the next start). Right before the rename, and before each deletion of
+retention, the fence is read again: a leg superseded by a newer one commits nothing (volume.fencing).
 """
 
 from __future__ import annotations
@@ -44,12 +46,13 @@ from trainer import faults
 from trainer.checkpoint_consistency import CONFIG_FILE, STATE_FILE
 from trainer.volume import (
     CHUNK_BYTES,
-    TMP_PREFIX,
     CheckpointInfo,
     CheckpointInvalid,
+    Fenced,
     FileBytes,
     VerifiedCheckpoint,
     checkpoint_dir_name,
+    fencing,
     fsync_dir,
     list_checkpoint_dirs,
     read_checkpoint,
@@ -294,11 +297,26 @@ def _write_durable(path: Path, payload: bytes) -> tuple[str, ...]:
 
 
 def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
-    """Serialize `state` into a temp folder, fsync, write the manifest last, rename into place."""
+    """Serialize `state` into a temp folder, fsync, write the manifest last, rename into place.
+
+    Raises Fenced (and leaves no `step-<N>`) when a newer leg superseded this one: checked right before the
+    rename, and after any error of the write (a newer leg's start removes this leg's temp folder).
+    """
+    fence = fencing.active()
+    try:
+        return _write_checkpoint(state, checkpoints_dir, fence)
+    except Fenced:
+        raise
+    except Exception:
+        fence.check(f"checkpoint step {state.step}")  # superseded: Fenced, not the error its removal caused
+        raise
+
+
+def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fence) -> CheckpointInfo:
     finish_copies(state)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / checkpoint_dir_name(state.step)
-    tmp = checkpoints_dir / f"{TMP_PREFIX}{final.name}.{os.getpid()}.{threading.get_ident()}"
+    tmp = checkpoints_dir / f"{fence.temp_prefix()}{final.name}.{os.getpid()}.{threading.get_ident()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     hashes: dict[str, tuple[str, ...]] = {}
@@ -337,6 +355,11 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
         # Same step already saved (e.g. resumed from it): the content is identical by construction.
         shutil.rmtree(tmp, ignore_errors=True)
         return read_checkpoint(final, verify_hashes=False)
+    try:
+        fence.check(f"checkpoint step {state.step}")  # the commit point: nothing is renamed for a superseded leg
+    except Fenced:
+        shutil.rmtree(tmp, ignore_errors=True)  # its own temp folder, of its own generation
+        raise
     os.replace(tmp, final)
     fsync_dir(checkpoints_dir)
     return CheckpointInfo(
@@ -353,8 +376,14 @@ def apply_retention(checkpoints_dir: Path, keep_last: int) -> list[int]:
         except CheckpointInvalid:
             continue  # left for the next start's verification to quarantine
     deleted = []
-    for info in select_for_deletion(infos, keep_last=keep_last, best_metric=RETENTION_METRIC, higher_is_better=False):
-        doomed = checkpoints_dir / f"{TMP_PREFIX}delete-{info.path.name}.{os.getpid()}"
+    fence = fencing.active()
+    protected = fence.protected_steps()  # the step a newer leg resumed from; Fenced when there is a newer leg
+    doomed_list = select_for_deletion(
+        infos, keep_last=keep_last, best_metric=RETENTION_METRIC, higher_is_better=False, protected=protected
+    )
+    for info in doomed_list:
+        fence.check(f"retention of step {info.step}")  # re-read before each deletion: it may move in between
+        doomed = checkpoints_dir / f"{fence.temp_prefix()}delete-{info.path.name}.{os.getpid()}"
         os.replace(info.path, doomed)  # first out of sight, then removed; a kill in between leaves a .tmp-
         shutil.rmtree(doomed, ignore_errors=True)
         deleted.append(info.step)

@@ -23,7 +23,7 @@ from trainer.faults import Faults
 from trainer.leg_state import Learner, LegStats, Plan, Totals
 from trainer.preemption import StopRequest
 from trainer.reporting import Reporter
-from trainer.volume import TMP_PREFIX, ExitCode, RunLayout, atomic_write_json, fsync_dir, write_manifest
+from trainer.volume import TMP_PREFIX, ExitCode, RunLayout, atomic_write_json, fencing, fsync_dir, write_manifest
 
 log = logging.getLogger("trainer")
 
@@ -155,6 +155,7 @@ def write_final(
     numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     write_manifest(tmp, step=step, epoch=epoch, config_hash=identity, metrics=numeric, extra={"kind": "final"})
     fsync_dir(tmp)
+    fencing.check("final/")  # a superseded leg commits no final model (volume.fencing)
     if layout.final_dir.exists():
         shutil.rmtree(layout.final_dir)
     os.replace(tmp, layout.final_dir)

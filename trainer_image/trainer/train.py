@@ -2,6 +2,8 @@
 
 `run_leg` is what `python -m trainer train` runs. Same arguments always mean "carry on": a finished run
 exits 0 at once, a run with checkpoints resumes from the newest verified one, else it starts fresh.
+With `--generation N` (the leg number the controller launched it as) the leg is fenced: once the run's
+fence.json names a newer leg it commits nothing more and exits ExitCode.FENCED (volume.fencing).
 Resume restores, in this order: model built (seeded) -> train mode -> optimizer and scheduler built ->
 weights, optimizer state, scheduler state loaded -> every RNG restored last (see DETERMINISM.md).
 
@@ -38,9 +40,12 @@ from trainer.volume import (
     CheckpointInfo,
     CheckpointInvalid,
     ExitCode,
+    Fenced,
+    FenceUnreadable,
     RunLayout,
     SymlinkRefused,
     VerifiedCheckpoint,
+    fencing,
     find_latest_verified,
     list_checkpoint_dirs,
     quarantine,
@@ -156,6 +161,7 @@ def _remove_stale_run_temps(layout: RunLayout) -> None:
     if layout.run_dir.is_dir():
         for path in layout.run_dir.iterdir():
             if path.is_dir() and path.name.startswith((f"{TMP_PREFIX}final", f"{TMP_PREFIX}tokenizer")):
+                fencing.check(f"remove {path.name}")
                 shutil.rmtree(path, ignore_errors=True)
 
 
@@ -167,20 +173,22 @@ def run_leg(
     stop: StopRequest | None = None,
     install_signals: bool = True,
     faults: Faults | None = None,
+    generation: int | None = None,
 ) -> LegResult:
     """Run one leg to its end; never raises for the documented outcomes (see ExitCode).
 
-    On failure (exit 1) and invalid input (exit 65) the one-line reason also goes to the termination-message
-    file named by $RELAY_TERMINATION_LOG, when set (see volume.write_termination_message). `faults` (tests
-    only) defaults to what the RELAY_TEST_* variables ask for: none in production (see faults.py).
+    On failure (exit 1), invalid input (exit 65) and fencing (exit 76) the one-line reason also goes to the
+    termination-message file named by $RELAY_TERMINATION_LOG, when set (see volume.write_termination_message).
+    `faults` (tests only) defaults to what the RELAY_TEST_* variables ask for: none in production (faults.py).
+    `generation` (the leg number) fences the leg: see volume.fencing; None runs it unfenced.
     """
     stop = stop or StopRequest()
     previous_handlers = stop.install() if install_signals else {}
     try:
-        result = _run_leg(run_dir, snapshot, config_path, stop, faults)
+        result = _fenced_leg(run_dir, snapshot, config_path, stop, faults, generation)
     finally:
         StopRequest.restore(previous_handlers)
-    if result.exit_code in (ExitCode.FAILED, ExitCode.INVALID_INPUT):
+    if result.exit_code in (ExitCode.FAILED, ExitCode.INVALID_INPUT, ExitCode.FENCED):
         write_termination_message(result.message)
     return result
 
@@ -208,13 +216,44 @@ def run_dir_problem(layout: RunLayout) -> str | None:
     return None
 
 
-def _run_leg(run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest, faults: Faults | None) -> LegResult:
+def _fenced_leg(
+    run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest, faults: Faults | None, generation: int | None
+) -> LegResult:
+    """_run_leg under the leg's fence: Fenced, raised by any commit once a newer leg exists, ends it (exit 76)."""
     layout = RunLayout(run_dir)
     stats = LegStats()
     problem = run_dir_problem(layout)
+    if problem is None and generation is not None:
+        problem = _fence_problem(layout)
     if problem is not None:
         log.error("invalid input: %s", problem)
         return LegResult(ExitCode.INVALID_INPUT, problem, stats)
+    fence = fencing.Fence(layout, generation) if generation is not None else fencing.NO_FENCE
+    try:
+        with fencing.guarding(fence):
+            fence.check("start")
+            return _run_leg(layout, snapshot, config_path, stop, faults, stats)
+    except Fenced as exc:
+        log.error("%s: committed nothing from %s on; exiting", exc, exc.what or "the fence check")
+        return LegResult(ExitCode.FENCED, str(exc), stats)
+
+
+def _fence_problem(layout: RunLayout) -> str | None:
+    """Why a fenced leg cannot read its run's fence.json (a symlink, not a fence), or None."""
+    try:
+        fencing.read_fence(layout)
+    except SymlinkRefused:
+        return f"--run-dir {layout.run_dir}: {layout.fence_path} is a symlink (never followed)"
+    except FenceUnreadable as exc:
+        return str(exc)
+    except OSError as exc:
+        return f"--run-dir {layout.run_dir}: {layout.fence_path} unreadable ({exc.strerror or exc})"
+    return None
+
+
+def _run_leg(
+    layout: RunLayout, snapshot: Path, config_path: Path, stop: StopRequest, faults: Faults | None, stats: LegStats
+) -> LegResult:
     reporter = Reporter(layout)
     try:
         reporter.update(state="starting", message="checking inputs")
@@ -230,7 +269,11 @@ def _run_leg(run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest
         log.warning("preempted: %s", exc)
         reporter.update(state="preempted", message=str(exc))
         return LegResult(ExitCode.PREEMPTED, str(exc), stats)
+    except Fenced:
+        raise
     except Exception as exc:
+        if fencing.active().superseded():
+            fencing.check(f"the report of {type(exc).__name__}")  # raises Fenced: superseded, not failed
         log.exception("failed: %s: %s", type(exc).__name__, exc)
         message = failure_message(exc)
         with contextlib.suppress(Exception):
@@ -407,7 +450,7 @@ def _newest_verified_checkpoint(
     layout: RunLayout, config: TrainerConfig, config_path: Path, required_files: tuple[str, ...]
 ) -> VerifiedCheckpoint | None:
     """Clear half-written checkpoints, find the newest verified one, quarantine anything newer and bad."""
-    removed = remove_stale_temp_dirs(layout.checkpoints_dir)
+    removed = remove_stale_temp_dirs(layout.checkpoints_dir, fencing.active().generation)
     for path in removed:
         log.info("removed half-written %s (left by a killed writer)", path.name)
     # Each file is read once: hashed, and loaded by _restore from the very bytes that were hashed.

@@ -12,6 +12,7 @@ file names, sizes and sha256 hashes. One job per module:
     checkpoints.py  newest valid checkpoint, quarantine, retention, stale temp folders
     snapshots.py    dataset snapshot manifests
     records.py      typed progress.json, history.jsonl and legs/<n>.json
+    fencing.py      the run's generation (fence.json): a superseded leg commits nothing
     termination.py  the one-line termination message
     exitcodes.py    the trainer's exit codes
     errors.py       CheckpointInvalid
@@ -28,6 +29,7 @@ Layout (see ARCHITECTURE.md)::
       quarantine/<name>.<unix-ms>/      corrupt checkpoints moved aside, with reason.txt
       final/                            finished model + tokenizer + metrics.json + manifest.json
       legs/<n>.json                     what each leg started from and how it ended
+      fence.json                        the newest launched leg's generation and resume step (controller)
 
 The names below are the package's public API: `from trainer.volume import X` for any of them.
 """
@@ -45,6 +47,7 @@ from trainer.volume.checkpoints import (
 from trainer.volume.durable import SymlinkRefused, atomic_write_json, fsync_dir, fsync_file, read_json
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.exitcodes import ExitCode
+from trainer.volume.fencing import Fenced, FenceRecord, FenceUnreadable, read_fence, write_fence
 from trainer.volume.hashing import CHUNK_BYTES, FileBytes, FileEntry, file_digests, sha256_file, submit_digests
 from trainer.volume.layout import (
     TMP_PREFIX,
@@ -107,6 +110,9 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointInvalid",
     "ExitCode",
+    "FenceRecord",
+    "FenceUnreadable",
+    "Fenced",
     "FileBytes",
     "FileEntry",
     "HistoryEntry",
@@ -133,6 +139,7 @@ __all__ = [
     "parse_step",
     "quarantine",
     "read_checkpoint",
+    "read_fence",
     "read_history",
     "read_json",
     "read_leg_record",
@@ -146,6 +153,7 @@ __all__ = [
     "sha256_file",
     "snapshot_dir",
     "submit_digests",
+    "write_fence",
     "write_leg_record",
     "write_manifest",
     "write_progress",

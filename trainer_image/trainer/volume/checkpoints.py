@@ -1,5 +1,6 @@
 """Finding, quarantining and retiring checkpoints: the newest valid one by parsed step, bad ones moved aside
-with their reason, retention (the last K and the best, never the newest), stale temp folders removed."""
+with their reason, retention (the last K and the best, never the newest, never a newer leg's resume point),
+stale temp folders of older generations removed (volume.fencing)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from trainer.volume import fencing
 from trainer.volume.durable import fsync_dir, open_file, opened_dir
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.layout import TMP_PREFIX, parse_step
@@ -31,6 +33,7 @@ def list_checkpoint_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
 def quarantine(folder: Path, quarantine_dir: Path, reason: str) -> Path:
     """Move a bad checkpoint aside (never delete evidence) with a reason.txt; return its new path."""
     target = quarantine_dir / f"{folder.name}.{int(time.time() * 1000)}"
+    fencing.check(f"quarantine {folder.name}")  # a superseded leg moves nothing
     with opened_dir(quarantine_dir, create=True):  # made, or found, without following a symlink
         os.replace(folder, target)
     (target / "reason.txt").unlink(missing_ok=True)  # one the folder came with (a link is removed, not followed)
@@ -125,8 +128,10 @@ def select_for_deletion(
     keep_last: int,
     best_metric: str | None = None,
     higher_is_better: bool = True,
+    protected: Collection[int] = (),
 ) -> list[CheckpointInfo]:
-    """Retention: keep the newest `keep_last` and the best by `best_metric`; never the newest one."""
+    """Retention: keep the newest `keep_last` and the best by `best_metric`; never the newest one, nor a step in
+    `protected` (the checkpoint a newer leg resumed from: volume.fencing)."""
     ordered = sorted(checkpoints, key=lambda c: c.step)
     if not ordered:
         return []
@@ -136,15 +141,24 @@ def select_for_deletion(
         sign = 1.0 if higher_is_better else -1.0
         keep.add(max(scored, key=lambda c: (sign * c.metrics[best_metric or ""], c.step)).step)
     keep.add(ordered[-1].step)
+    keep.update(protected)
     return [c for c in ordered if c.step not in keep]
 
 
-def remove_stale_temp_dirs(checkpoints_dir: Path) -> list[Path]:
-    """Delete half-written `.tmp-*` checkpoint folders left by a killed writer (trainer start only)."""
+def remove_stale_temp_dirs(checkpoints_dir: Path, generation: int | None = None) -> list[Path]:
+    """Delete half-written `.tmp-*` checkpoint folders left by a killed writer (trainer start only).
+
+    With a `generation` (a fenced leg), only those of older generations and old-format names go: a newer leg's
+    (`.tmp-g<newer>-...`) may be in the middle of its write, and one of this generation is left for the next.
+    """
     removed = []
     if checkpoints_dir.is_dir():
         for path in checkpoints_dir.iterdir():
-            if path.name.startswith(TMP_PREFIX):
+            if not path.name.startswith(TMP_PREFIX):
+                continue
+            made_by = fencing.temp_generation(path.name)
+            if generation is None or made_by is None or made_by < generation:
+                fencing.check(f"remove {path.name}")
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(path)
     return removed

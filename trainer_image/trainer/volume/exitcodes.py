@@ -12,3 +12,4 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  # an error of the trainer's own (bug, OOM raised as exception, I/O error)
     INVALID_INPUT = 65  # EX_DATAERR: bad config, snapshot, fields, labels or model; do not retry
     PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; resume next leg
+    FENCED = 76  # EX_PROTOCOL: a newer leg owns the run folder (volume.fencing); committed nothing after it

@@ -33,6 +33,11 @@ class RunLayout:
         return self.run_dir / "progress.json"
 
     @property
+    def fence_path(self) -> Path:
+        """The run's current generation, written by the controller before each launch (volume.fencing)."""
+        return self.run_dir / "fence.json"
+
+    @property
     def history_path(self) -> Path:
         """One JSON line per progress log line and evaluation, appended by every leg (the plot's loss curve)."""
         return self.run_dir / "history.jsonl"

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from trainer.config import CamelModel
+from trainer.volume import fencing
 from trainer.volume.durable import SymlinkRefused, atomic_write_json, open_file, read_json
 from trainer.volume.layout import RunLayout
 
@@ -101,6 +102,7 @@ def write_progress(layout: RunLayout, progress: Progress | Mapping[str, Any]) ->
     """Validate and write progress.json atomically, stamped with `updated_at`; returns what was written."""
     record = progress if isinstance(progress, Progress) else Progress.model_validate(dict(progress))
     record = record.model_copy(update={"updated_at": time.time()})
+    fencing.check("progress.json")  # a superseded leg reports nothing more (volume.fencing)
     atomic_write_json(layout.progress_path, record.model_dump(mode="json"))
     return record
 
@@ -126,6 +128,7 @@ def append_history(layout: RunLayout, entry: HistoryEntry) -> None:
     """Append one line to history.jsonl in one write call, so a reader never sees half a line (not fsynced: a
     SIGKILL may drop the last lines, which the next leg writes again)."""
     line = json.dumps(entry.model_dump(mode="json", exclude_none=True), sort_keys=True) + "\n"
+    fencing.check("history.jsonl")
     fd = open_file(layout.history_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)  # no symlink followed
     try:
         os.write(fd, line.encode())
