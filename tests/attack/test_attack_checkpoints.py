@@ -12,15 +12,20 @@ previous one used (the run still ends bit-identical), and run-dir problems exit 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.trainer.trainer_helpers import build_snapshot, make_rows, sha256, write_config
 from trainer.__main__ import main
+from trainer.train import run_dir_problem
 from trainer.volume import (
     TERMINATION_LOG_ENV,
     CheckpointInvalid,
@@ -209,4 +214,40 @@ def test_run_dir_problems_exit_65_with_one_line_naming_the_path(
     assert "Traceback" not in err
     message = termination.read_text(encoding="utf-8")
     assert message.count("\n") == 1 and str(named) in message, message
+    if problem == "not writable":
+        assert f"not writable by UID {os.geteuid()} (GID {os.getegid()}); it is owned by UID" in message, message
     assert not (tmp_path / "elsewhere").exists() or not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_run_dir_another_uid_owns_is_refused_naming_the_path_and_the_uid(tmp_path: Path) -> None:
+    """What a leg running as the image's UID meets on a root-made claim without fsGroup (issue 12). As root, the
+    check runs in a child as UID/GID 65534 against a root-owned folder; otherwise, in this process against a
+    folder of mode 555. Either way the one line names the folder, the UID that cannot write it and its owner."""
+    if os.geteuid() != 0:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir(mode=0o555)
+        message = run_dir_problem(RunLayout(run_dir)) or ""
+        uid, gid, owner = os.geteuid(), os.getegid(), f"UID {os.geteuid()}"
+    else:
+        if shutil.which("setpriv") is None:
+            pytest.fail("as root this test drops to UID 65534 with setpriv (util-linux), which is missing")
+        base = Path(tempfile.mkdtemp(dir="/tmp", prefix="relay-uid-"))  # a folder other UIDs can traverse
+        try:
+            base.chmod(0o755)
+            run_dir = base / "run"
+            run_dir.mkdir(mode=0o755)
+            probe = "import sys; from pathlib import Path; from trainer.train import run_dir_problem; "
+            probe += "from trainer.volume import RunLayout; print(run_dir_problem(RunLayout(Path(sys.argv[1]))))"
+            drop = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups"]
+            child = subprocess.run(
+                [*drop, sys.executable, "-c", probe, str(run_dir)],
+                capture_output=True, text=True, timeout=60, cwd=base,
+                env={**os.environ, "PYTHONPATH": str(Path(inspect.getfile(run_dir_problem)).parents[1])},
+            )  # fmt: skip
+            assert child.returncode == 0, child.stderr[-2000:]
+            message = child.stdout.strip()
+        finally:
+            shutil.rmtree(base)
+        uid, gid, owner = 65534, 65534, "UID 0 GID 0, mode 755"
+    assert message.startswith(f"--run-dir {run_dir}: not writable by UID {uid} (GID {gid}); it is owned by "), message
+    assert owner in message and "fsGroup" in message, message

@@ -247,7 +247,7 @@ async def test_a_leg_that_cannot_write_the_volume_fails_naming_the_path_not_as_a
     volume_root: Path,
 ) -> None:
     """A volume whose files keep their owner (hostPath, NFS: no fsGroup) and were made by root. The trainer's
-    message names the folder; it does not name the UID yet (reported in issue 12)."""
+    message names the folder, the image's UID that cannot write it, and its owner."""
     runs = Runs(kube, namespace, controller)
     name = f"ro-{uuid.uuid4().hex[:6]}"
     write_reviews(volume_root / f"data/{namespace}/reviews.csv")
@@ -263,5 +263,6 @@ async def test_a_leg_that_cannot_write_the_volume_fails_naming_the_path_not_as_a
     assert status["phase"] == "Failed", status
     assert status["preemptions"] == 0, "not retried as a preemption"
     message = status.get("message", "")
-    assert f"/relay-volume/runs/{namespace}/{name}: not writable" in message, message
+    assert f"/relay-volume/runs/{namespace}/{name}: not writable by UID 1000 (GID 1000)" in message, message
+    assert "owned by UID 0 " in message, message
     assert status["legs"][0]["outcome"] == "invalid", status["legs"]

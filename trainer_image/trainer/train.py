@@ -193,6 +193,19 @@ def run_leg(
     return result
 
 
+def not_writable_detail(folder: Path) -> str:
+    """Who cannot write `folder`, and whose it is: a claim made by root (hostPath, NFS: no fsGroup) is not
+    writable by the image's UID 1000, and the fix is the volume's owner or the pod's fsGroup, not a retry."""
+    owner = ""
+    with contextlib.suppress(OSError):
+        info = folder.stat()
+        owner = f"; it is owned by UID {info.st_uid} GID {info.st_gid}, mode {info.st_mode & 0o7777:o}"
+    return (
+        f"not writable by UID {os.geteuid()} (GID {os.getegid()}){owner}: make the volume writable by that UID, "
+        "or give the pod an fsGroup the volume honours"
+    )
+
+
 def run_dir_problem(layout: RunLayout) -> str | None:
     """Why the leg cannot use its run folder (one line naming the path), or None; makes the folder if absent.
 
@@ -209,7 +222,7 @@ def run_dir_problem(layout: RunLayout) -> str | None:
     except OSError as exc:
         return f"{where}: cannot be made or opened ({exc.strerror or exc})"
     if not os.access(layout.run_dir, os.W_OK | os.X_OK):
-        return f"{where}: not writable"
+        return f"{where}: {not_writable_detail(layout.run_dir)}"
     for folder in (layout.checkpoints_dir, layout.quarantine_dir, layout.final_dir, layout.legs_dir):
         if folder.is_symlink():  # the trainer would write through it (durable writes refuse it too)
             return f"{where}: {folder} is a symlink (never followed)"
