@@ -272,6 +272,10 @@ class RelayActivities(RelayActivityInterface):
             checkpoints = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name).checkpoints_dir
             latest, _ = await asyncio.to_thread(volume.find_latest_checkpoint, checkpoints, verify_hashes=True)
             start_step = latest.step if latest else 0
+        # Fencing (issue 13), in this one place for both backends: leg n's generation is written before it
+        # launches, so a leg before it (on a lost node, say) commits nothing more to the run folder; the step
+        # it resumes from is kept from retention. Never lowered; the same leg again leaves it as it is.
+        await asyncio.to_thread(volume.write_fence, layout, leg.leg, start_step or None)
         try:
             handle = await self.backend.launch(leg)
         except RunIdentityMismatch as exc:

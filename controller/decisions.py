@@ -77,6 +77,10 @@ def decide(state: RunCounts, leg: LegEnd, retries: RetrySpec, scheduling: Schedu
         return Decision(Action.FINISH, "completed", state)
     if leg.stopped_for_pause and leg.outcome in (LegOutcomeKind.PREEMPTED, LegOutcomeKind.FAILED):
         return Decision(Action.PAUSE, "paused", state)
+    if leg.outcome == LegOutcomeKind.SUPERSEDED:
+        # A newer leg (launched by another controller for this run) owns the run folder. Resuming starts nothing
+        # new: the next leg's launch adopts that leg (same Job / pid record); no budget is used.
+        return Decision(Action.RESUME, "preempted", state)
     if leg.outcome == LegOutcomeKind.PREEMPTED:
         counts = RunCounts(state.preemptions + 1, state.failures)
         if counts.preemptions > retries.max_preemptions:

@@ -34,6 +34,21 @@ class LegSpec(BaseModel):
     def config_path(self) -> str:
         return f"{self.run_path}/config.json"
 
+    def trainer_args(self, root: str) -> list[str]:
+        """`python -m trainer` arguments, with the volume mounted at `root`; the leg number is the trainer's
+        generation, which fences it once a newer leg is launched (trainer.volume.fencing)."""
+        return [
+            "train",
+            "--run-dir",
+            f"{root}/{self.run_path}",
+            "--snapshot",
+            f"{root}/{self.snapshot_path}",
+            "--config",
+            f"{root}/{self.config_path}",
+            "--generation",
+            str(self.leg),
+        ]
+
 
 class LegHandle(BaseModel):
     """What launch() returns: which leg runs, under what backend identity, and whether it was adopted."""
@@ -78,6 +93,7 @@ class LegOutcomeKind(enum.StrEnum):
     FAILED = "failed"  # the trainer's own error: counts against maxFailures, with backoff
     INVALID = "invalid"  # bad input: stop the run, do not retry
     STUCK = "stuck"  # could not start: counts as a failure, reported as such
+    SUPERSEDED = "superseded"  # fenced: a newer leg owns the run folder; not the run's failure, no budget used
 
 
 def classify_termination(termination: LegTermination) -> LegOutcomeKind:
@@ -90,6 +106,10 @@ def classify_termination(termination: LegTermination) -> LegOutcomeKind:
         return LegOutcomeKind.INVALID
     if termination.exit_code == ExitCode.PREEMPTED:
         return LegOutcomeKind.PREEMPTED
+    if termination.exit_code == ExitCode.FENCED:
+        # "fenced: leg 7 superseded by leg 8": a newer leg was launched for the run (a lost node's leg carried
+        # on). That leg is the run's; this one committed nothing after it and counts against no budget.
+        return LegOutcomeKind.SUPERSEDED
     if termination.disrupted:
         return LegOutcomeKind.PREEMPTED
     if termination.reason == "OOMKilled":

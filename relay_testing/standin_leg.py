@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--snapshot", required=True)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--generation", type=int)  # the real trainer's fence (trainer.volume.fencing)
     args = parser.parse_args(argv)
     step_s = float(os.environ.get("RELAY_STANDIN_STEP_S", "3"))
     every = int(os.environ.get("RELAY_STANDIN_CHECKPOINT_EVERY", "5"))

@@ -22,6 +22,7 @@ def main() -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--snapshot", required=True)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--generation", type=int)  # the real trainer's fence (trainer.volume.fencing)
     parser.parse_args()
     mode = os.environ.get("RELAY_STANDIN", "run")
     if mode == "raise":

@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--snapshot", required=True)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--generation", type=int)  # the real trainer's fence (trainer.volume.fencing)
     args = parser.parse_args(argv)
     forced = os.environ.get("RELAY_STANDIN_EXIT")
     if forced:

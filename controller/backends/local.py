@@ -94,18 +94,7 @@ class LocalBackend:
         }
 
     def trainer_command(self, leg: LegSpec) -> list[str]:
-        return [
-            self.python,
-            "-m",
-            self.trainer_module,
-            "train",
-            "--run-dir",
-            str(self.volume_root / leg.run_path),
-            "--snapshot",
-            str(self.volume_root / leg.snapshot_path),
-            "--config",
-            str(self.volume_root / leg.config_path),
-        ]
+        return [self.python, "-m", self.trainer_module, *leg.trainer_args(str(self.volume_root))]
 
     @contextmanager
     def _run_lock(self, leg: LegSpec) -> Iterator[None]:

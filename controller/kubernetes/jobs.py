@@ -98,18 +98,7 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
 
 
 def trainer_command(leg: LegSpec) -> list[str]:
-    return [
-        "python",
-        "-m",
-        "trainer",
-        "train",
-        "--run-dir",
-        f"{VOLUME_MOUNT}/{leg.run_path}",
-        "--snapshot",
-        f"{VOLUME_MOUNT}/{leg.snapshot_path}",
-        "--config",
-        f"{VOLUME_MOUNT}/{leg.config_path}",
-    ]
+    return ["python", "-m", "trainer", *leg.trainer_args(VOLUME_MOUNT)]
 
 
 def _resources(spec: TrainingRunSpec, gpus: int) -> dict[str, dict[str, str]]:

@@ -46,6 +46,7 @@ def test_job_is_one_try_non_root_and_mounts_the_run_folder_and_snapshot() -> Non
         "--run-dir", "/relay-volume/runs/ml/bert-sst2",
         "--snapshot", "/relay-volume/snapshots/abc",
         "--config", "/relay-volume/runs/ml/bert-sst2/config.json",
+        "--generation", "3",
     ]  # fmt: skip
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}

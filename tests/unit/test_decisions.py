@@ -48,6 +48,9 @@ CASES = [
                  Decision(Action.STOP, "preempted", counts(3, 0), stop_reason="PreemptionBudgetExhausted",
                           stop_message="more than 2 preemptions (maxPreemptions)"),
                  id="fallback-does-not-extend-the-budget"),
+    pytest.param(counts(2, 2), leg(K.SUPERSEDED), NO_FALLBACK,
+                 Decision(Action.RESUME, "preempted", counts(2, 2)),
+                 id="superseded-by-a-newer-leg-uses-no-budget-even-at-the-limit"),
     pytest.param(counts(5, 0), leg(K.FAILED), NO_FALLBACK,
                  Decision(Action.BACK_OFF, "failed", counts(5, 1), backoff_s=10.0),
                  id="failed-within-budget-backs-off-preemptions-not-counted"),
@@ -107,3 +110,12 @@ def test_no_backoff_when_backoff_seconds_is_zero():
 )
 def test_which_profile_a_leg_runs_on(preemptions: int, scheduling: SchedulingSpec, on_fallback: bool):
     assert on_fallback_profile(preemptions, scheduling) is on_fallback
+
+
+def test_a_fenced_exit_is_superseded_not_failed() -> None:
+    from controller.leg_model import LegTermination, classify_termination
+    from trainer.volume import ExitCode
+
+    fenced = LegTermination(exit_code=ExitCode.FENCED, message="fenced: leg 7 superseded by leg 8")
+    assert classify_termination(fenced) == K.SUPERSEDED
+    assert classify_termination(fenced.model_copy(update={"disrupted": True})) == K.SUPERSEDED
