@@ -87,6 +87,12 @@ def test_a_good_document_resolves_the_trainer_config():
             "greater than or equal to 0",
         ),
         ("spec.storage.claimName", "Shared_Volume", "spec.storage.claimName", "must be a DNS label"),
+        ("spec.training.evalEverySteps", 0, "spec.training.evalEverySteps", "greater than or equal to 1"),
+        ("spec.training.metricForBest", "bleu", "spec.training.metricForBest", "'eval_loss', 'accuracy' or 'f1_macro'"),
+        ("spec.training.metricForBest", "accuracy", "spec.training.metricForBest", "needs evalEverySteps"),
+        ("spec.training.earlyStoppingPatience", 2, "spec.training.earlyStoppingPatience", "needs metricForBest"),
+        ("spec.training.loadBestAtEnd", True, "spec.training.loadBestAtEnd", "needs metricForBest"),
+        ("spec.training.earlyStoppingPatience", 0, "spec.training.earlyStoppingPatience", "greater than or equal to 1"),
     ],
 )
 def test_each_bad_field_is_named(path: str, value: Any, field: str, fragment: str):
@@ -127,3 +133,13 @@ def test_files_that_cannot_be_read(tmp_path: Path):
 @pytest.mark.parametrize(("cpu", "threads"), [("500m", 1), ("1", 1), ("2", 2), ("3500m", 3), ("16", 16)])
 def test_cpu_request_pins_whole_threads(cpu: str, threads: int):
     assert cpu_threads(cpu) == threads
+
+
+def test_evaluation_settings_reach_the_trainer_config():
+    document = _with("spec.training.evalEverySteps", 20)
+    document["spec"]["training"] |= {"metricForBest": "eval_loss", "loadBestAtEnd": True, "earlyStoppingPatience": 3}
+    config = trainer_config(parse_training_run(document).spec)
+    assert (config.eval_every_steps, config.metric_for_best, config.early_stopping_patience) == (20, "eval_loss", 3)
+    assert config.load_best_at_end and not config.higher_is_better  # a loss: lower is better unless said
+    document["spec"]["training"]["metricForBest"] = "f1_macro"
+    assert trainer_config(parse_training_run(document).spec).higher_is_better

@@ -367,8 +367,11 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
     )
 
 
-def apply_retention(checkpoints_dir: Path, keep_last: int) -> list[int]:
-    """Delete checkpoints retention no longer keeps (never the newest); returns the deleted steps."""
+def apply_retention(
+    checkpoints_dir: Path, keep_last: int, best_metric: str = RETENTION_METRIC, higher_is_better: bool = False
+) -> list[int]:
+    """Delete checkpoints retention no longer keeps (the last `keep_last`, the best by `best_metric` in their
+    manifests, never the newest); returns the deleted steps."""
     infos = []
     for _, folder in list_checkpoint_dirs(checkpoints_dir):
         try:
@@ -379,7 +382,7 @@ def apply_retention(checkpoints_dir: Path, keep_last: int) -> list[int]:
     fence = fencing.active()
     protected = fence.protected_steps()  # the step a newer leg resumed from; Fenced when there is a newer leg
     doomed_list = select_for_deletion(
-        infos, keep_last=keep_last, best_metric=RETENTION_METRIC, higher_is_better=False, protected=protected
+        infos, keep_last=keep_last, best_metric=best_metric, higher_is_better=higher_is_better, protected=protected
     )
     for info in doomed_list:
         fence.check(f"retention of step {info.step}")  # re-read before each deletion: it may move in between
@@ -494,9 +497,16 @@ class AsyncCheckpointWriter:
     `submit` returns at once; `wait` blocks until the in-flight write is done and re-raises its error.
     """
 
-    def __init__(self, checkpoints_dir: Path, keep_last: int) -> None:
+    def __init__(
+        self,
+        checkpoints_dir: Path,
+        keep_last: int,
+        best_metric: str = RETENTION_METRIC,
+        higher_is_better: bool = False,
+    ) -> None:
         self.checkpoints_dir = checkpoints_dir
         self.keep_last = keep_last
+        self.best_metric, self.higher_is_better = best_metric, higher_is_better  # retention's "the best"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future[CheckpointInfo] | None = None
         self.last_saved: CheckpointInfo | None = None
@@ -515,7 +525,7 @@ class AsyncCheckpointWriter:
         info = write_checkpoint(state, self.checkpoints_dir)
         self.stats.write_seconds.append(time.perf_counter() - started)
         self.stats.saves += 1
-        deleted = apply_retention(self.checkpoints_dir, self.keep_last)
+        deleted = apply_retention(self.checkpoints_dir, self.keep_last, self.best_metric, self.higher_is_better)
         if deleted:
             log.info(
                 "retention: removed checkpoint step %s (keeping the last %d, the best and the newest)",

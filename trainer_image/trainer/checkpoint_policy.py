@@ -9,6 +9,12 @@ file writes compete with the steps for the cores (on 2 cores with 2 torch thread
 MiniLM checkpoint ran slower). So the checkpoint line logs the slowdown too (WriteOverlap): the steps that
 overlapped the write, against the median of the leg's recent steps that did not. The last step of a run and
 the step a SIGTERM stops at are always saved (synchronously) before the leg goes on or exits.
+
+Evaluation during training (issue 15): a checkpoint of an evaluated step carries its eval metrics in the
+manifest, and every checkpoint's trainer_state.json carries the EvalTracker (the last and the best evaluation,
+the patience used), so a resumed leg goes on with the same record. With metricForBest every evaluated step is
+also checkpointed, so the best is a checkpoint one can load, and retention keeps the best by that metric
+besides the last keepLast (the newest always); without it the interval's training loss ranks them, as before.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from typing import Any
 
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
+from trainer.evaluation import EvalTracker
 from trainer.leg_state import Learner, LegStats, Plan, Totals
 from trainer.optimizer import implementation_of
 from trainer.reporting import Reporter
-from trainer.volume import CheckpointInfo, RunLayout
+from trainer.volume import CheckpointInfo, RunLayout, checkpoint_dir_name
+from trainer.volume.manifests import MANIFEST_NAME, add_manifest_metrics
 
 DATA_ORDER = "trainer.data.epoch_batches(lengths, batch_size, seed, epoch), generator seed*1000003+epoch"
 # trainer_state.json fields also kept in the manifest's `extra`, so a reader need not open the state file.
@@ -93,8 +101,11 @@ class CheckpointPolicy:
         last_saved_step: int | None,
         reporter: Reporter,
         stats: LegStats,
+        tracker: EvalTracker | None = None,
     ) -> None:
         self.config = config
+        self.layout = layout
+        self.tracker = tracker if tracker is not None else eval_tracker(config)
         self.plan = plan
         self.learner = learner
         self.totals = totals
@@ -102,7 +113,12 @@ class CheckpointPolicy:
         self.reporter = reporter
         self.stats = stats
         self.last_saved_step = last_saved_step if last_saved_step is not None else -1
-        self.writer = ckpt.AsyncCheckpointWriter(layout.checkpoints_dir, config.keep_last)
+        if config.metric_for_best is not None:
+            self.writer = ckpt.AsyncCheckpointWriter(
+                layout.checkpoints_dir, config.keep_last, config.metric_for_best, config.higher_is_better
+            )
+        else:
+            self.writer = ckpt.AsyncCheckpointWriter(layout.checkpoints_dir, config.keep_last)
         self._config_json = config.to_json_text()
         self._identity = config.identity_hash()
         self._last_checkpoint_time = time.monotonic()
@@ -132,6 +148,7 @@ class CheckpointPolicy:
             "optimizer": implementation_of(self.learner.optimizer.param_groups),  # informative: resume reads the groups
             "snapshot_sha256": self.facts.snapshot_sha256,
             "torch_version": self.facts.torch_version,
+            "evaluation": self.tracker.to_state(),
         }
 
     def capture(self, step: int, *, emergency: bool = False) -> ckpt.HostState:
@@ -150,7 +167,8 @@ class CheckpointPolicy:
                 "loss": self.totals.mean_recent_loss,
                 "train_loss": self.totals.loss_sum / step if step else float("nan"),
                 "learning_rate": learner.learning_rate,
-            },
+            }
+            | self.tracker.metrics_at(step),
             extra={key: state[key] for key in MANIFEST_EXTRA_FIELDS} | {"emergency": emergency},
             buffers=self.writer.buffers,
         )
@@ -174,11 +192,13 @@ class CheckpointPolicy:
         self._note_saved(self.writer.poll())
 
     def due(self, step: int) -> bool:
-        """Whether the state after `step` steps is checkpointed now (by step count or by elapsed time; the
-        last step is saved by save_last instead)."""
+        """Whether the state after `step` steps is checkpointed now (by step count, by elapsed time, or as an
+        evaluated step when metricForBest ranks them; the last step is saved by save_last instead)."""
         every_steps, every_seconds = self.config.checkpoint_every_steps, self.config.checkpoint_every_seconds
-        due = (every_steps is not None and step % every_steps == 0) or (
-            every_seconds is not None and time.monotonic() - self._last_checkpoint_time >= every_seconds
+        due = (
+            (every_steps is not None and step % every_steps == 0)
+            or (every_seconds is not None and time.monotonic() - self._last_checkpoint_time >= every_seconds)
+            or (self.config.metric_for_best is not None and self.tracker.due(step, self.plan.total_steps))
         )
         return due and step < self.plan.total_steps
 
@@ -193,6 +213,14 @@ class CheckpointPolicy:
         self.reporter.stalls[step] = stall
         self._last_checkpoint_time = time.monotonic()
         self.last_saved_step = step
+
+    def evaluated_after_saving(self, step: int) -> None:
+        """The evaluation of `step` finished after checkpoint `step` was saved without it (the leg before was
+        stopped during it): that checkpoint's manifest gets the metrics, as if saved after the evaluation."""
+        folder = self.layout.checkpoints_dir / checkpoint_dir_name(step)
+        metrics = self.tracker.metrics_at(step)
+        if metrics and (folder / MANIFEST_NAME).is_file():
+            add_manifest_metrics(folder, metrics)
 
     # ---------------------------------------------------------------- at the end of the leg
 
@@ -223,3 +251,13 @@ class CheckpointPolicy:
         self.stats.checkpoint_bytes = info.total_bytes
         slowdown = self.overlap.finished() if self.overlap.writing else None
         self.reporter.checkpoint_saved(info, slowdown=slowdown)
+
+
+def eval_tracker(config: TrainerConfig) -> EvalTracker:
+    """The run's evaluation record as its config asks for (no evaluations without evalEverySteps)."""
+    return EvalTracker(
+        every_steps=config.eval_every_steps,
+        metric=config.metric_for_best,
+        higher_is_better=config.higher_is_better,
+        patience=config.early_stopping_patience,
+    )

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 # Fields that change what is computed; a checkpoint made under one identity cannot resume another.
@@ -20,6 +20,19 @@ from pydantic.alias_generators import to_camel
 _OPERATIONAL_FIELDS = frozenset(
     {"log_every_steps", "checkpoint_every_steps", "checkpoint_every_seconds", "keep_last", "sigterm_grace_seconds"}
 )
+
+
+# The evaluation fields (issue 15) count for identity only when set: a config written before them hashes as it did.
+_EVAL_FIELD_DEFAULTS: dict[str, Any] = {
+    "eval_every_steps": None,
+    "metric_for_best": None,
+    "greater_is_better": None,
+    "load_best_at_end": False,
+    "early_stopping_patience": None,
+}
+
+EvalMetric = Literal["eval_loss", "accuracy", "f1_macro"]
+EVAL_METRICS: tuple[EvalMetric, ...] = ("eval_loss", "accuracy", "f1_macro")
 
 
 class CamelModel(BaseModel):
@@ -51,12 +64,46 @@ class TrainingSettings(CamelModel):
     sigterm_grace_seconds: float = Field(
         25.0, gt=0, le=3600, description="Budget for finishing the step and saving after SIGTERM."
     )
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Evaluate the eval split every N optimizer steps (besides the final evaluation)."
+    )
+    metric_for_best: EvalMetric | None = Field(
+        None, description="Eval metric that ranks checkpoints: retention keeps the best; needs evalEverySteps."
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metricForBest is better; default: false for eval_loss, else true."
+    )
+    load_best_at_end: bool = Field(False, description="final/ gets the best checkpoint's model (needs metricForBest).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="End the run after this many evaluations without improvement (needs metricForBest)."
+    )
 
     @model_validator(mode="after")
     def _checkpoint_cadence(self) -> TrainingSettings:
         if self.checkpoint_every_steps is None and self.checkpoint_every_seconds is None:
             raise ValueError("checkpointEverySteps or checkpointEverySeconds must be set")
         return self
+
+    @field_validator("metric_for_best")
+    @classmethod
+    def _metric_needs_evaluations(cls, value: EvalMetric | None, info: ValidationInfo) -> EvalMetric | None:
+        if value is not None and info.data.get("eval_every_steps") is None:
+            raise ValueError("needs evalEverySteps (the metric comes from those evaluations)")
+        return value
+
+    @field_validator("greater_is_better", "load_best_at_end", "early_stopping_patience")
+    @classmethod
+    def _needs_a_metric(cls, value: object, info: ValidationInfo) -> object:
+        if value not in (None, False) and info.data.get("metric_for_best") is None and "metric_for_best" in info.data:
+            raise ValueError(f"needs metricForBest (one of {', '.join(EVAL_METRICS)})")
+        return value
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger metricForBest is better: greaterIsBetter, else false for eval_loss only."""
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return self.metric_for_best != "eval_loss"
 
 
 class TrainerConfig(TrainingSettings):
@@ -78,7 +125,11 @@ class TrainerConfig(TrainingSettings):
 
     def identity_hash(self) -> str:
         """sha256 of the fields that determine the computation (not logging or checkpoint cadence)."""
-        identity = {k: v for k, v in self.model_dump().items() if k not in _OPERATIONAL_FIELDS}
+        identity = {
+            k: v
+            for k, v in self.model_dump().items()
+            if k not in _OPERATIONAL_FIELDS and not (k in _EVAL_FIELD_DEFAULTS and v == _EVAL_FIELD_DEFAULTS[k])
+        }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def to_json_text(self) -> str:

@@ -24,6 +24,7 @@ log = logging.getLogger("trainer")
 KILL_AFTER_STEP_ENV = "RELAY_TEST_KILL_AFTER_STEP"
 SIGTERM_DURING_STEP_ENV = "RELAY_TEST_SIGTERM_DURING_STEP"
 SIGTERM_DURING_EVAL_ENV = "RELAY_TEST_SIGTERM_DURING_EVAL"
+EVAL_BATCH_SLEEP_ENV = "RELAY_TEST_EVAL_BATCH_SLEEP_S"
 STEP_SLEEP_ENV = "RELAY_TEST_STEP_SLEEP_S"
 KILL_IN_WRITE_ENV = "RELAY_TEST_KILL_IN_CHECKPOINT_WRITE"
 COPY_DELAY_ENV = "RELAY_TEST_CHECKPOINT_COPY_DELAY_S"
@@ -41,6 +42,7 @@ class Faults:
     kill_after_step: int | None = None  # SIGKILL right after this optimizer step
     sigterm_during_step: int | None = None  # SIGTERM after the first micro-batch of this step
     sigterm_during_eval: bool = False  # SIGTERM before the first evaluation batch
+    eval_batch_sleep_s: float = 0.0  # sleep after every evaluation batch, so a test can signal inside evaluation
     step_sleep_s: float = 0.0  # sleep after every step, so a test can aim a signal at a step from outside
     kill_in_checkpoint_write: int | None = None  # SIGKILL inside the write of this step's checkpoint
     checkpoint_copy_delay_s: float = 0.0  # writer thread: sleep before copying the tensors
@@ -69,6 +71,7 @@ class Faults:
             kill_after_step=integer(KILL_AFTER_STEP_ENV),
             sigterm_during_step=integer(SIGTERM_DURING_STEP_ENV),
             sigterm_during_eval=env.get(SIGTERM_DURING_EVAL_ENV) == "1",
+            eval_batch_sleep_s=seconds(EVAL_BATCH_SLEEP_ENV),
             step_sleep_s=seconds(STEP_SLEEP_ENV),
             kill_in_checkpoint_write=integer(KILL_IN_WRITE_ENV),
             checkpoint_copy_delay_s=seconds(COPY_DELAY_ENV),
@@ -105,6 +108,11 @@ class Faults:
         """Before the first evaluation batch."""
         if self.sigterm_during_eval:
             os.kill(os.getpid(), signal.SIGTERM)
+
+    def after_eval_batch(self) -> None:
+        """After each evaluation batch (the stop request is looked at before the next one)."""
+        if self.eval_batch_sleep_s:
+            time.sleep(self.eval_batch_sleep_s)
 
     def before_checkpoint_copy(self) -> None:
         """On the writer thread, before it copies a checkpoint's deferred tensors (a slow copy must still hold

@@ -1,8 +1,14 @@
-"""The training loop of one leg: optimizer steps with gradient accumulation, then the end of training (the last
-step checkpointed, evaluation, the final model written).
+"""The training loop of one leg: optimizer steps with gradient accumulation, evaluations every evalEverySteps,
+then the end of training (the last step checkpointed, evaluation, the final model written).
 
 Nothing here draws from the global RNGs except the model's forward pass (dropout): the data order is derived
-from (seed, epoch) with a private generator (data.epoch_batches), so a resumed leg continues the same streams.
+from (seed, epoch) with a private generator (data.epoch_batches), so a resumed leg continues the same streams;
+evaluation forks the torch RNG (evaluation.evaluate), so evaluating changes no weight.
+
+An evaluation during training comes after its step and before the step's checkpoint, which then carries its
+metrics. A stop request during it ends the leg like one between steps (the step is saved, exit 75); the next
+leg evaluates that step first, before any further step. earlyStoppingPatience ends the loop early: the run then
+completes at that step (final/ written, the reason in metrics.json and the message).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from trainer import data as data_mod
 from trainer.checkpoint_policy import CheckpointPolicy
 from trainer.config import TrainerConfig
 from trainer.errors import Preempted
-from trainer.evaluation import evaluate
+from trainer.evaluation import evaluate, named_metrics
 from trainer.faults import Faults
 from trainer.leg_state import Learner, LegStats, Plan, Totals
 from trainer.preemption import StopRequest
 from trainer.reporting import Reporter
 from trainer.volume import TMP_PREFIX, ExitCode, RunLayout, atomic_write_json, fencing, fsync_dir, write_manifest
+from trainer.volume.layout import checkpoint_dir_name
+from trainer.volume.manifests import open_verified_checkpoint
 
 log = logging.getLogger("trainer")
 
@@ -60,7 +68,10 @@ class TrainingLoop:
         params = list(model.parameters())
         if self.stop.requested:
             raise Preempted(f"{self.stop.signal_name} during start-up; no step taken in this leg, none lost")
-        while totals.step < plan.total_steps and not self.stop.requested:
+        tracker = self.policy.tracker
+        if tracker.pending(totals.step, plan.total_steps) and self._evaluate(totals.step):
+            self.policy.evaluated_after_saving(totals.step)  # the leg before stopped during this evaluation
+        while totals.step < plan.total_steps and not self.stop.requested and not tracker.should_stop:
             step_started = time.perf_counter()
             epoch = plan.epoch(totals.step)
             if epoch != order_epoch:
@@ -96,51 +107,118 @@ class TrainingLoop:
             self.faults.after_step(totals.step)
             if self.stop.requested:
                 break
+            if tracker.due(totals.step, plan.total_steps) and not self._evaluate(totals.step):
+                break  # stopped during the evaluation: the caller saves this step, the next leg evaluates it
             if self.policy.due(totals.step):
                 self.policy.checkpoint(totals.step)
         stats.end_step = totals.step
         stats.train_seconds = time.perf_counter() - leg_started
 
+    def _evaluate(self, step: int) -> bool:
+        """Evaluate the state after `step` steps during training and record it (history, tracker); False when a
+        stop request came during it (nothing recorded)."""
+        tracker = self.policy.tracker
+        self.reporter.update(state="evaluating", message=f"evaluating step {step}")
+        try:
+            result = evaluate(self.learner, self.eval_data, self.config.eval_batch_size, self.stop, self.faults)
+        except Preempted:
+            return False
+        metrics = named_metrics(result)
+        improved = tracker.record(step, metrics)
+        self.reporter.evaluated(step, metrics, self.config.metric_for_best, tracker.best_step, improved)
+        return True
+
     def complete(self, layout: RunLayout, tokenizer: Any) -> tuple[ExitCode, str]:
-        """Training done: the last step is checkpointed before evaluation, so a preemption during evaluation or
-        the final save resumes straight into evaluation; then evaluate and write final/."""
+        """Training done (the plan's last step, or an early stop): the last step is checkpointed before
+        evaluation, so a preemption during evaluation or the final save resumes straight into evaluation; then
+        evaluate (an early stop's step was evaluated already) and write final/ (the best model with
+        loadBestAtEnd)."""
         plan, totals, reporter, eval_data = self.plan, self.totals, self.reporter, self.eval_data
-        total_steps = plan.total_steps
-        self.policy.save_last(totals.step)
+        config, tracker = self.config, self.policy.tracker
+        last_step = totals.step
+        early_stopped = last_step < plan.total_steps and tracker.should_stop
+        self.policy.save_last(last_step)
         if self.stop.requested:
-            raise Preempted(f"{self.stop.signal_name} after the last step; checkpoint step {totals.step} holds it")
-        reporter.update(state="evaluating", message="evaluating on the eval split")
-        log.info("evaluating on %d eval rows", eval_data.rows)
-        eval_metrics = evaluate(self.learner, eval_data, self.config.eval_batch_size, self.stop, self.faults)
-        reporter.history(
-            step=total_steps,
-            epoch=round(total_steps / plan.steps_per_epoch, 4),
-            eval_loss=eval_metrics["loss"],
-            eval_accuracy=eval_metrics["accuracy"],
-        )
-        metrics = {
+            raise Preempted(f"{self.stop.signal_name} after the last step; checkpoint step {last_step} holds it")
+        if tracker.evaluated(last_step) and tracker.last is not None:
+            eval_metrics: dict[str, Any] = {
+                "loss": tracker.last["eval_loss"],
+                "accuracy": tracker.last["accuracy"],
+                "f1_macro": tracker.last["f1_macro"],
+                "eval_rows": eval_data.rows,
+            }
+        else:
+            reporter.update(state="evaluating", message="evaluating on the eval split")
+            log.info("evaluating on %d eval rows", eval_data.rows)
+            eval_metrics = evaluate(self.learner, eval_data, config.eval_batch_size, self.stop, self.faults)
+            if tracker.every_steps is not None:
+                tracker.record(last_step, named_metrics(eval_metrics))
+            reporter.history(
+                step=last_step,
+                epoch=round(last_step / plan.steps_per_epoch, 4),
+                eval_loss=eval_metrics["loss"],
+                eval_accuracy=eval_metrics["accuracy"],
+                eval_f1_macro=eval_metrics["f1_macro"],
+            )
+        best = tracker.best
+        model_step = last_step
+        if config.load_best_at_end and best is not None and int(best["step"]) != last_step:
+            model_step = int(best["step"])
+            load_checkpoint_weights(self.learner, layout, model_step)
+            eval_metrics = {"loss": best["eval_loss"], "accuracy": best["accuracy"], "f1_macro": best["f1_macro"]}
+            eval_metrics["eval_rows"] = eval_data.rows
+        metrics: dict[str, Any] = {
             **eval_metrics,
-            "train_loss": totals.loss_sum / total_steps,
-            "steps": total_steps,
-            "epochs": total_steps / plan.steps_per_epoch,
+            "train_loss": totals.loss_sum / last_step,
+            "steps": last_step,
+            "epochs": last_step / plan.steps_per_epoch,
             "train_rows": self.train_data.rows,
         }
+        notes = ""
+        if config.metric_for_best is not None and best is not None:
+            metrics |= {"best_step": int(best["step"]), "model_step": model_step}
+            metrics[f"best_{config.metric_for_best}"] = best[config.metric_for_best]
+            notes += f" | best step {int(best['step'])} ({config.metric_for_best} {best[config.metric_for_best]:.4f})"
+            if model_step != last_step:
+                notes += ", its model in final/"
+        if early_stopped:
+            metrics |= {"stop_reason": EARLY_STOPPED, "stopped_at_step": last_step}
+            notes += (
+                f" | early stopped at step {last_step} of {plan.total_steps}: {config.metric_for_best} did not "
+                f"improve for {tracker.evals_since_best} evaluations"
+            )
         write_final(
             layout,
             self.learner.model,
             tokenizer,
             metrics,
-            self.config.identity_hash(),
-            total_steps,
-            plan.epoch(total_steps - 1),
+            config.identity_hash(),
+            last_step,
+            plan.epoch(last_step - 1),
         )
         message = (
             f"complete: eval accuracy {metrics['accuracy']:.4f} f1_macro {metrics['f1_macro']:.4f} "
-            f"loss {metrics['loss']:.4f} | train_loss {metrics['train_loss']:.4f} | final model at {layout.final_dir}"
+            f"loss {metrics['loss']:.4f} | train_loss {metrics['train_loss']:.4f}{notes} | "
+            f"final model at {layout.final_dir}"
         )
         log.info(message)
-        reporter.update(state="completed", message=message, step=total_steps)
+        reporter.update(state="completed", message=message, step=last_step)
         return ExitCode.COMPLETE, message
+
+
+# final/metrics.json's "stop_reason" for a run ended by earlyStoppingPatience (the status condition's reason).
+EARLY_STOPPED = "EarlyStopped"
+
+
+def load_checkpoint_weights(learner: Learner, layout: RunLayout, step: int) -> None:
+    """Load the model weights of checkpoint `step` (hashes verified) into the learner's model (loadBestAtEnd)."""
+    from trainer import checkpoint as ckpt
+
+    folder = layout.checkpoints_dir / checkpoint_dir_name(step)
+    verified = open_verified_checkpoint(folder, required_files=(ckpt.MODEL_FILE,))
+    weights = ckpt.tensors_from_safetensors(verified.contents[ckpt.MODEL_FILE], folder / ckpt.MODEL_FILE)
+    learner.model.load_state_dict({k: v.to(learner.device) for k, v in weights.items()})
+    log.info("loadBestAtEnd: final model from checkpoint step %d", step)
 
 
 def write_final(

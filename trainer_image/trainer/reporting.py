@@ -1,11 +1,12 @@
 """Progress a person reads in `kubectl logs` and the machine-readable `<run-dir>/progress.json`.
 
-Every log line and every checkpoint also rewrites progress.json (small, fsynced, atomic), which the
-controller polls. `<run-dir>/history.jsonl` gets one JSON line per progress log line, one for the final
-evaluation, an `"event": "start"` line (with `resumed_from`) when a leg begins and an `"event": "checkpoint"`
-line per checkpoint saved. It is not fsynced (a SIGKILL may drop the last lines); a resumed leg appends the
-steps it redoes again, readers keep the newest line per step. Both are typed records of the volume contract
-(`trainer.volume.records`: Progress, HistoryEntry), validated on writing; their fields are documented there.
+Every log line and every checkpoint also rewrites progress.json (small, fsynced, atomic), which the controller
+polls. `<run-dir>/history.jsonl` gets one JSON line per progress log line, one per evaluation during training
+(`"event": "eval"`), one for the final evaluation, an `"event": "start"` line (with `resumed_from`) when a leg
+begins and an `"event": "checkpoint"` line per checkpoint saved. It is not fsynced (a SIGKILL may drop the last
+lines); a resumed leg appends the steps it redoes again, readers keep the newest line per step. Both are typed
+records of the volume contract (`trainer.volume.records`: Progress, HistoryEntry), validated on writing; their
+fields are documented there.
 """
 
 from __future__ import annotations
@@ -158,6 +159,33 @@ class Reporter:
             samples_per_s=round(samples_per_s, 3),
             eta_s=round(eta, 1),
         )
+
+    def evaluated(
+        self, step: int, metrics: dict[str, float], metric: str | None, best_step: int | None, improved: bool
+    ) -> None:
+        """An evaluation during training: its log line, its `"event": "eval"` history line, back to running."""
+        epoch = step / self.steps_per_epoch
+        best = ""
+        if metric is not None:
+            best = " | new best" if improved else f" | best so far step {best_step}"
+        log.info(
+            "eval step %d | eval_loss %.4f | accuracy %.4f | f1_macro %.4f%s",
+            step,
+            metrics["eval_loss"],
+            metrics["accuracy"],
+            metrics["f1_macro"],
+            best,
+        )
+        self.history(
+            step=step,
+            event="eval",
+            epoch=round(epoch, 4),
+            eval_loss=metrics["eval_loss"],
+            eval_accuracy=metrics["accuracy"],
+            eval_f1_macro=metrics["f1_macro"],
+            best_step=best_step,
+        )
+        self.update(state="running", message=f"evaluated step {step}")
 
     def checkpoint_saved(
         self, info: CheckpointInfo, stall: float | None = None, slowdown: tuple[float, int] | None = None

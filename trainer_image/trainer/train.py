@@ -57,6 +57,7 @@ from trainer.volume import (
 from trainer.volume.durable import opened_dir
 
 if TYPE_CHECKING:
+    from trainer.evaluation import EvalTracker
     from trainer.optimizer import Implementation
 
 log = logging.getLogger("trainer")
@@ -326,7 +327,7 @@ def _run(
 
     from trainer import checkpoint as ckpt
     from trainer import modeling
-    from trainer.checkpoint_policy import CheckpointPolicy, RunFacts
+    from trainer.checkpoint_policy import CheckpointPolicy, RunFacts, eval_tracker
     from trainer.loop import TrainingLoop
 
     modeling.quiet_transformers()
@@ -354,9 +355,10 @@ def _run(
     resumed_optimizer = _checkpoint_optimizer(verified) if verified is not None else None
     learner = _learner(model, config, plan, device, use_bf16, resumed_optimizer)
     totals = Totals()
+    tracker = eval_tracker(config)  # the evaluations during training, resumed with the rest (issue 15)
     resumed_from: int | None = None
     if verified is not None:
-        _restore(verified, learner, totals, plan, snapshot)
+        _restore(verified, learner, totals, plan, snapshot, tracker)
         resumed_from = totals.step
         del verified  # the optimizer keeps what it needs; the rest of the verified bytes can go
 
@@ -370,6 +372,7 @@ def _run(
         last_saved_step=latest.step if latest else None,
         reporter=reporter,
         stats=stats,
+        tracker=tracker,
     )
     try:
         reporter.begin(
@@ -480,9 +483,11 @@ def _newest_verified_checkpoint(
     return verified
 
 
-def _restore(verified: VerifiedCheckpoint, learner: Learner, totals: Totals, plan: Plan, snapshot: Path) -> None:
-    """Load weights, optimizer state, scheduler state and totals from `verified`, then every RNG, last: nothing
-    may draw from the RNGs between this and the next step (DETERMINISM.md)."""
+def _restore(
+    verified: VerifiedCheckpoint, learner: Learner, totals: Totals, plan: Plan, snapshot: Path, tracker: EvalTracker
+) -> None:
+    """Load weights, optimizer state, scheduler state, totals and the evaluation record from `verified`, then
+    every RNG, last: nothing may draw from the RNGs between this and the next step (DETERMINISM.md)."""
     from trainer import checkpoint as ckpt
 
     loaded = ckpt.load_checkpoint(verified)
@@ -496,6 +501,7 @@ def _restore(verified: VerifiedCheckpoint, learner: Learner, totals: Totals, pla
     learner.optimizer.load_state_dict(loaded.optimizer)
     learner.scheduler.load_state_dict(state["scheduler"])
     totals.restore(state)
+    tracker.restore(state.get("evaluation"))  # absent in checkpoints made before evaluations during training
     ckpt.restore_rng(loaded.rng)  # last: nothing draws from the RNGs before the next step
 
 

@@ -3,6 +3,8 @@
 manifest.json lists every file's size and content hashes. Format 2 (written now) holds the sha256 of each
 `chunk_bytes`-long piece of a file (`"sha256_chunks"`), so that a file is hashed on every core and verified while
 it is read (see hashing.py); format 1 (checkpoints written before) holds one `"sha256"` per file and still loads.
+`"metrics"` holds numbers about the state it saved: the training loss, and the eval metrics (eval_loss, accuracy,
+f1_macro) when that step was evaluated during training (issue 15); a manifest without them loads as before.
 """
 
 from __future__ import annotations
@@ -154,6 +156,23 @@ def write_manifest(
     return CheckpointInfo(
         folder, step, epoch, created_at, config_hash, dict(metrics or {}), tuple(entries), extra or {}
     )
+
+
+def add_manifest_metrics(folder: Path, metrics: Mapping[str, float]) -> None:
+    """Add `metrics` to the manifest of the complete checkpoint `folder` (rewritten atomically, files untouched).
+
+    For an evaluation that finishes after its step was saved (a leg stopped during it, the next one redid it):
+    its checkpoint then carries the metrics like one saved after the evaluation. CheckpointInvalid if the
+    manifest is missing or unreadable.
+    """
+    manifest_path = folder / MANIFEST_NAME
+    try:
+        manifest = read_json(manifest_path)
+        recorded = dict(manifest.get("metrics") or {})
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        raise CheckpointInvalid(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    manifest["metrics"] = recorded | {str(k): float(v) for k, v in metrics.items()}
+    atomic_write_json(manifest_path, manifest)
 
 
 def read_checkpoint(folder: Path, *, verify_hashes: bool, required_files: Collection[str] = ()) -> CheckpointInfo:

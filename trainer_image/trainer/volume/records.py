@@ -57,7 +57,8 @@ class Progress(BaseModel):
 
 
 class HistoryEntry(BaseModel):
-    """One line of history.jsonl: a progress log line, a leg's start, a checkpoint saved, or the final evaluation.
+    """One line of history.jsonl: a progress log line, a leg's start, a checkpoint saved, an evaluation during
+    training (`"event": "eval"`, issue 15), or the final evaluation (eval fields, no event).
 
     A resumed leg appends the steps it redoes again; readers keep the newest line per step.
     """
@@ -67,15 +68,17 @@ class HistoryEntry(BaseModel):
     step: int
     time: float = 0.0
     pid: int | None = None
-    event: Literal["start", "checkpoint"] | None = None
+    event: Literal["start", "checkpoint", "eval"] | None = None
     resumed_from: int | None = None  # "start": the checkpoint step the leg resumed from (None: fresh start)
     total_steps: int | None = None  # "start"
     epoch: float | None = None
     loss: float | None = None  # mean training loss since the previous log line
     learning_rate: float | None = None
     samples_per_s: float | None = None
-    eval_loss: float | None = None  # the final evaluation's line
+    eval_loss: float | None = None  # "eval" lines and the final evaluation's line
     eval_accuracy: float | None = None
+    eval_f1_macro: float | None = None
+    best_step: int | None = None  # "eval": the best evaluated step so far by metricForBest (None without one)
 
 
 # legs/<n>.json (camelCase, written by the controller) and the leg entries of the run status are this one model;
