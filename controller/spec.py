@@ -217,6 +217,18 @@ class RetrySpec(CamelModel):
     stuck_after_seconds: float = Field(
         900.0, gt=0, le=604_800, description="Unschedulable/image-pull failing this long (at most a week): stuck."
     )
+    node_lost_after_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="The leg's node NotReady or Unknown this long: the leg is lost (preempted, reason NodeLost).",
+    )
+    progress_stall_seconds: float = Field(
+        600.0,
+        gt=0,
+        le=604_800,
+        description="A running leg whose progress.json has not advanced this long: preempted (ProgressStalled).",
+    )
 
 
 class TrainingRunSpec(CamelModel):
