@@ -4,7 +4,9 @@ Run by the local backend as `python -m relay_testing.standin_local_trainer` (its
 
 Behaviour from RELAY_STANDIN: "run" (sleep until SIGTERM, then exit 75 like a trainer that saved a
 checkpoint), "exit:<code>" (exit at once with that code), "stubborn" (ignore SIGTERM; only SIGKILL ends it),
-"raise" (fail as the trainer does: a traceback in the log, its one-line reason as termination message, exit 1).
+"raise" (fail as the trainer does: a traceback in the log, its one-line reason as termination message, exit 1),
+"progress" (like "run", rewriting progress.json every 0.1 s as a training trainer does; "run" writes none, so it
+looks stalled).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 
 def main() -> int:
@@ -23,7 +26,7 @@ def main() -> int:
     parser.add_argument("--snapshot", required=True)
     parser.add_argument("--config", required=True)
     parser.add_argument("--generation", type=int)  # the real trainer's fence (trainer.volume.fencing)
-    parser.parse_args()
+    args = parser.parse_args()
     mode = os.environ.get("RELAY_STANDIN", "run")
     if mode == "raise":
         from trainer.volume import write_termination_message
@@ -40,8 +43,14 @@ def main() -> int:
     else:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(75))
     print(f"standin trainer pid {os.getpid()} mode {mode}: ready", flush=True)
+    step = 0
     while True:
-        time.sleep(0.05)
+        time.sleep(0.05 if mode != "progress" else 0.1)
+        if mode == "progress":
+            from trainer.volume import RunLayout, write_progress
+
+            step += 1
+            write_progress(RunLayout(Path(args.run_dir)), {"state": "running", "step": step, "pid": os.getpid()})
 
 
 if __name__ == "__main__":

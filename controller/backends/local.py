@@ -40,7 +40,7 @@ from controller.backends.base import (
 )
 from controller.backends.local_leg import last_log_line, process_start_time
 from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, LegTermination, Prediction, PredictJob
-from trainer.volume import RunLayout, atomic_write_json, read_json
+from trainer.volume import RunLayout, atomic_write_json, load_progress, read_json
 
 _POLL_S = 0.05
 
@@ -194,7 +194,22 @@ class LocalBackend:
         if ended is not None:
             return LegObservation(state=LegState.TERMINATED, termination=self._termination(ended), detail="exited")
         if _alive(record):
-            return LegObservation(state=LegState.RUNNING, detail=f"pid {record['pid']}")
+            stalled = self._stalled(leg, record)
+            if stalled is None:
+                return LegObservation(state=LegState.RUNNING, detail=f"pid {record['pid']}")
+            # Alive but silent (a hung trainer, a stuck mount): the same as a lost node, the next leg takes over.
+            with suppress(ProcessLookupError):
+                os.kill(record["pid"], signal.SIGKILL)  # the supervisor first, so it records nothing of its own
+            self._kill_orphan(files)
+            ended = {
+                "signal": signal.SIGKILL,
+                "reason": "ProgressStalled",
+                "message": stalled,
+                "disrupted": True,
+                "ended_at": time.time(),
+            }
+            atomic_write_json(files["exit"], ended)
+            return LegObservation(state=LegState.TERMINATED, termination=self._termination(ended), detail="stalled")
         ended = _read(files["exit"])  # it may have finished between the two reads
         if ended is not None:
             return LegObservation(state=LegState.TERMINATED, termination=self._termination(ended), detail="exited")
@@ -209,6 +224,20 @@ class LocalBackend:
         }
         atomic_write_json(files["exit"], lost)
         return LegObservation(state=LegState.TERMINATED, termination=self._termination(lost), detail="lost")
+
+    def _stalled(self, leg: LegSpec, record: dict[str, Any]) -> str | None:
+        """Why a live leg counts as stalled (its progress.json has not changed for retries.progressStallSeconds
+        since the leg started), or None."""
+        limit = leg.spec.retries.progress_stall_seconds
+        progress = load_progress(self._layout(leg.namespace, leg.name))
+        started = float(record.get("started_at") or 0.0)
+        last = max(started, (progress.updated_at or 0.0) if progress is not None else 0.0)
+        silent = time.time() - last
+        if silent < limit:
+            return None
+        step = progress.step if progress is not None and (progress.updated_at or 0.0) >= started else None
+        at = f"step {step}" if step is not None else "its start"
+        return f"ProgressStalled: no progress for {silent:.0f}s (progressStallSeconds {limit:g}) since {at}"
 
     @staticmethod
     def _termination(ended: dict[str, Any]) -> LegTermination:
