@@ -19,6 +19,8 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from controller.activities import RelayActivities, StatusSink
 from controller.backends.base import Backend
+from controller.sweep.activities import SweepActivities
+from controller.sweep.workflow import TrainingSweepWorkflow
 from controller.workflows import BertInferenceWorkflow, CheckpointedBertTrainingWorkflow
 
 TASK_QUEUE = "bert-checkpointing-task-queue"
@@ -26,7 +28,7 @@ INFERENCE_TASK_QUEUE = "bert-inference-task-queue"
 DEFAULT_ADDRESS = "localhost:7233"
 DEFAULT_NAMESPACE = "default"
 DATA_CONVERTER: DataConverter = pydantic_data_converter
-WORKFLOWS = [CheckpointedBertTrainingWorkflow, BertInferenceWorkflow]
+WORKFLOWS = [CheckpointedBertTrainingWorkflow, BertInferenceWorkflow, TrainingSweepWorkflow]
 # Every running leg holds an activity slot (its await_leg, renewed each status window) while it runs, so the
 # slots bound how many runs one worker watches at once: past the bound, watches and the launches of new legs
 # queue for a slot (64 slots held back a 100-run controller). A slot is a coroutine, blocking work runs in
@@ -65,7 +67,7 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        activities=acts.all(),
+        activities=[*acts.all(), *SweepActivities(client, volume_root).all()],  # a sweep's trials: this client's
         max_concurrent_activities=max_concurrent_activities,
         workflow_runner=WORKFLOW_RUNNER,
         # Pollers follow the backlog: with a fixed 5, a workflow task of one of 300 runs waited 2 s (median).
