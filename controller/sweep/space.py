@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -22,12 +22,13 @@ ParameterType = Literal["choice", "uniform", "logUniform", "int"]
 ChoiceValue = float | int | str | bool
 DEFAULT_GRID_POINTS = 3
 MAX_GRID_TRIALS = 10_000  # a grid larger than this is refused: a typo, not a sweep
+ANY_VALUE = "a number, string or boolean"  # the CRD generator makes these nodes x-kubernetes-preserve-unknown-fields
 
 
 def _values_schema(schema: dict[str, Any]) -> None:
-    # The CRD generator (controller.sweep.crd) turns these items into x-kubernetes-preserve-unknown-fields:
-    # a structural schema has no "number or string or bool" type. The placeholder keeps pydantic's schema typed.
-    schema["items"] = {"type": "string", "description": "a number, string or boolean"}
+    # A structural schema has no "number or string or bool" type: controller.sweep.crd turns the placeholder
+    # (marked by its description) into x-kubernetes-preserve-unknown-fields.
+    schema["items"] = {"type": "string", "description": ANY_VALUE}
 
 
 class SearchParameter(CamelModel):
@@ -109,7 +110,7 @@ def grid_size(space: Mapping[str, SearchParameter]) -> int:
 def grid_trials(space: Mapping[str, SearchParameter], max_trials: int | None = None) -> list[dict[str, ChoiceValue]]:
     """The cartesian product of every parameter's grid, fields in name order, the last field varying fastest."""
     names = sorted(space)
-    product = itertools.product(*(space[name].grid() for name in names))
+    product: Iterator[tuple[ChoiceValue, ...]] = itertools.product(*(space[name].grid() for name in names))
     if max_trials is not None:
         product = itertools.islice(product, max_trials)
     return [dict(zip(names, values, strict=True)) for values in product]
