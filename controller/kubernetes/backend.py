@@ -7,7 +7,9 @@ It creates `<run>-leg-<n>` or adopts it when it
 already exists (a restarted controller, a retried activity), and waits for, then refuses, a different leg
 of the same run that is still alive. `observe` and `wait_for_change` judge the Job and its pods
 (`controller.kubernetes.legs.judge_leg`) from the cache and carry out the verdict: halt the Job so the 1.20
-Job controller starts no replacement pod, record the termination on the Job. API calls run in a thread
+Job controller starts no replacement pod, record the termination on the Job, and for a lost leg (its node
+NotReady past nodeLostAfterSeconds, its pod Unknown, its progress stalled: issue 13) delete its pods and Job
+with grace 0, which fencing keeps safe even if the node never hears of it. API calls run in a thread
 pool and transient errors (connection, 429, 5xx) are retried with backoff (`controller.kubernetes.api`),
 never reported as a leg outcome. Every wait on the watch (a leg's change, a predict Job's end, a Job's
 deletion, another leg's exit) is one `_wait_for_wake`.
@@ -53,7 +55,7 @@ from controller.kubernetes.jobs import (
     job_name,
     predict_job_name,
 )
-from controller.kubernetes.legs import LegVerdict, job_alive, judge_leg, parse_time
+from controller.kubernetes.legs import LegVerdict, LostLegLimits, job_alive, judge_leg, parse_time
 from controller.kubernetes.server import ServerFeatures, server_features
 from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, LegTermination, Prediction, PredictJob
 from controller.policy import Policy, check_policy
@@ -100,6 +102,7 @@ class KubernetesBackend:
         self._seen: dict[tuple[str, str], int] = {}
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
         self._job_uids: dict[tuple[str, str], str] = {}  # (namespace, Job) -> uid of the Job this backend created
+        self._nodes: dict[str, tuple[float, dict[str, Any] | None]] = {}  # node name -> (read at, Node or None)
         self.volume_root = Path(volume_root).resolve() if volume_root is not None else None  # the controller's mount
         self.policy = policy or Policy()  # the cluster's allow-lists, checked again at every launch
         self.api_retry_s = api_retry_s
@@ -201,9 +204,13 @@ class KubernetesBackend:
         self._seen[(leg.namespace, name)] = self._generation.get((leg.namespace, name), 0)
         job = cache.job(name)
         pods, vanished = self._pods_of(cache, leg.namespace, name, job)
-        verdict = judge_leg(job, pods, vanished, now=time.time(), stuck_after_s=leg.spec.retries.stuck_after_seconds)
+        lost = await self._lost_leg_limits(leg, pods)
+        retries = leg.spec.retries
+        verdict = judge_leg(job, pods, vanished, now=time.time(), stuck_after_s=retries.stuck_after_seconds, lost=lost)
         if job is not None:
             await self._carry_out(leg.namespace, job, verdict)
+            if verdict.force_delete:
+                await self._force_delete_leg(leg.namespace, job, pods, verdict)
         return verdict.observation
 
     async def wait_for_change(self, leg: LegSpec, timeout_s: float) -> LegObservation:
@@ -417,6 +424,70 @@ class KubernetesBackend:
             patch["metadata"] = {"annotations": {ANNOTATION_TERMINATION: json.dumps(termination.model_dump())}}
         if patch:
             await self._patch_job(namespace, job["metadata"]["name"], patch)
+
+    async def _lost_leg_limits(self, leg: LegSpec, pods: list[dict[str, Any]]) -> LostLegLimits:
+        """The leg pod's Node (read at most once a second per node) and when its progress last moved."""
+        retries = leg.spec.retries
+        limits = LostLegLimits(node_lost_after_s=retries.node_lost_after_seconds)
+        started = [p for p in pods if p.get("status", {}).get("phase") in ("Running", "Unknown")]
+        if not started:
+            return limits
+        pod = min(started, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+        node = await self._node(pod.get("spec", {}).get("nodeName") or "")
+        progress_at = None
+        if self.volume_root is not None:
+            layout = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name)
+            progress = await asyncio.to_thread(volume.load_progress, layout)
+            pod_started = parse_time(pod.get("status", {}).get("startTime")) or 0.0
+            progress_at = max(pod_started, (progress.updated_at or 0.0) if progress is not None else 0.0) or None
+        return LostLegLimits(
+            node=node,
+            node_lost_after_s=retries.node_lost_after_seconds,
+            progress_at=progress_at,
+            progress_stall_s=retries.progress_stall_seconds,
+        )
+
+    async def _node(self, name: str) -> dict[str, Any] | None:
+        """The Node `name` (None when unnamed, gone or not readable: the pod-phase and progress checks remain)."""
+        if not name:
+            return None
+        cached = self._nodes.get(name)
+        if cached is not None and time.monotonic() - cached[0] < 1.0:
+            return cached[1]
+        try:
+            found = self._api_client.sanitize_for_serialization(await self.call(self._core.read_node, name))
+        except ApiException as exc:
+            if exc.status not in (403, 404):
+                raise
+            if exc.status == 403 and name not in self._nodes:
+                log.warning("node %s: not readable (RBAC: nodes get); lost nodes are noticed by pod phase only", name)
+            found = None
+        self._nodes[name] = (time.monotonic(), found)
+        return found  # type: ignore[no-any-return]
+
+    async def _force_delete_leg(
+        self, namespace: str, job: dict[str, Any], pods: list[dict[str, Any]], verdict: LegVerdict
+    ) -> None:
+        """A lost leg: its pods and Job deleted with grace 0, so the next leg may start. The kubelet of a partitioned
+        node may never hear of it and its trainer may carry on; the next leg's fence stops its commits."""
+        name = job["metadata"]["name"]
+        termination = verdict.observation.termination
+        log.warning(
+            "Job %s/%s: %s; deleting it with grace 0", namespace, name, termination.message if termination else ""
+        )
+        for pod in pods:
+            await self._delete_pod(namespace, pod["metadata"]["name"], 0)
+        try:
+            await self.call(
+                self._batch.delete_namespaced_job,
+                name,
+                namespace,
+                grace_period_seconds=0,
+                propagation_policy="Background",
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     async def _patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         try:

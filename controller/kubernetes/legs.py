@@ -9,8 +9,14 @@ A termination's message leads with the trainer's own reason: the container's `te
 the kubelet fills from the trainer's termination-message file.
 
 The verdict also says what the backend must do to the Job: `halt` (parallelism 0, so the 1.20 Job
-controller does not start a replacement pod next to a terminating one; it also removes a stuck pod) and
-`record` (write the termination onto the Job as an annotation, so a restarted controller reads the same facts).
+controller does not start a replacement pod next to a terminating one; it also removes a stuck pod),
+`record` (write the termination onto the Job as an annotation, so a restarted controller reads the same facts)
+and `force_delete` (a lost leg: delete its pods and Job with grace 0 so the next leg may start).
+
+A leg is lost (issue 13) while its pod has not ended when its node has been NotReady or Unknown for
+retries.nodeLostAfterSeconds (reason NodeLost), its pod's phase is Unknown (NodeLost), or it is Running with
+no progress on the volume for retries.progressStallSeconds (ProgressStalled). A partitioned node keeps its pod
+"Running" and may keep writing the shared volume: the next leg's fence (trainer.volume.fencing) stops it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ class LegVerdict:
     observation: LegObservation
     halt: bool = False  # set the Job's parallelism to 0 (no replacement pod; removes a stuck pod)
     record: bool = False  # write observation.termination onto the Job
+    force_delete: bool = False  # a lost leg: delete its pods and Job with grace 0 (fencing keeps that safe)
 
 
 def parse_time(value: str | None) -> float | None:
@@ -144,6 +151,45 @@ def _stuck_since(pod: dict[str, Any]) -> tuple[float | None, str]:
     return None, ""
 
 
+@dataclass(frozen=True)
+class LostLegLimits:
+    """What the backend knows beyond the Job and its pods, for the lost-leg checks: the leg pod's Node (None when
+    unknown or unreadable) and when the leg's progress last moved (None: not known), with the run's limits."""
+
+    node: dict[str, Any] | None = None
+    node_lost_after_s: float = 60.0
+    progress_at: float | None = None
+    progress_stall_s: float | None = None
+
+
+def lost_leg(pod: dict[str, Any], limits: LostLegLimits, now: float) -> LegTermination | None:
+    """The facts of a leg whose pod has not ended but which is lost (node gone, phase Unknown, no progress)."""
+    name = pod["metadata"]["name"]
+    node_name = pod.get("spec", {}).get("nodeName") or ""
+    phase = pod.get("status", {}).get("phase")
+    ready = _condition(limits.node, "Ready") if limits.node is not None else None
+    if ready is not None and ready.get("status") in ("False", "Unknown"):
+        since = parse_time(ready.get("lastTransitionTime"))
+        if since is not None and now - since >= limits.node_lost_after_s:
+            message = (
+                f"NodeLost: node {node_name} Ready={ready.get('status')} for {now - since:.0f}s "
+                f"(nodeLostAfterSeconds {limits.node_lost_after_s:g}); pod {name} still reported {phase}"
+            )
+            return LegTermination(reason="NodeLost", message=message, disrupted=True)
+    if phase == "Unknown":
+        message = f"NodeLost: pod {name} phase Unknown (node {node_name} not reporting)"
+        return LegTermination(reason="NodeLost", message=message, disrupted=True)
+    if phase == "Running" and limits.progress_stall_s is not None and limits.progress_at is not None:
+        silent = now - limits.progress_at
+        if silent >= limits.progress_stall_s:
+            message = (
+                f"ProgressStalled: pod {name} Running on {node_name} with no progress for {silent:.0f}s "
+                f"(progressStallSeconds {limits.progress_stall_s:g})"
+            )
+            return LegTermination(reason="ProgressStalled", message=message, disrupted=True)
+    return None
+
+
 def judge_leg(
     job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
@@ -151,9 +197,11 @@ def judge_leg(
     *,
     now: float,
     stuck_after_s: float,
+    lost: LostLegLimits | None = None,
 ) -> LegVerdict:
     """What a leg's Job and pods say. `pods` are the live pods of the Job, `vanished` the ones seen deleted
-    before they reported an exit. The leg's pod is the Job's first; later ones are replacements."""
+    before they reported an exit. The leg's pod is the Job's first; later ones are replacements. `lost`
+    enables the lost-leg checks (lost_leg) on the leg's live pod."""
     if job is None:
         return LegVerdict(LegObservation(state=LegState.MISSING, detail="no Job"))
     recorded = recorded_termination(job)
@@ -186,6 +234,11 @@ def judge_leg(
         )
     pod = live[0]
     name = pod["metadata"]["name"]
+    gone = lost_leg(pod, lost, now) if lost is not None and not ended else None
+    if gone is not None:
+        detail = f"pod {name} lost: {gone.reason}"
+        observation = LegObservation(state=LegState.TERMINATED, termination=gone, detail=detail)
+        return LegVerdict(observation, halt=True, record=True, force_delete=True)
     if ended or any(p["metadata"].get("deletionTimestamp") for p in live):
         # A pod is going away (deleted, evicted) or went: on 1.20 the Job controller starts a replacement at
         # once; halt the Job and wait until every pod of the leg has exited before calling the leg over.

@@ -209,3 +209,76 @@ def test_login_token_from_in_cluster_and_kubeconfig_forms(authorization: str, to
     from controller.kubernetes.main import bearer_token
 
     assert bearer_token(authorization) == token
+
+
+# ---------------------------------------------------------------- lost legs (issue 13)
+
+T0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+
+
+def _at(seconds: float) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(T0 + seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _running_on(node: str, phase: str = "Running") -> dict[str, Any]:
+    pod = _pod("r-leg-0-x", _at(0), phase=phase, startTime=_at(0))
+    pod["spec"]["nodeName"] = node
+    return pod
+
+
+def _node(ready: str, since: float) -> dict[str, Any]:
+    condition = {"type": "Ready", "status": ready, "lastTransitionTime": _at(since)}
+    return {"metadata": {"name": "n1"}, "status": {"conditions": [condition]}}
+
+
+def _judge(pod: dict[str, Any], now: float, **limits: Any) -> Any:
+    from controller.kubernetes.legs import LostLegLimits
+
+    return judge_leg(JOB, [pod], [], now=T0 + now, stuck_after_s=60, lost=LostLegLimits(**limits))
+
+
+@pytest.mark.parametrize("ready", ["False", "Unknown"])
+def test_a_node_not_ready_past_the_threshold_loses_the_leg(ready: str) -> None:
+    pod, node = _running_on("n1"), _node(ready, since=100)
+    before = _judge(pod, 100 + 29.5, node=node, node_lost_after_s=30)
+    after = _judge(pod, 100 + 30, node=node, node_lost_after_s=30)
+    assert before.observation.state == LegState.RUNNING and not before.force_delete
+    termination = after.observation.termination
+    assert after.observation.state == LegState.TERMINATED and after.force_delete and after.halt and after.record
+    assert termination is not None and termination.reason == "NodeLost"
+    assert f"node n1 Ready={ready} for 30s (nodeLostAfterSeconds 30)" in termination.message
+    assert classify_termination(termination) == LegOutcomeKind.PREEMPTED
+
+
+def test_a_ready_node_and_a_node_that_came_back_keep_the_leg() -> None:
+    pod = _running_on("n1")
+    assert _judge(pod, 500, node=_node("True", since=100), node_lost_after_s=30).observation.state == LegState.RUNNING
+    assert _judge(pod, 500, node=None, node_lost_after_s=30).observation.state == LegState.RUNNING
+
+
+def test_a_pod_in_phase_unknown_is_lost_at_once() -> None:
+    verdict = _judge(_running_on("n1", phase="Unknown"), 5, node=None)
+    termination = verdict.observation.termination
+    assert verdict.force_delete and termination is not None and termination.reason == "NodeLost"
+    assert "phase Unknown" in termination.message
+    assert classify_termination(termination) == LegOutcomeKind.PREEMPTED
+
+
+def test_a_running_pod_without_progress_for_the_stall_limit_is_lost() -> None:
+    pod = _running_on("n1")
+    moving = _judge(pod, 700, progress_at=T0 + 650, progress_stall_s=60)
+    stalled = _judge(pod, 700, progress_at=T0 + 640, progress_stall_s=60)
+    assert moving.observation.state == LegState.RUNNING
+    termination = stalled.observation.termination
+    assert stalled.force_delete and termination is not None and termination.reason == "ProgressStalled"
+    assert "no progress for 60s (progressStallSeconds 60)" in termination.message
+    assert classify_termination(termination) == LegOutcomeKind.PREEMPTED
+
+
+def test_a_lost_node_is_judged_even_while_its_pod_is_being_deleted() -> None:
+    pod = _running_on("n1")
+    pod["metadata"]["deletionTimestamp"] = _at(50)  # the taint manager's eviction, never carried out by the node
+    verdict = _judge(pod, 200, node=_node("Unknown", since=10), node_lost_after_s=60)
+    assert verdict.observation.state == LegState.TERMINATED and verdict.force_delete
