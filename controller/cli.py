@@ -150,6 +150,10 @@ def _query_hint(wf_id: str, address: str) -> str:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from controller.sweep.cli import is_sweep_file, validate
+
+    if is_sweep_file(args.file):  # kind: TrainingSweep
+        return validate(args.file)
     run = load_training_run(args.file)
     if args.policy is not None:  # the cluster's allow-lists, as `relay controller --policy` enforces them
         from controller.policy import Policy, PolicyError, check_policy
@@ -228,6 +232,12 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK if failed is None else EXIT_ERROR
 
 
+async def _cmd_sweep(args: argparse.Namespace) -> int:
+    from controller.sweep.cli import run_sweep
+
+    return await run_sweep(args, _temporal, _volume, CliError)
+
+
 def _status_type() -> type:
     from controller.status import RunStatus
 
@@ -297,6 +307,11 @@ def _print_summary(status: Any, volume_root: Path, failed: bool) -> None:
 
 
 async def _cmd_status(args: argparse.Namespace) -> int:
+    if args.sweep:
+        from controller.sweep.cli import show_status
+
+        embedded = (Path(args.volume) / "temporal.db").is_file() and not _reachable(args.address)
+        return await show_status(args, _temporal, embedded, CliError)
     from temporalio.service import RPCError
 
     from controller.run_workflows import find_run_workflow
@@ -564,8 +579,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--namespace", default="default")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--sweep", action="store_true", help="NAME is a TrainingSweep: its trials table and best trial")
     common(p)
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("sweep", help="run a TrainingSweep file locally (trials as local runs, ASHA early stopping)")
+    p.add_argument("file")
+    common(p)
+    p.add_argument("--no-progress", action="store_true", help="no line per change of the trials")
+    p.add_argument("--task-queue", default=TASK_QUEUE)
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("list", help="list runs from Temporal's visibility (search attributes and memo)")
     p.add_argument("--namespace", default="default", help="Temporal namespace")
@@ -610,7 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("validate", help="check a TrainingRun file; names every bad field")
+    p = sub.add_parser("validate", help="check a TrainingRun or TrainingSweep file; names every bad field")
     p.add_argument("file")
     p.add_argument("--policy", help="also check the cluster's allow-lists (the JSON `relay controller --policy` takes)")
     p.set_defaults(func=_cmd_validate)
