@@ -22,9 +22,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from controller.spec import InvalidTrainingRun, TrainingRun, load_training_run, workflow_id
+
+if TYPE_CHECKING:
+    from trainer.volume import RunLayout
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -536,6 +539,71 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_logs(args: argparse.Namespace) -> int:
+    """A leg's trainer output from the volume: legs/<n>.log (and the older legs/<n>.log.1 first), kept after the
+    run ended and its pods were deleted. Read without following a symlink: a planted link is refused."""
+    from trainer.volume import RunLayout, SymlinkRefused
+
+    for field, value in (("--namespace", args.namespace), ("NAME", args.name)):
+        if not value or "/" in value or value in (".", ".."):
+            raise CliError(f"{field} {value!r}: must be one name (no '/', not '.' or '..')", EXIT_BAD_INPUT)
+    layout = RunLayout.for_run(Path(args.volume).expanduser().resolve(), args.namespace, args.name)
+    if not layout.run_dir.is_dir():
+        raise CliError(f"no run {args.namespace}/{args.name} on volume {args.volume} ({layout.run_dir})")
+    legs = layout.leg_log_legs()
+    leg = args.leg if args.leg is not None else (legs[-1] if legs else None)
+    if leg is None or leg not in legs:
+        which = f"leg {leg}" if leg is not None else "any leg"
+        raise CliError(
+            f"no log of {which} of {args.namespace}/{args.name} in {layout.legs_dir} (legs with one: {legs})"
+        )
+    try:
+        _print_leg_log(layout, leg, args.follow)
+    except SymlinkRefused as exc:
+        raise CliError(f"{exc.filename}: {exc.strerror}; refused", EXIT_BAD_INPUT) from None
+    except OSError as exc:
+        raise CliError(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+    return EXIT_OK
+
+
+def _print_leg_log(layout: RunLayout, leg: int, follow: bool) -> None:
+    """Copy the leg's log to stdout; with `follow`, keep copying what is appended until the leg has ended (its
+    legs/<n>.json has an outcome, or a newer leg's log appeared) or Ctrl-C."""
+    from trainer.volume import read_leg_record
+    from trainer.volume.durable import open_file
+
+    out = sys.stdout.buffer
+    path = layout.leg_log_path(leg)
+    with contextlib.suppress(FileNotFoundError):
+        _copy(open_file(layout.leg_log_rotated_path(leg)), out, close=True)
+    fd = open_file(path)
+    try:
+        _copy(fd, out)
+        while follow:
+            record = read_leg_record(layout, leg)
+            ended = (record is not None and record.outcome is not None) or max(layout.leg_log_legs(), default=leg) > leg
+            time.sleep(0 if ended else 0.5)
+            _copy(fd, out)
+            if os.fstat(fd).st_ino != os.stat(path, follow_symlinks=False).st_ino:  # rotated: on to the new file
+                os.close(fd)
+                fd = open_file(path)
+                _copy(fd, out)
+            if ended:
+                return
+    finally:
+        os.close(fd)
+
+
+def _copy(fd: int, out: Any, close: bool = False) -> None:
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            out.write(chunk)
+        out.flush()
+    finally:
+        if close:
+            os.close(fd)
+
+
 def _cmd_controller(args: argparse.Namespace) -> int:
     try:
         from controller.kubernetes.main import main as operator_main  # kubernetes/kopf only when asked for
@@ -683,6 +751,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", default=None, help="an empty folder for the drill (default: a new temporary one)")
     p.add_argument("--kinds", default=None, help="comma-separated fault kinds to draw from (default: all)")
     p.set_defaults(func=_cmd_drill)
+
+    p = sub.add_parser(
+        "logs", help="a leg's trainer output, kept on the volume after the run (runs/<ns>/<name>/legs/<n>.log)"
+    )
+    p.add_argument("name")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--volume", default=DEFAULT_VOLUME, help="the volume folder holding runs/<namespace>/<name>")
+    p.add_argument("--leg", type=int, default=None, help="which leg (default: the newest with a log)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the leg ends")
+    p.set_defaults(func=_cmd_logs)
 
     p = sub.add_parser("plot", help="draw a run's story (loss, legs, preemptions, checkpoints) from its run folder")
     p.add_argument("name")

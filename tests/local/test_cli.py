@@ -138,6 +138,11 @@ def test_relay_run_end_to_end_with_the_embedded_server(tmp_path: Path):
     assert Path(model_line.split("model: ", 1)[1]).joinpath("model.safetensors").is_file()
     assert (volume / "temporal.db").is_file()
     assert not reachable(address)  # the embedded server was stopped with relay
+    # Each leg's trainer output stays on the volume (legs/<n>.log): `relay logs` prints the newest leg's, or one.
+    logs = relay("logs", "cli-run", "--volume", str(volume))
+    assert logs.returncode == 0 and "step 120/120" in logs.stdout, logs.stderr
+    first = relay("logs", "cli-run", "--volume", str(volume), "--leg", "0")
+    assert first.returncode == 0 and "step 30/120" in first.stdout and "step 120/120" not in first.stdout
     # The workflow's history lives on in the volume's temporal.db: `relay status` serves it again.
     status = relay("status", "cli-run", "--volume", str(volume), "--address", address, "--json")
     assert status.returncode == 0, status.stderr

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.reporting import setup_logging
 
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from trainer.leg_log import tee_leg_log
+
+        tee_leg_log(args.run_dir)  # on Kubernetes ($RELAY_LEG): the leg's lines also go to legs/<n>.log
     setup_logging()
     if args.command == "train":
         from trainer.train import run_leg

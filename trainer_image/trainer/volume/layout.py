@@ -65,6 +65,21 @@ class RunLayout:
     def leg_record_path(self, leg: int) -> Path:
         return self.legs_dir / f"{leg}.json"
 
+    def leg_log_path(self, leg: int) -> Path:
+        """The leg's stdout and stderr (trainer.leg_log on Kubernetes, the local supervisor locally)."""
+        return self.legs_dir / f"{leg}.log"
+
+    def leg_log_rotated_path(self, leg: int) -> Path:
+        """The leg log's previous part, once it reached its size cap (older lines than leg_log_path's)."""
+        return self.legs_dir / f"{leg}.log.1"
+
+    def leg_log_legs(self) -> list[int]:
+        """Leg numbers with a legs/<n>.log, in order."""
+        if not self.legs_dir.is_dir():
+            return []
+        stems = (path.name.removesuffix(".log") for path in self.legs_dir.glob("*.log"))
+        return sorted(int(stem) for stem in stems if stem.isdigit())
+
     def leg_record_paths(self) -> list[tuple[int, Path]]:
         """(leg, legs/<n>.json) for every leg record, by leg number (the supervisor's <n>.*.json files are not)."""
         if not self.legs_dir.is_dir():
