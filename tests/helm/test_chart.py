@@ -333,8 +333,13 @@ def is_leader_election(obj: dict[str, Any]) -> bool:
     return str(obj["metadata"]["name"]).endswith("-leader-election")
 
 
+def is_node_reader(obj: dict[str, Any]) -> bool:
+    """The cluster-wide node reads (lost-leg detection, issue 13), apart from the rules on watched namespaces."""
+    return str(obj["metadata"]["name"]).endswith("-nodes")
+
+
 def without_leader_election(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [o for o in objects if not is_leader_election(o)]
+    return [o for o in objects if not is_leader_election(o) and not is_node_reader(o)]
 
 
 def reference_rbac_rules() -> set[tuple[str, str, str]]:
@@ -342,7 +347,12 @@ def reference_rbac_rules() -> set[tuple[str, str, str]]:
     rules: set[tuple[str, str, str]] = set()
     for path in sorted((REPO / "manifests" / "rbac").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")):
-            if doc and doc["kind"] in ("Role", "ClusterRole") and not is_leader_election(doc):
+            if (
+                doc
+                and doc["kind"] in ("Role", "ClusterRole")
+                and not is_leader_election(doc)
+                and not is_node_reader(doc)
+            ):
                 rules |= rule_set(doc["rules"])
     assert rules, "manifests/rbac/ holds no Role or ClusterRole"
     return rules
@@ -402,6 +412,22 @@ def test_the_lease_role_is_get_create_update_on_the_one_lease_in_the_release_nam
         doc
         for doc in yaml.safe_load_all((REPO / "manifests" / "rbac" / "controller.yaml").read_text(encoding="utf-8"))
         if doc and doc["kind"] == "Role" and is_leader_election(doc)
+    ]
+    assert [rule_set(doc["rules"]) for doc in manifest] == [rule_set(role["rules"])], "manifests/rbac agrees"
+
+
+@SHAPES
+def test_node_reads_are_one_cluster_role_agreeing_with_manifests_rbac(chart: Any, values_file: Path) -> None:
+    objects, _ = render(chart, ci_values(values_file))
+    role = one(objects, "ClusterRole", f"{RELEASE}-nodes")
+    assert rule_set(role["rules"]) == {("", "nodes", v) for v in ("get", "list", "watch")}
+    binding = one(objects, "ClusterRoleBinding", f"{RELEASE}-nodes")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == NAMESPACE
+    manifest = [
+        doc
+        for doc in yaml.safe_load_all((REPO / "manifests" / "rbac" / "controller.yaml").read_text(encoding="utf-8"))
+        if doc and doc["kind"] == "ClusterRole" and is_node_reader(doc)
     ]
     assert [rule_set(doc["rules"]) for doc in manifest] == [rule_set(role["rules"])], "manifests/rbac agrees"
 
