@@ -136,10 +136,11 @@ async def run_sweep(
             id=wf_id,
             task_queue=args.task_queue,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            result_type=SweepStatus,
         )
         print(f"TrainingSweep {namespace}/{name}: workflow {wf_id} (volume {volume_root})", file=sys.stderr)
         print(f"  Web UI: {ui_address}/namespaces/default/workflows/{wf_id}", file=sys.stderr)
-        result_task = asyncio.ensure_future(handle.result(result_type=SweepStatus))
+        result_task = asyncio.ensure_future(handle.result())
         try:
             await _watch(handle, result_task, show=not args.no_progress)
         except (KeyboardInterrupt, asyncio.CancelledError):
