@@ -131,21 +131,28 @@ def test_resumed_run_evaluates_the_same_steps_with_the_same_results(
     assert final_metrics(run_dir)["loss"] == final_metrics(with_eval)["loss"]
 
 
-def test_best_checkpoint_kept_by_retention_and_loaded_at_end(snapshot: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("metric", "sign"), [("eval_loss", 1.0), ("accuracy", -1.0)])
+def test_best_checkpoint_kept_by_retention_and_loaded_at_end(
+    snapshot: Path, tmp_path: Path, metric: str, sign: float
+) -> None:
+    """accuracy: this data gives equal values at several steps; the earliest of them is the best, for the
+    tracker and for retention alike (retention once kept the newest and deleted the one loadBestAtEnd wanted)."""
     run_dir = trained(
         tmp_path,
         snapshot,
-        **{**EVAL_SETTINGS, "keepLast": 1, "metricForBest": "eval_loss", "loadBestAtEnd": True},
+        **{**EVAL_SETTINGS, "keepLast": 1, "metricForBest": metric, "loadBestAtEnd": True},
     )
     records = eval_records(run_dir)
     assert sorted(records) == EVAL_STEPS
     metrics = final_metrics(run_dir)
-    final_eval_loss = [e for e in read_history(RunLayout(run_dir)) if e.step == TOTAL_STEPS and e.eval_loss][-1]
-    candidates = {**{step: r["eval_loss"] for step, r in records.items()}, TOTAL_STEPS: final_eval_loss.eval_loss}
-    best = min(candidates, key=lambda step: (candidates[step], step))
+    final_line = [e for e in read_history(RunLayout(run_dir)) if e.step == TOTAL_STEPS and e.eval_loss][-1]
+    final_value = final_line.eval_loss if metric == "eval_loss" else final_line.eval_accuracy
+    candidates = {**{step: r[metric] for step, r in records.items()}, TOTAL_STEPS: final_value}
+    best = min(candidates, key=lambda step: (sign * candidates[step], step))
     assert best < TOTAL_STEPS, f"this data's best is the last step; the test needs an earlier one: {candidates}"
     assert metrics["best_step"] == metrics["model_step"] == best
-    assert metrics["loss"] == metrics["best_eval_loss"] == records[best]["eval_loss"]
+    assert metrics[f"best_{metric}"] == records[best][metric]
+    assert metrics["loss"] == records[best]["eval_loss"]  # final/'s metrics are the best model's
     # Every evaluated step was checkpointed; retention kept the newest and the best only (keepLast 1).
     assert checkpoint_steps(run_dir) == sorted({best, TOTAL_STEPS})
     best_weights = load_file(str(run_dir / "checkpoints" / f"step-{best:09d}" / "model.safetensors"))

@@ -168,6 +168,10 @@ def test_retention_keeps_last_k_and_the_best() -> None:
     checkpoints = [info(100, 0.9), info(200, 0.1), info(300, 0.5), info(400, 0.6), info(500, 0.7)]
     deleted = select_for_deletion(checkpoints, keep_last=2, best_metric="loss", higher_is_better=False)
     assert [c.step for c in deleted] == [100, 300]
+    tied = [info(100, 0.5), info(200, 0.1), info(300, 0.1), info(400, 0.6), info(500, 0.7)]
+    deleted = select_for_deletion(tied, keep_last=1, best_metric="loss", higher_is_better=False)
+    kept = {c.step for c in tied} - {c.step for c in deleted}
+    assert kept == {200, 500}  # of equal values the earliest is the best (the trainer's EvalTracker agrees)
 
 
 @settings(max_examples=200, deadline=None)
@@ -184,7 +188,7 @@ def test_retention_never_deletes_the_newest(steps: set[int], keep_last: int, dat
     assert not deleted & set(newest_first[: max(1, keep_last)])
     scored = [c for c in checkpoints if "loss" in c.metrics]
     if scored:
-        best = max(scored, key=lambda c: (c.metrics["loss"], c.step))
+        best = max(scored, key=lambda c: (c.metrics["loss"], -c.step))  # of equal values, the earliest
         assert best.step not in deleted
     assert len(deleted) >= len(steps) - max(1, keep_last) - 1
 

@@ -139,7 +139,8 @@ def select_for_deletion(
     scored = [c for c in ordered if best_metric and best_metric in c.metrics]
     if scored:
         sign = 1.0 if higher_is_better else -1.0
-        keep.add(max(scored, key=lambda c: (sign * c.metrics[best_metric or ""], c.step)).step)
+        # Of equal values the earliest is the best, as for the trainer's EvalTracker (strict improvement only).
+        keep.add(max(scored, key=lambda c: (sign * c.metrics[best_metric or ""], -c.step)).step)
     keep.add(ordered[-1].step)
     keep.update(protected)
     return [c for c in ordered if c.step not in keep]
