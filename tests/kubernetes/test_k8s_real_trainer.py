@@ -131,6 +131,10 @@ async def test_real_trainer_evicted_after_its_first_checkpoint_resumes_to_the_un
 
     reasons = await cluster.events(name)
     assert {"LegStarted", "Preempted", "Resumed"} <= set(reasons), reasons
+    # Each leg's output is on the volume too (legs/<n>.log, what `relay logs` prints once the pods are gone).
+    kept = [(run_dir / "legs" / f"{leg}.log").read_text(encoding="utf-8") for leg in (0, 1)]
+    assert all("checkpoint step-" in text for text in kept), kept
+    assert f"step {STEPS}/{STEPS}" in kept[1] and f"step {STEPS}/{STEPS}" not in kept[0]
 
     listing = subprocess.run(
         [kubectl(), "--kubeconfig", str(control_plane.kubeconfig), "-n", namespace, "get", "trainingruns"],
