@@ -24,9 +24,17 @@ def apply_rbac(kube: kubernetes.client.ApiClient, namespace: str) -> str:
     core, rbac = kubernetes.client.CoreV1Api(kube), kubernetes.client.RbacAuthorizationV1Api(kube)
     for document in yaml.safe_load_all(RBAC.read_text()):
         doc = copy.deepcopy(document)
-        doc["metadata"]["namespace"] = namespace
         for subject in doc.get("subjects", []):
             subject["namespace"] = namespace
+        if doc["kind"] in ("ClusterRole", "ClusterRoleBinding"):  # node reads (issue 13): one per test namespace
+            doc["metadata"]["name"] += f"-{namespace}"
+            if "roleRef" in doc:
+                doc["roleRef"]["name"] += f"-{namespace}"
+            {"ClusterRole": rbac.create_cluster_role, "ClusterRoleBinding": rbac.create_cluster_role_binding}[
+                doc["kind"]
+            ](doc)
+            continue
+        doc["metadata"]["namespace"] = namespace
         create = {
             "ServiceAccount": core.create_namespaced_service_account,
             "Role": rbac.create_namespaced_role,
