@@ -388,7 +388,12 @@ class RelayActivities(RelayActivityInterface):
         if isinstance(raw, dict) and isinstance(raw.get("metrics"), dict):
             raw = raw["metrics"]
         metrics = {str(k): float(v) for k, v in dict(raw).items() if _float_or_none(v) is not None}
-        return EvaluateResult(metrics=metrics, model_path=final.relative_to(self.volume_root).as_posix())
+        stop_reason = raw.get("stop_reason") if isinstance(raw, dict) else None  # the trainer's EarlyStopped
+        return EvaluateResult(
+            metrics=metrics,
+            model_path=final.relative_to(self.volume_root).as_posix(),
+            stop_reason=stop_reason if isinstance(stop_reason, str) and stop_reason.isidentifier() else "",
+        )
 
     @activity.defn(name="predict")
     async def predict(self, request: PredictRequest) -> PredictResult:

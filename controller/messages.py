@@ -129,6 +129,7 @@ class PublishStatusRequest(RunRef):
 class EvaluateResult(BaseModel):
     metrics: dict[str, float]
     model_path: str  # "runs/<ns>/<name>/final"
+    stop_reason: str = ""  # why training ended before its last step: "EarlyStopped" (final/metrics.json), else ""
 
 
 class PredictRequest(RunRef):

@@ -367,13 +367,16 @@ class CheckpointedBertTrainingWorkflow:
             raise _RunFailed("EvaluationFailed", message) from None
         state.status.metrics = result.metrics
         state.status.model_path = result.model_path
-        if state.status.total_steps:
+        if result.stop_reason and "steps" in result.metrics:  # ended early (EarlyStopped): at its own step
+            state.status.step = int(result.metrics["steps"])
+        elif state.status.total_steps:
             state.status.step = max(state.status.step, state.status.total_steps)
         state.status.progress = 1.0
         state.status.finished_at = self._now()
         summary = ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.metrics.items()))
-        self._set_phase(Phase.SUCCEEDED, f"finished: {summary}")
-        state.status.set_condition("Succeeded", "True", "Succeeded", summary, self._now())
+        how = f"finished ({result.stop_reason} at step {state.status.step})" if result.stop_reason else "finished"
+        self._set_phase(Phase.SUCCEEDED, f"{how}: {summary}")
+        state.status.set_condition("Succeeded", "True", result.stop_reason or "Succeeded", summary, self._now())
         state.status.set_condition("Ready", "False", "Finished", "training finished", self._now())
         self._event("Normal", "Succeeded", f"final model at {result.model_path}; {summary}")
         try:
