@@ -88,14 +88,14 @@ class SweepActivities(SweepActivityInterface):
         handle = self.client.get_workflow_handle(request.workflow_id)
         while True:
             activity.heartbeat()
-            description = await handle.describe()
-            if description.status != WorkflowExecutionStatus.RUNNING:
-                return await self._finished(request, description.status)
-            if request.stop_at_step is not None:
+            description = await handle.describe()  # first: an eval line read after it is never missed
+            if request.stop_at_step is not None:  # the rung first: a trial that ran past it is compared there too
                 entries = await asyncio.to_thread(read_history, layout)
                 value = rung_metric(entries, request.stop_at_step, request.metric)
                 if value is not None:
                     return WatchTrialResult(kind="rung", step=request.stop_at_step, metric=value)
+            if description.status != WorkflowExecutionStatus.RUNNING:
+                return await self._finished(request, description.status)
             await asyncio.sleep(request.poll_interval_s)
 
     async def _finished(self, request: WatchTrialRequest, closed: WorkflowExecutionStatus | None) -> WatchTrialResult:
@@ -133,9 +133,15 @@ class SweepActivities(SweepActivityInterface):
                 raise
 
     @activity.defn(name="sweep_cancel_trial")
-    async def cancel_trial(self, request: TrialRef) -> None:
+    async def cancel_trial(self, request: TrialRef) -> bool:
+        """Cancel the trial's workflow; False when it had already ended (a trial can finish while it is stopped)."""
+        handle = self.client.get_workflow_handle(request.workflow_id)
+        if (await handle.describe()).status != WorkflowExecutionStatus.RUNNING:
+            return False
         try:
-            await self.client.get_workflow_handle(request.workflow_id).cancel()
+            await handle.cancel()
         except RPCError as exc:
-            if exc.status != RPCStatusCode.NOT_FOUND:  # already ended: nothing to cancel
+            if exc.status != RPCStatusCode.NOT_FOUND:  # ended since: nothing to cancel
                 raise
+            return False
+        return True

@@ -37,6 +37,8 @@ class SweepInput(BaseModel):
     trial_heartbeat_timeout_s: float = Field(30.0, gt=0)
     watch_poll_interval_s: float = Field(1.0, gt=0, description="How often a watch looks at a trial.")
     results_per_run: int = Field(500, ge=1, description="Continue-as-new after this many trial results.")
+    # Demo/test preemptions: trial name -> steps at which its leg gets a real SIGTERM (TrainingRunInput's).
+    trial_preempt_at_steps: dict[str, list[int]] = Field(default_factory=dict)
     state: SweepState | None = None
 
 
@@ -87,4 +89,4 @@ class SweepActivityInterface(Protocol):
     async def signal_trial(self, request: TrialSignalRequest) -> None: ...
 
     @activity.defn(name="sweep_cancel_trial")
-    async def cancel_trial(self, request: TrialRef) -> None: ...
+    async def cancel_trial(self, request: TrialRef) -> bool: ...

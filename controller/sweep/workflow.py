@@ -89,7 +89,9 @@ class TrainingSweepWorkflow:
                     if state.paused:
                         await workflow.wait_condition(lambda: self._suspend_changed)
                         continue
-                    await self._prune_waiting()
+                    if state.waiting:
+                        await self._prune_waiting()  # one that had already finished is watched to its result
+                        continue
                     break
                 self._refresh()
                 await workflow.wait_condition(
@@ -132,6 +134,7 @@ class TrainingSweepWorkflow:
                 await_window_s=self._input.trial_await_window_s,
                 poll_interval_s=self._input.trial_poll_interval_s,
                 heartbeat_timeout_s=self._input.trial_heartbeat_timeout_s,
+                preempt_at_steps=self._input.trial_preempt_at_steps.get(trial.name, []),
             )
             await workflow.execute_activity_method(
                 SweepActivityInterface.start_trial,
@@ -144,10 +147,10 @@ class TrainingSweepWorkflow:
             trial.state, trial.message = "running", "started"
             self._watch(trial)
 
-    def _watch(self, trial: TrialStatus) -> None:
+    def _watch(self, trial: TrialStatus, *, to_the_end: bool = False) -> None:
         asha = self._input.spec.asha
         stop_at = None
-        if asha is not None:
+        if asha is not None and not to_the_end:
             stop = asha.rungs.next_stop(trial.step)
             stop_at = stop if stop < asha.max_steps else None
         self._watches[trial.name] = workflow.start_activity_method(
@@ -208,8 +211,11 @@ class TrainingSweepWorkflow:
         for name in list(state.waiting):
             trial = self._trial(name)
             state.waiting.pop(name)
-            trial.state, trial.message = "pruned", f"pruned at rung step {trial.step}"
-            await self._cancel(trial)
+            if await self._cancel(trial):
+                trial.state, trial.message = "pruned", f"pruned at rung step {trial.step}"
+            else:  # it trained to its end before its leg stopped at the rung: its final result counts
+                trial.state, trial.message = "running", "finished before it stopped at the rung"
+                self._watch(trial, to_the_end=True)
         self._update_best()
 
     async def _carry_out_suspend(self) -> None:
@@ -238,8 +244,8 @@ class TrainingSweepWorkflow:
             retry_policy=_QUICK,
         )
 
-    async def _cancel(self, trial: TrialStatus) -> None:
-        await workflow.execute_activity_method(
+    async def _cancel(self, trial: TrialStatus) -> bool:
+        return await workflow.execute_activity_method(
             SweepActivityInterface.cancel_trial,
             TrialRef(workflow_id=self._trial_id(trial)),
             start_to_close_timeout=timedelta(seconds=30),

@@ -1,7 +1,8 @@
 """A TrainingSweep end to end on one machine: the real sweep workflow, the real training workflows of its trials,
 LocalBackend and the real trainer (tiny BERT). ASHA stops every trial at its rung; the better half is promoted
 and resumes from its checkpoint (a leg that starts at a step above zero), the rest are pruned; the best trial is
-reported with its metric and model."""
+reported with its metric and model. A trial preempted (a real SIGTERM) before its rung resumes from its
+checkpoint and is compared at the rung like the others."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from controller.worker import build_worker
 pytestmark = pytest.mark.anyio
 
 MIN_STEPS, MAX_STEPS = 12, 24
+PREEMPT_AT = 4
 
 
 def _sweep(name: str) -> dict[str, Any]:
@@ -68,6 +70,7 @@ async def test_asha_sweep_prunes_promotes_from_checkpoints_and_reports_the_best(
                 trial_poll_interval_s=0.05,
                 trial_heartbeat_timeout_s=5.0,
                 watch_poll_interval_s=0.1,
+                trial_preempt_at_steps={f"{name}-t000": [PREEMPT_AT]},
             ),
             id=sweep_workflow_id("default", name),
             task_queue=task_queue,
@@ -88,14 +91,20 @@ async def test_asha_sweep_prunes_promotes_from_checkpoints_and_reports_the_best(
         assert str(MIN_STEPS) in trial.rung_metrics, trial
     promoted = [t for t in status.trials if t.resumes > 0]
     assert promoted
-    for trial in promoted:
+    for trial in promoted:  # stopped at the rung (its leg paused at a checkpoint), then resumed from it
         legs = trials[trial.name].legs
-        assert len(legs) >= 2 and legs[0].start_step == 0
-        assert all(leg.start_step >= MIN_STEPS for leg in legs[1:]), legs  # resumed from its checkpoint, not zero
+        assert legs[0].start_step == 0
+        paused = [i for i, leg in enumerate(legs) if leg.outcome == "paused"]
+        assert paused and paused[0] + 1 < len(legs), legs
+        resumed = legs[paused[0] + 1]
+        assert resumed.start_step == legs[paused[0]].end_step and resumed.start_step >= MIN_STEPS, legs
     for trial in status.trials:
         if trial.state == "pruned":
             assert trials[trial.name].phase.value == "Cancelled"
             assert trial.step == MIN_STEPS or trial.resumes > 0
+    preempted = trials[f"{name}-t000"]
+    assert preempted.preemptions == 1 and preempted.legs[0].outcome == "preempted"
+    assert PREEMPT_AT <= preempted.legs[1].start_step < MIN_STEPS  # resumed before its rung, not from zero
     completed = [t for t in status.trials if t.state == "completed"]
     for trial in completed:
         assert trial.step == MAX_STEPS and trial.model_path == f"runs/default/{trial.name}/final"
