@@ -15,6 +15,9 @@ server prunes unknown fields).
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -130,6 +133,17 @@ def openapi_schema(model: type[BaseModel], where: str) -> dict[str, Any]:
     return _structural(_resolve(raw, defs, where), where)
 
 
+SCHEMA_REVISION_ANNOTATION = "relay.dev/schema-revision"
+
+
+@functools.cache
+def schema_revision() -> str:
+    """Which TrainingRun schema this build has: a hash of the spec and status schemas (12 hex digits). The CRD
+    carries it as an annotation; the controller names it when it meets a status written by another schema."""
+    schemas = [openapi_schema(TrainingRunSpec, "spec"), openapi_schema(CustomResourceStatus, "status")]
+    return hashlib.sha256(json.dumps(schemas, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def crd_manifest() -> dict[str, Any]:
     """The TrainingRun CRD (apiextensions.k8s.io/v1) as a dict."""
     spec_schema = openapi_schema(TrainingRunSpec, "spec")
@@ -141,6 +155,7 @@ def crd_manifest() -> dict[str, Any]:
         "metadata": {
             "name": f"{PLURAL}.{API_GROUP}",
             "labels": {"app.kubernetes.io/name": "relay", "app.kubernetes.io/part-of": "relay"},
+            "annotations": {SCHEMA_REVISION_ANNOTATION: schema_revision()},
         },
         "spec": {
             "group": API_GROUP,
