@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Replayer
 
 from controller.backends.local import LocalBackend
 from controller.spec import workflow_id
@@ -76,6 +77,9 @@ async def test_asha_sweep_prunes_promotes_from_checkpoints_and_reports_the_best(
             task_queue=task_queue,
         )
         status: SweepStatus = await asyncio.wait_for(handle.result(), 240)
+        # Deterministic: the recorded history replays on this code (the workflow sandbox, as the worker runs it).
+        replayer = Replayer(workflows=[TrainingSweepWorkflow], data_converter=client.data_converter)
+        await replayer.replay_workflow(await handle.fetch_history())
         trials = {}
         for trial in status.trials:
             trial_handle = client.get_workflow_handle(workflow_id("default", trial.name), result_type=RunStatus)
