@@ -527,7 +527,12 @@ def _cmd_drill(args: argparse.Namespace) -> int:
     return run_drill(args.seed, args.faults, args.volume, kinds, backend=args.backend, cluster=cluster)[0]
 
 
-def _cmd_plot(args: argparse.Namespace) -> int:
+def _cmd_plot(args: argparse.Namespace) -> Any:
+    if args.sweep:
+        from controller.sweep.cli import plot
+
+        embedded = (Path(args.volume) / "temporal.db").is_file() and not _reachable(args.address)
+        return plot(args, _temporal, embedded, CliError)  # a coroutine: run_command runs it
     from controller.plot import PlotError, plot_run  # matplotlib only for `relay plot`
 
     run_dir = Path(args.volume).expanduser() / "runs" / args.namespace / args.name
@@ -767,18 +772,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="default")
     p.add_argument("--volume", default=DEFAULT_VOLUME, help="the volume folder holding runs/<namespace>/<name>")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.add_argument("--sweep", action="store_true", help="NAME is a TrainingSweep: every trial's eval metric by step")
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="Temporal frontend host:port (with --sweep)")
     p.set_defaults(func=_cmd_plot)
     return parser
 
 
 class _OneLineFormatter(logging.Formatter):
-    """Log records as one line each: no tracebacks on a user's terminal (set RELAY_DEBUG=1 for them)."""
+    """Log records as one line each: no tracebacks on a user's terminal (set RELAY_DEBUG=1 for them), and a
+    message of several lines (a Kubernetes ApiException: reason, headers, body) joined with " | "."""
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's API
         return "" if not os.environ.get("RELAY_DEBUG") else super().formatException(ei)
 
     def format(self, record: logging.LogRecord) -> str:
-        return super().format(record).rstrip()
+        text = super().format(record).rstrip()
+        if os.environ.get("RELAY_DEBUG"):
+            return text
+        return " | ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -111,3 +111,17 @@ async def test_the_controllers_default_level_prints_run_events_and_runs_does_not
     finally:
         logging.getLogger().handlers.clear()
         logging.getLogger("kopf").setLevel(logging.NOTSET)
+
+
+def test_a_record_of_several_lines_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("RELAY_DEBUG", raising=False)
+    try:
+        cli.setup_logging("info", timestamps=True)
+        logging.getLogger("relay.controller.leader").warning("lease ml/relay: (403)\nReason: Forbidden\n\nbody")
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.rstrip().endswith("lease ml/relay: (403) | Reason: Forbidden | body")
+    finally:
+        logging.getLogger().handlers.clear()
+        logging.getLogger("kopf").setLevel(logging.NOTSET)
