@@ -47,12 +47,17 @@ _CLOSED_PHASE = {
 }
 
 
+def eval_value(entry: HistoryEntry, metric: str) -> float | None:
+    """The objective in an eval line of history.jsonl ("eval" during training, or the final evaluation's)."""
+    return _EVAL_FIELD[metric](entry)
+
+
 def rung_metric(entries: list[HistoryEntry], step: int, metric: str) -> float | None:
     """The objective of the newest "eval" line of `step` (a resumed leg may evaluate a step again), or None."""
     value = None
     for entry in entries:
         if entry.event == "eval" and entry.step == step:
-            value = _EVAL_FIELD[metric](entry)
+            value = eval_value(entry, metric)
     return value
 
 

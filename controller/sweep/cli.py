@@ -1,4 +1,4 @@
-"""`relay sweep FILE`, `relay status NAME --sweep` and `relay validate` of a TrainingSweep file.
+"""`relay sweep FILE`, `relay status NAME --sweep`, `relay plot NAME --sweep` and `relay validate` of a sweep file.
 
 The sweep runs like `relay run`: an embedded Temporal dev server when none answers, a worker with the local
 backend in this process, the sweep workflow and its trials' training workflows on one task queue, and a line
@@ -200,6 +200,34 @@ async def show_status(
     args: argparse.Namespace, temporal: Callable[..., Any], embedded: bool, error: Callable[[str, int], Exception]
 ) -> int:
     """`relay status NAME --sweep`: the sweep workflow's get_status, as a table or JSON."""
+    status = await query_status(args, temporal, embedded, error)
+    if args.json:
+        print(json.dumps(status.model_dump(mode="json", by_alias=True), indent=2))
+    else:
+        print(format_counts(status))
+        print(f"{status.phase}: {status.message}")
+        metric = status.best.metric if status.best else "metric"
+        print(format_table(status, metric))
+    return EXIT_OK
+
+
+async def plot(
+    args: argparse.Namespace, temporal: Callable[..., Any], embedded: bool, error: Callable[[str, int], Exception]
+) -> int:
+    """`relay plot NAME --sweep -o sweep.png`: every trial's eval metric against step (controller.sweep.plot)."""
+    from controller.sweep.plot import plot_sweep
+
+    status = await query_status(args, temporal, embedded, error)
+    plot_sweep(status, Path(args.volume).expanduser(), args.namespace, args.name, Path(args.output))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+async def query_status(
+    args: argparse.Namespace, temporal: Callable[..., Any], embedded: bool, error: Callable[[str, int], Exception]
+) -> SweepStatus:
+    """The sweep's get_status, from the server at --address or the embedded one (its db on --volume)."""
+    from temporalio.client import WorkflowQueryFailedError
     from temporalio.service import RPCError
     from temporalio.worker import Worker
 
@@ -215,11 +243,6 @@ async def show_status(
                 status = await client.get_workflow_handle(wf_id).query("get_status", result_type=SweepStatus)
             except RPCError as exc:
                 raise error(f"no TrainingSweep {args.namespace}/{args.name} ({exc.message})", EXIT_ERROR) from None
-    if args.json:
-        print(json.dumps(status.model_dump(mode="json", by_alias=True), indent=2))
-    else:
-        print(format_counts(status))
-        print(f"{status.phase}: {status.message}")
-        metric = status.best.metric if status.best else "metric"
-        print(format_table(status, metric))
-    return EXIT_OK
+            except WorkflowQueryFailedError as exc:  # e.g. a history this code cannot replay
+                raise error(f"TrainingSweep {args.namespace}/{args.name}: no status ({exc})", EXIT_ERROR) from None
+    return status
