@@ -8,6 +8,7 @@ exit in lastState), and a readiness probe gates Ready, as the chart's /readyz pr
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 import uuid
@@ -16,8 +17,9 @@ from typing import Any
 
 import kubernetes
 import pytest
+from test_k8s_real_trainer import kubectl
 
-from relay_testing.control_plane import free_port
+from relay_testing.control_plane import ControlPlane, free_port
 from relay_testing.process_kubelet import ProcessKubelet
 
 pytestmark = pytest.mark.cluster
@@ -54,6 +56,13 @@ def _deployment(name: str, node: str, command: list[str], port: int) -> dict[str
     }
 
 
+def _rollout_status(plane: ControlPlane, namespace: str, name: str) -> subprocess.CompletedProcess[str]:
+    """`kubectl rollout status` itself, as a user runs it after an install (5 s to say yes)."""
+    command = [kubectl(), "--kubeconfig", str(plane.kubeconfig), "-n", namespace]
+    command += ["rollout", "status", f"deployment/{name}", "--timeout=5s"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=30)
+
+
 def _rolled_out(apps: Any, namespace: str, name: str) -> bool:
     """What `kubectl rollout status` waits for."""
     deployment = apps.read_namespaced_deployment(name, namespace)
@@ -66,7 +75,7 @@ def _rolled_out(apps: Any, namespace: str, name: str) -> bool:
 
 
 def test_a_container_that_exits_at_once_crash_loops_in_place_and_never_rolls_out(
-    kube: kubernetes.client.ApiClient, namespace: str, quick_kubelet: ProcessKubelet
+    kube: kubernetes.client.ApiClient, control_plane: ControlPlane, namespace: str, quick_kubelet: ProcessKubelet
 ) -> None:
     core: Any = kubernetes.client.CoreV1Api(kube)
     apps: Any = kubernetes.client.AppsV1Api(kube)
@@ -92,11 +101,13 @@ def test_a_container_that_exits_at_once_crash_loops_in_place_and_never_rolls_out
     ready = next(c for c in pod.status.conditions if c.type == "Ready")
     assert ready.status == "False"
     assert "cannot start" in quick_kubelet.pod_log(namespace, pod.metadata.name)
+    rollout = _rollout_status(control_plane, namespace, name)
+    assert rollout.returncode != 0 and "successfully rolled out" not in rollout.stdout, rollout.stdout
     apps.delete_namespaced_deployment(name, namespace)
 
 
 def test_a_container_whose_readiness_probe_passes_rolls_out(
-    kube: kubernetes.client.ApiClient, namespace: str, quick_kubelet: ProcessKubelet
+    kube: kubernetes.client.ApiClient, control_plane: ControlPlane, namespace: str, quick_kubelet: ProcessKubelet
 ) -> None:
     core: Any = kubernetes.client.CoreV1Api(kube)
     apps: Any = kubernetes.client.AppsV1Api(kube)
@@ -110,5 +121,7 @@ def test_a_container_whose_readiness_probe_passes_rolls_out(
         time.sleep(0.2)
     pod = core.list_namespaced_pod(namespace, label_selector=f"app={name}").items[0]
     assert pod.status.container_statuses[0].ready and pod.status.container_statuses[0].restart_count == 0
+    rollout = _rollout_status(control_plane, namespace, name)
+    assert rollout.returncode == 0 and "successfully rolled out" in rollout.stdout, rollout.stdout + rollout.stderr
     apps.delete_namespaced_deployment(name, namespace)
     core.delete_namespaced_pod(pod.metadata.name, namespace, grace_period_seconds=1)
