@@ -21,11 +21,13 @@ from typing import Any
 
 MODULES = (
     "bench.bench_trainer",
+    "bench.bench_eval",
     "bench.bench_hf_peer",
     "bench.bench_workflow",
     "bench.bench_list",
     "bench.bench_kubernetes",
     "bench.bench_containers",
+    "bench.bench_ha",
 )
 KEYS = (
     "checkpoint_write_vs_disk",
@@ -47,6 +49,10 @@ KEYS = (
     "samples_per_s_vs_hf_best",
     "accuracy_vs_hf_best",
     "relay_list_s_500_runs",
+    "eval_overhead_fraction",
+    "controller_failover_s",
+    "upgrade_runs_disrupted",
+    "temporal_outage_60s_ok",
 )
 
 

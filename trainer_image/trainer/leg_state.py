@@ -102,4 +102,5 @@ class LegStats:
     stall_seconds: list[float] = field(default_factory=list)  # training thread time per checkpoint
     checkpoint_bytes: int = 0
     train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # of train_seconds, the evaluations during training (evalEverySteps)
     samples: int = 0

@@ -119,10 +119,13 @@ class TrainingLoop:
         stop request came during it (nothing recorded)."""
         tracker = self.policy.tracker
         self.reporter.update(state="evaluating", message=f"evaluating step {step}")
+        started = time.perf_counter()
         try:
             result = evaluate(self.learner, self.eval_data, self.config.eval_batch_size, self.stop, self.faults)
         except Preempted:
             return False
+        finally:
+            self.stats.eval_seconds += time.perf_counter() - started
         metrics = named_metrics(result)
         improved = tracker.record(step, metrics)
         self.reporter.evaluated(step, metrics, self.config.metric_for_best, tracker.best_step, improved)
