@@ -2,7 +2,7 @@
 
 The trials and their fate come from the sweep's status (get_status); each trial's evaluations from its run
 folder's history.jsonl ("eval" lines during training and the final evaluation), through trainer.volume.
-Pruned trials are drawn dashed and end in a cross at the rung where they stopped; the best trial is drawn
+Pruned trials are drawn dashed with a cross at the rung where they were stopped; the best trial is drawn
 thick; rungs are dotted vertical lines. matplotlib with the Agg backend (no display needed).
 """
 
@@ -73,6 +73,8 @@ def _draw_trial(ax: Any, trial: TrialStatus, curve: list[tuple[int, float]], sta
         ax.plot(steps, values, color=BEST_COLOUR, linewidth=3, marker="o", label=f"{label}, best", zorder=3)
     elif trial.state == "pruned":
         ax.plot(steps, values, color=PRUNED_COLOUR, linestyle="--", marker=".", label=label)
-        ax.plot(steps[-1], values[-1], color=PRUNED_COLOUR, marker="x", markersize=12, markeredgewidth=2)
+        # The cross is where it was compared and stopped; its leg may have trained a few steps on before it paused.
+        at = (trial.step, trial.metric) if trial.metric is not None else (steps[-1], values[-1])
+        ax.plot(*at, color=PRUNED_COLOUR, marker="x", markersize=12, markeredgewidth=2)
     else:
         ax.plot(steps, values, linewidth=1.5, marker="o", label=label)
