@@ -86,11 +86,11 @@ def test_random_search_is_seeded_and_within_bounds() -> None:
     assert first != random_trials(space, seed=8, count=20)
     assert random_trials(space, seed=7, count=5) == first[:5]  # more trials extend, never reshuffle
     for trial in first:
-        assert 1e-5 <= trial["learningRate"] <= 1e-2
-        assert 0.0 <= trial["weightDecay"] <= 0.1
+        assert isinstance(trial["learningRate"], float) and 1e-5 <= trial["learningRate"] <= 1e-2
+        assert isinstance(trial["weightDecay"], float) and 0.0 <= trial["weightDecay"] <= 0.1
         assert isinstance(trial["batchSize"], int) and 4 <= trial["batchSize"] <= 32
         assert trial["precision"] in ("fp32", "bf16")
-    logs = [math.log10(t["learningRate"]) for t in random_trials(space, seed=1, count=400)]
+    logs = [math.log10(float(t["learningRate"])) for t in random_trials(space, seed=1, count=400)]
     assert sum(lr < -3.5 for lr in logs) > 120  # log scale: half the draws below the geometric middle
 
 
