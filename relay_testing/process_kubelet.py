@@ -6,7 +6,10 @@ rewriting the mount paths in the command and env; emptyDirs to per-pod temp fold
 interpreter), and reports phase, container state and exit code through `pods/status`, as a kubelet does.
 A pod marked for deletion (kubectl delete, the Eviction API, the garbage collector) gets SIGTERM, then
 SIGKILL after its grace period, then is removed. `pressure_evict()` plays the kubelet's own node-pressure
-eviction (phase Failed, reason Evicted). `spans` keeps every pod's process start and end time, so a drill
+eviction (phase Failed, reason Evicted). `partition()` plays a node the API server can no longer reach
+(issue 13): its pods' processes keep running and writing the volume, but the kubelet reports nothing more
+and hears of no deletion; `set_ready()` sets the Node's Ready condition as the node controller would see it.
+`spans` keeps every pod's process start and end time, so a drill
 can check that no two legs of a run ever ran at once. The container mode (relay_testing/container_kubelet.py)
 is this class with `_launch`, `_kill`, `_terminate` and `_exit_reason` run through a Docker engine instead.
 """
@@ -133,6 +136,7 @@ class ProcessKubelet:
         self.volume_for_namespace: dict[str, Path] = {}  # PVC mounts of these namespaces map here instead
         self._lock = threading.RLock()
         self._stop = threading.Event()
+        self.partitioned = False  # partition(): cut off from the API server, the pods' processes run on
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ node
@@ -167,6 +171,27 @@ class ProcessKubelet:
         # The TaintNodesByCondition admission plugin adds not-ready:NoSchedule on create; the node lifecycle
         # controller (not run here) would lift it once Ready, so the harness does.
         self.core.patch_node(self.node_name, {"spec": {"taints": None}})
+
+    def set_ready(self, status: str, reason: str = "KubeletReady") -> None:
+        """Set the Node's Ready condition ("True", "False", "Unknown"), transition time now."""
+        condition = {
+            "type": "Ready",
+            "status": status,
+            "reason": reason,
+            "message": f"process kubelet: Ready={status}",
+            "lastHeartbeatTime": _now(),
+            "lastTransitionTime": _now(),
+        }
+        self.core.patch_node_status(self.node_name, {"status": {"conditions": [condition]}})
+
+    def set_unschedulable(self, unschedulable: bool) -> None:
+        """Cordon (True) or uncordon the Node, as `kubectl cordon` does."""
+        self.core.patch_node(self.node_name, {"spec": {"unschedulable": unschedulable or None}})
+
+    def partition(self) -> None:
+        """From now on the node is unreachable: no status reports, no deletions heard; processes keep running."""
+        with self._lock:
+            self.partitioned = True
 
     def start(self) -> ProcessKubelet:
         self.register_node()
@@ -209,6 +234,8 @@ class ProcessKubelet:
         meta = obj["metadata"]
         uid = meta["uid"]
         with self._lock:
+            if self.partitioned:
+                return
             pod = self.pods.get(uid)
             if kind == "DELETED":
                 if pod is not None:
@@ -460,11 +487,15 @@ class ProcessKubelet:
 
     def _remove(self, pod: LocalPod) -> None:
         """The kubelet's final delete (grace 0, this pod's uid only); the grace period goes in the body."""
+        if self.partitioned:
+            return
         with contextlib.suppress(Exception):  # gone already, or the control plane is shutting down
             body: Any = {"gracePeriodSeconds": 0, "preconditions": {"uid": pod.uid}}
             self.core.delete_namespaced_pod(pod.name, pod.namespace, body=body)
 
     def _patch_status(self, pod: LocalPod, status: dict[str, Any]) -> None:
+        if self.partitioned:
+            return
         with contextlib.suppress(Exception):
             self.core.patch_namespaced_pod_status(pod.name, pod.namespace, {"status": status})
 

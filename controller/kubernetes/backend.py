@@ -79,6 +79,11 @@ def _same_owner(where: str, owner_uid: str | None, uid: str) -> None:
         raise RunIdentityMismatch(f"{where}: owner_uid {owner_uid!r} is not the object's uid {uid!r}")
 
 
+# How often a waiting leg is judged again without a watch event: the lost-leg checks (issue 13) then notice a
+# NotReady node within nodeLostAfterSeconds + this, where the workflow's poll alone took up to 10 s more.
+LOST_LEG_CHECK_S = 1.0
+
+
 class KubernetesBackend:
     def __init__(
         self,
@@ -103,6 +108,7 @@ class KubernetesBackend:
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
         self._job_uids: dict[tuple[str, str], str] = {}  # (namespace, Job) -> uid of the Job this backend created
         self._nodes: dict[str, tuple[float, dict[str, Any] | None]] = {}  # node name -> (read at, Node or None)
+        self._lost: dict[tuple[str, str], LegObservation] = {}  # (namespace, Job) -> the verdict that deleted it
         self.volume_root = Path(volume_root).resolve() if volume_root is not None else None  # the controller's mount
         self.policy = policy or Policy()  # the cluster's allow-lists, checked again at every launch
         self.api_retry_s = api_retry_s
@@ -203,6 +209,8 @@ class KubernetesBackend:
         name = job_name(leg.name, leg.leg)
         self._seen[(leg.namespace, name)] = self._generation.get((leg.namespace, name), 0)
         job = cache.job(name)
+        if job is None and (leg.namespace, name) in self._lost:
+            return self._lost[(leg.namespace, name)]  # deleted as lost: the same verdict, not "Missing"
         pods, vanished = self._pods_of(cache, leg.namespace, name, job)
         lost = await self._lost_leg_limits(leg, pods)
         retries = leg.spec.retries
@@ -210,14 +218,25 @@ class KubernetesBackend:
         if job is not None:
             await self._carry_out(leg.namespace, job, verdict)
             if verdict.force_delete:
+                self._lost[(leg.namespace, name)] = verdict.observation
                 await self._force_delete_leg(leg.namespace, job, pods, verdict)
         return verdict.observation
 
     async def wait_for_change(self, leg: LegSpec, timeout_s: float) -> LegObservation:
         await self.cache(leg.namespace)
         key = (leg.namespace, job_name(leg.name, leg.leg))
-        if self._generation.get(key, 0) == self._seen.get(key, -1):
-            await self._wait_for_wake(key, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while self._generation.get(key, 0) == self._seen.get(key, -1):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await self._wait_for_wake(key, min(remaining, LOST_LEG_CHECK_S))
+            if self._generation.get(key, 0) == self._seen.get(key, -1):
+                # Nothing the Job/pod watch sees changes when a node goes NotReady or a leg stops progressing:
+                # judged again every LOST_LEG_CHECK_S (cache, one node read a second, progress.json).
+                observation = await self.observe(leg)
+                if observation.state == LegState.TERMINATED:
+                    return observation
         return await self.observe(leg)
 
     async def stop(self, leg: LegSpec, grace_s: float) -> LegObservation:
