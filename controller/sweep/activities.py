@@ -93,7 +93,13 @@ class SweepActivities(SweepActivityInterface):
         handle = self.client.get_workflow_handle(request.workflow_id)
         while True:
             activity.heartbeat()
-            description = await handle.describe()  # first: an eval line read after it is never missed
+            try:
+                description = await handle.describe()  # first: an eval line read after it is never missed
+            except RPCError as exc:
+                if exc.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                await asyncio.sleep(request.poll_interval_s)  # not started yet (on Kubernetes the operator starts it)
+                continue
             if request.stop_at_step is not None:  # the rung first: a trial that ran past it is compared there too
                 entries = await asyncio.to_thread(read_history, layout)
                 value = rung_metric(entries, request.stop_at_step, request.metric)

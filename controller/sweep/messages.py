@@ -46,6 +46,8 @@ class StartTrialRequest(BaseModel):
     run_input: TrainingRunInput
     workflow_id: str
     task_queue: str
+    sweep_name: str = ""  # Kubernetes: the TrainingSweep that owns the trial's TrainingRun
+    sweep_uid: str | None = None
 
 
 class WatchTrialRequest(BaseModel):

@@ -139,7 +139,11 @@ class TrainingSweepWorkflow:
             await workflow.execute_activity_method(
                 SweepActivityInterface.start_trial,
                 StartTrialRequest(
-                    run_input=run_input, workflow_id=self._trial_id(trial), task_queue=self._input.trial_task_queue
+                    run_input=run_input,
+                    workflow_id=self._trial_id(trial),
+                    task_queue=self._input.trial_task_queue,
+                    sweep_name=self._input.name,
+                    sweep_uid=self._input.owner_uid,
                 ),
                 start_to_close_timeout=timedelta(minutes=1),
                 retry_policy=_QUICK,

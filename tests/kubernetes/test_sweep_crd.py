@@ -1,19 +1,28 @@
 """The generated TrainingSweep CRD on a real API server: a good sweep is stored, and the bad inputs a structural
 schema can state (an empty search space, maxConcurrentTrials 0, a metric the trainer does not produce) are
 refused with the field named. An unknown search-space field is pruned (1.20 prunes unknown fields, it cannot
-refuse them): a space with nothing else left is refused as empty; `relay validate` names the field itself."""
+refuse them): a space with nothing else left is refused as empty; `relay validate` names the field itself.
+The Kubernetes trial activities make each trial a TrainingRun owned by the sweep: created once, suspended and
+resumed through spec.suspend, deleted when pruned, and garbage-collected with the sweep."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import time
+from pathlib import Path
 from typing import Any
 
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
 
+from controller.messages import TrainingRunInput
+from controller.spec import workflow_id
 from controller.sweep.crd import crd_manifest
+from controller.sweep.kubernetes import KubernetesTrialActivities
+from controller.sweep.messages import StartTrialRequest, TrialRef, TrialSignalRequest
+from controller.sweep.spec import parse_training_sweep, trial_name
 
 pytestmark = [pytest.mark.cluster]
 
@@ -94,3 +103,58 @@ def test_the_api_server_refuses_a_bad_sweep_naming_the_field(
         _create(kube, namespace, _with("bad", path, value))
     assert raised.value.status == 422
     assert field in str(raised.value.body)
+
+
+@pytest.mark.anyio
+async def test_trials_are_training_runs_owned_by_the_sweep(
+    kube: Any, crd_installed: Any, sweep_crd: None, namespace: str, temporal_env: Any, tmp_path: Path
+) -> None:
+    custom: Any = kubernetes.client.CustomObjectsApi(kube)
+    sweep = _create(kube, namespace, GOOD)
+    spec = parse_training_sweep(GOOD).spec
+    activities = KubernetesTrialActivities(temporal_env.client, tmp_path, kube)
+
+    def request(index: int) -> StartTrialRequest:
+        name = trial_name("lr", index)
+        run_input = TrainingRunInput(namespace=namespace, name=name, spec=spec.trial_spec(spec.assignments()[index]))
+        return StartTrialRequest(
+            run_input=run_input,
+            workflow_id=workflow_id(namespace, name),
+            task_queue="unused",
+            sweep_name="lr",
+            sweep_uid=sweep["metadata"]["uid"],
+        )
+
+    def read(name: str) -> dict[str, Any]:
+        found: dict[str, Any] = custom.get_namespaced_custom_object(
+            "relay.dev", "v1alpha1", namespace, "trainingruns", name
+        )
+        return found
+
+    first = request(0)
+    await activities.start_trial(first)
+    await activities.start_trial(first)  # a retried start keeps the one there
+    run = read("lr-t000")
+    (owner,) = run["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("TrainingSweep", "lr", sweep["metadata"]["uid"])
+    assert run["metadata"]["labels"]["relay.dev/sweep"] == "lr"
+    assert run["spec"]["training"]["learningRate"] == 0.001 and run["spec"]["training"]["maxSteps"] == 40
+    for signal, suspended in (("pause", True), ("resume", False)):
+        await activities.signal_trial(TrialSignalRequest(workflow_id=first.workflow_id, signal=signal, reason="rung"))
+        assert read("lr-t000")["spec"]["suspend"] is suspended
+    assert await activities.cancel_trial(TrialRef(workflow_id=first.workflow_id)) is True  # pruned: deleted
+    with pytest.raises(ApiException) as gone:
+        read("lr-t000")
+    assert gone.value.status == 404
+    assert await activities.cancel_trial(TrialRef(workflow_id=first.workflow_id)) is False  # nothing left
+    await activities.start_trial(request(1))
+    custom.delete_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingsweeps", "lr")
+    deadline = time.monotonic() + 60  # the garbage collector deletes what the sweep owned
+    while True:
+        try:
+            read("lr-t001")
+        except ApiException as exc:
+            assert exc.status == 404
+            break
+        assert time.monotonic() < deadline, "the deleted sweep's trial TrainingRun was not garbage-collected"
+        await asyncio.sleep(0.5)

@@ -1,0 +1,112 @@
+"""The sweep's trial activities on Kubernetes: each trial is a TrainingRun owned by its TrainingSweep.
+
+`start_trial` creates the trial's TrainingRun (ownerReferences: the sweep, so deleting the sweep deletes its
+trials; label relay.dev/sweep) and the operator starts its training workflow as for any TrainingRun, under
+the same id; `signal_trial` patches its spec.suspend (the operator signals pause/resume); `cancel_trial`
+deletes it (the operator cancels the workflow and removes its Jobs). Watching a trial is the local activity's:
+the eval lines on the shared volume and the workflow's state in Temporal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+
+from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, WORKFLOW_ID_PREFIX
+from controller.sweep.activities import SweepActivities
+from controller.sweep.messages import StartTrialRequest, TrialRef, TrialSignalRequest
+from controller.sweep.spec import SWEEP_KIND
+
+SWEEP_LABEL = "relay.dev/sweep"
+
+
+def trial_manifest(request: StartTrialRequest) -> dict[str, Any]:
+    """The trial's TrainingRun: the run input's spec, owned by the sweep (when its uid is known)."""
+    run = request.run_input
+    metadata: dict[str, Any] = {
+        "name": run.name,
+        "namespace": run.namespace,
+        "labels": {SWEEP_LABEL: request.sweep_name},
+    }
+    if request.sweep_uid:
+        metadata["ownerReferences"] = [
+            {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": SWEEP_KIND,
+                "name": request.sweep_name,
+                "uid": request.sweep_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    spec = run.spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    return {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "metadata": metadata, "spec": spec}
+
+
+class KubernetesTrialActivities(SweepActivities):
+    """SweepActivities whose trials are TrainingRun objects; the operator runs them."""
+
+    def __init__(self, client: Client, volume_root: Path | str, api_client: kubernetes.client.ApiClient) -> None:
+        super().__init__(client, volume_root)
+        self.custom: Any = kubernetes.client.CustomObjectsApi(api_client)  # plain dicts in and out
+
+    @activity.defn(name="sweep_start_trial")
+    async def start_trial(self, request: StartTrialRequest) -> None:
+        """Create the trial's TrainingRun; one already there (a retried start) is kept."""
+        body = trial_manifest(request)
+        try:
+            await asyncio.to_thread(
+                self.custom.create_namespaced_custom_object, API_GROUP, API_VERSION, request.run_input.namespace,
+                PLURAL, body,
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    @activity.defn(name="sweep_signal_trial")
+    async def signal_trial(self, request: TrialSignalRequest) -> None:
+        """spec.suspend true (pause) or false (resume) on the trial's TrainingRun; a deleted one needs nothing."""
+        namespace, name = _namespace_and_name(request.workflow_id)
+        patch = {"spec": {"suspend": request.signal == "pause"}}
+        try:
+            await asyncio.to_thread(
+                self.custom.patch_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name, patch
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    @activity.defn(name="sweep_cancel_trial")
+    async def cancel_trial(self, request: TrialRef) -> bool:
+        """Delete the trial's TrainingRun; False when its workflow had already ended (the run is kept then)."""
+        namespace, name = _namespace_and_name(request.workflow_id)
+        try:
+            finished = (await self.client.get_workflow_handle(request.workflow_id).describe()).status
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            finished = None
+        if finished is not None and finished != WorkflowExecutionStatus.RUNNING:
+            return False
+        try:
+            await asyncio.to_thread(
+                self.custom.delete_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return False
+        return True
+
+
+def _namespace_and_name(workflow_id: str) -> tuple[str, str]:
+    """ "trainingrun-<ns>.<name>" back into (ns, name): DNS labels have no '.'."""
+    namespace, _, name = workflow_id.removeprefix(WORKFLOW_ID_PREFIX).partition(".")
+    return namespace, name
