@@ -9,7 +9,7 @@ Faults (each injected from outside, the way the real thing happens):
                       the trainer saves the current step and exits 75
     sigkill           node loss or OOM: SIGKILL to the trainer (local), the kubelet's hard eviction
                       (Kubernetes); work since the last checkpoint is lost
-    sigkill-in-write  the same while a checkpoint is being written (a `.tmp-step-*` folder with its first file
+    sigkill-in-write  the same while a checkpoint is being written (a `.tmp-[g<leg>-]step-*` folder with its first file
                       exists; the trainer's RELAY_TEST_CHECKPOINT_WRITE_DELAY_S hook holds the write open)
     worker-restart    (local) SIGKILL of the `relay worker` process, then a new one
     controller-restart  (Kubernetes) SIGKILL of the `relay controller` process, then a new one; either way the
@@ -44,6 +44,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -120,6 +121,13 @@ def plan(seed: int, faults: int, kinds: tuple[str, ...]) -> list[FaultRecord]:
 def steps_for(faults: list[FaultRecord]) -> int:
     """maxSteps of the drill's run: every gap at its longest, the drift allowances, and a tail."""
     return sum(GAP[1] + 2 + DRIFT_ALLOWANCE.get(f.kind, 0) for f in faults) + 2 * CHECKPOINT_EVERY
+
+
+def checkpoint_temps(checkpoints: Path) -> list[Path]:
+    """Checkpoint writes in flight: `.tmp-g<leg>-step-*` (a fenced leg's, trainer.volume.fencing) or `.tmp-step-*`."""
+    if not checkpoints.is_dir():
+        return []
+    return [*checkpoints.glob(".tmp-g*-step-*"), *checkpoints.glob(".tmp-step-*")]
 
 
 def free_port() -> int:
@@ -390,7 +398,7 @@ class Drill(abc.ABC):
         checkpoints = self.layout.checkpoints_dir
 
         def writing() -> Path | None:
-            for tmp in checkpoints.glob(".tmp-step-*") if checkpoints.is_dir() else []:
+            for tmp in checkpoint_temps(checkpoints):
                 if (tmp / "model.safetensors").exists():
                     return tmp
             return None
@@ -400,7 +408,7 @@ class Drill(abc.ABC):
         fault.at_step = int(self.progress().get("step") or fault.at_step)
         await self.wait_for("the trainer to die", lambda: not alive(pid), 10)
         left = tmp.exists() and not (tmp / "manifest.json").exists()
-        step = parse_step(tmp.name.split(".")[1].removeprefix("tmp-"))
+        step = parse_step(re.sub(r"^tmp-(g\d+-)?", "", tmp.name.split(".")[1]))
         fault.detail = f"leg {leg}: {how} inside the write of step {step}" + (
             " (half-written folder left)" if left else " (write had finished: NOT inside it)"
         )
@@ -411,7 +419,7 @@ class Drill(abc.ABC):
         checkpoints = self.layout.checkpoints_dir
         for _ in range(50):
             os.kill(pid, signal.SIGSTOP)
-            if not list(checkpoints.glob(".tmp-step-*")):
+            if not checkpoint_temps(checkpoints):
                 break
             os.kill(pid, signal.SIGCONT)  # a write is in flight: let it finish first
             await asyncio.sleep(0.05)
