@@ -70,6 +70,8 @@ class TrainingSweepWorkflow:
                 for i, params in enumerate(sweep.spec.assignments())
             ]
             status.message = f"{len(status.trials)} trials, at most {sweep.spec.max_concurrent_trials} at once"
+            if sweep.spec.suspend:
+                status.phase, status.message = "Paused", "spec.suspend: no trial starts until it is resumed"
             self._state = SweepState(status=status, paused=sweep.spec.suspend)
         else:
             self._state = sweep.state

@@ -44,6 +44,8 @@ class FakeTrials:
         self.cancelled: list[str] = []
         self.training: set[str] = set()
         self.most_at_once = 0
+        self.max_steps: list[int | None] = []
+        self.eval_every: list[int | None] = []
 
     def _index(self, name: str) -> int:
         return int(name.rsplit("-t", 1)[1])
@@ -55,9 +57,9 @@ class FakeTrials:
     @activity.defn(name="sweep_start_trial")
     async def start_trial(self, request: StartTrialRequest) -> None:
         name = request.run_input.name
-        assert (
-            request.run_input.spec.training.max_steps == 20 and request.run_input.spec.training.eval_every_steps == 10
-        )
+        training = request.run_input.spec.training
+        self.max_steps.append(training.max_steps)
+        self.eval_every.append(training.eval_every_steps)
         if name not in self.started:
             self.started.append(name)
             self._train(name)
@@ -97,7 +99,7 @@ class FakeTrials:
         return [self.start_trial, self.watch_trial, self.signal_trial, self.cancel_trial]
 
 
-def _input(name: str, **changes: Any) -> SweepInput:
+def _input(name: str, asha: bool = True, **changes: Any) -> SweepInput:
     document = {
         "apiVersion": "relay.dev/v1alpha1",
         "kind": "TrainingSweep",
@@ -111,16 +113,21 @@ def _input(name: str, **changes: Any) -> SweepInput:
             "asha": {"minSteps": 10, "maxSteps": 20, "reductionFactor": 2},
         },
     }
+    if not asha:
+        document["spec"]["asha"] = None
+        document["spec"]["template"]["training"] = {"maxSteps": 20}
     spec = parse_training_sweep(document).spec
     return SweepInput(namespace="default", name=name, spec=spec, trial_task_queue="unused", **changes)
 
 
-async def _run(env: WorkflowEnvironment, task_queue: str, fakes: FakeTrials, **changes: Any) -> tuple[SweepStatus, str]:
+async def _run(
+    env: WorkflowEnvironment, task_queue: str, fakes: FakeTrials, asha: bool = True, **changes: Any
+) -> tuple[SweepStatus, str]:
     name = f"sw-{uuid.uuid4().hex[:6]}"
     async with Worker(env.client, task_queue=task_queue, workflows=[TrainingSweepWorkflow], activities=fakes.all()):
         handle = await env.client.start_workflow(
             TrainingSweepWorkflow.run,
-            _input(name, **changes),
+            _input(name, asha, **changes),
             id=sweep_workflow_id("default", name),
             task_queue=task_queue,
         )
@@ -150,6 +157,34 @@ async def test_asha_promotes_the_better_half_in_arrival_order_and_prunes_the_res
     assert status.best.model_path == f"runs/default/{status.trials[2].name}/final"
     assert status.trials[0].rung_metrics == {"10": RUNG[0]}
     assert status.best_text == f"{status.trials[2].name} eval_loss=0.2"
+    assert fakes.max_steps == [20] * 4 and fakes.eval_every == [10] * 4  # ASHA's budget; every rung evaluated
+
+
+async def test_without_asha_every_trial_runs_to_its_end(temporal_env: WorkflowEnvironment, task_queue: str) -> None:
+    fakes = FakeTrials()
+    status, _ = await _run(temporal_env, task_queue, fakes, asha=False)
+    assert _states(status) == ["completed"] * 4 and fakes.signals == [] and fakes.cancelled == []
+    assert fakes.most_at_once == 2 and fakes.eval_every == [None] * 4
+    assert status.best is not None and status.best.name == status.trials[2].name and status.best.value == END[2]
+
+
+async def test_a_suspended_sweep_starts_nothing_until_resumed(temporal_env: WorkflowEnvironment, task_queue: str):
+    fakes = FakeTrials()
+    name = f"sw-{uuid.uuid4().hex[:6]}"
+    suspended = _input(name)
+    suspended = suspended.model_copy(update={"spec": suspended.spec.model_copy(update={"suspend": True})})
+    async with Worker(
+        temporal_env.client, task_queue=task_queue, workflows=[TrainingSweepWorkflow], activities=fakes.all()
+    ):
+        handle = await temporal_env.client.start_workflow(
+            TrainingSweepWorkflow.run, suspended, id=sweep_workflow_id("default", name), task_queue=task_queue
+        )
+        await asyncio.sleep(1.0)
+        status = await handle.query(TrainingSweepWorkflow.get_status)
+        assert status.phase == "Paused" and fakes.started == []
+        await handle.signal(TrainingSweepWorkflow.resume)
+        status = await asyncio.wait_for(handle.result(), 30)
+    assert status.phase == "Succeeded" and _states(status) == ["pruned", "completed", "completed", "pruned"]
 
 
 async def test_continue_as_new_hands_on_the_whole_state(temporal_env: WorkflowEnvironment, task_queue: str) -> None:
