@@ -100,7 +100,7 @@ class FakeTrials:
 
 
 def _input(name: str, asha: bool = True, **changes: Any) -> SweepInput:
-    document = {
+    document: dict[str, Any] = {
         "apiVersion": "relay.dev/v1alpha1",
         "kind": "TrainingSweep",
         "metadata": {"name": name},
