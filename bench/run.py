@@ -28,6 +28,7 @@ MODULES = (
     "bench.bench_kubernetes",
     "bench.bench_containers",
     "bench.bench_ha",
+    "bench.bench_fencing",
 )
 KEYS = (
     "checkpoint_write_vs_disk",
@@ -53,6 +54,7 @@ KEYS = (
     "controller_failover_s",
     "upgrade_runs_disrupted",
     "temporal_outage_60s_ok",
+    "node_lost_detection_s",
 )
 
 

@@ -19,6 +19,9 @@ Faults (each injected from outside, the way the real thing happens):
                       ENOSPC; the filler is removed once the failed leg has exited
     corrupt-newest    flip one byte in the newest checkpoint (trainer paused with SIGSTOP, no write in flight),
                       then kill it: the next leg must quarantine that checkpoint and resume from the one before
+    stalled-leg       SIGSTOP to the trainer and nothing else: alive but silent (a hung trainer or mount); the
+                      backend must call it ProgressStalled after retries.progressStallSeconds (STALL_S), kill it
+                      and start the next leg (issue 13)
 
 Pass = the run reaches Succeeded; its final weights' sha256 equals an uninterrupted run's (same config and
 snapshot, trained after the drill by `python -m trainer train` into a separate folder); no two legs overlapped
@@ -73,6 +76,10 @@ GAP = (2 * CHECKPOINT_EVERY + 1, 2 * CHECKPOINT_EVERY + 10)  # steps from one re
 # the run is made this much longer per such fault so that every planned fault still finds it training.
 DRIFT_ALLOWANCE = {"worker-restart": 450, "controller-restart": 600, "server-restart": 150}
 TMPFS_SIZE = "256m"
+# retries.progressStallSeconds of the drill's run when stalled-leg is in the mix: longer than any healthy gap
+# between two progress writes of a leg, its start included (imports, snapshot, model, checkpoint verification:
+# over 8 s on a loaded 2-core machine, where 8 s here killed eight fresh legs in a row), short enough for a drill.
+STALL_S = 30.0
 
 
 class DrillError(RuntimeError):
@@ -155,9 +162,10 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_document(namespace: str, total_steps: int) -> dict[str, Any]:
-    """The drill's TrainingRun: the tiny model on 300 demo reviews, a checkpoint every 10 steps."""
-    return {
+def run_document(namespace: str, total_steps: int, stall_s: float | None = None) -> dict[str, Any]:
+    """The drill's TrainingRun: the tiny model on 300 demo reviews, a checkpoint every 10 steps; `stall_s` sets
+    retries.progressStallSeconds."""
+    document: dict[str, Any] = {
         "apiVersion": "relay.dev/v1alpha1",
         "kind": "TrainingRun",
         "metadata": {"name": RUN_NAME, "namespace": namespace},
@@ -179,6 +187,9 @@ def run_document(namespace: str, total_steps: int) -> dict[str, Any]:
             "terminationGracePeriodSeconds": 30,
         },
     }
+    if stall_s is not None:
+        document["spec"]["retries"]["progressStallSeconds"] = stall_s
+    return document
 
 
 class Drill(abc.ABC):
@@ -363,6 +374,9 @@ class Drill(abc.ABC):
             await self._corrupt_newest(fault, leg, pid)
         elif kind == "enospc":
             await self._enospc(fault, leg, pid)
+        elif kind == "stalled-leg":
+            os.kill(pid, signal.SIGSTOP)  # alive, silent: only the backend's stall check ends it
+            fault.detail = f"leg {leg}: SIGSTOP to pid {pid}, left stopped (progressStallSeconds {STALL_S:g})"
         elif kind == self.restart_fault:
             what = await self.restart_host()
             await self._query_answers()
@@ -499,7 +513,8 @@ class Drill(abc.ABC):
         await asyncio.to_thread(self.server.start)
         await self.start_backend()
         self.client = await connect(self.address)
-        await self.submit(run_document(self.namespace, total_steps))
+        stall_s = STALL_S if "stalled-leg" in self.kinds else None
+        await self.submit(run_document(self.namespace, total_steps, stall_s))
         # Without a run id: queries and the result follow the run across continue-as-new.
         self.handle = self.client.get_workflow_handle_for(
             CheckpointedBertTrainingWorkflow.run, workflow_id(self.namespace, RUN_NAME)

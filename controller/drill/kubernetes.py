@@ -50,7 +50,7 @@ from trainer.volume import RunLayout
 GROUP, VERSION, PLURAL = "relay.dev", "v1alpha1", "trainingruns"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 API_FAULTS = ("sigterm", "sigkill", "controller-restart", "server-restart")  # what any cluster allows
-NODE_FAULTS = ("sigkill-in-write", "corrupt-newest", "enospc")  # need the trainer's process on this machine
+NODE_FAULTS = ("sigkill-in-write", "corrupt-newest", "enospc", "stalled-leg")  # need the trainer's process here
 
 
 class NodeAccess(Protocol):
