@@ -9,6 +9,7 @@ workflow), patch its spec.suspend, and delete it; the watch is the same volume r
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from controller.messages import PauseRequest, ResumeRequest
 from controller.status import RunStatus
 from controller.sweep.messages import (
+    PublishSweepStatusRequest,
     StartTrialRequest,
     SweepActivityInterface,
     TrialRef,
@@ -31,6 +33,8 @@ from controller.sweep.messages import (
 from controller.visibility import start_attributes
 from trainer.volume.layout import RunLayout
 from trainer.volume.records import HistoryEntry, read_history
+
+log = logging.getLogger("relay.sweep")
 
 # The objective's value in an "eval" line of history.jsonl, and in the final metrics (where eval_loss is "loss").
 _EVAL_FIELD: dict[str, Callable[[HistoryEntry], float | None]] = {
@@ -71,7 +75,12 @@ class SweepActivities(SweepActivityInterface):
         self.volume_root = Path(volume_root)
 
     def all(self) -> list[Any]:
-        return [self.start_trial, self.watch_trial, self.signal_trial, self.cancel_trial]
+        return [self.start_trial, self.watch_trial, self.signal_trial, self.cancel_trial, self.publish_status]
+
+    @activity.defn(name="sweep_publish_status")
+    async def publish_status(self, request: PublishSweepStatusRequest) -> None:
+        """Locally the status is read through the get_status query; a log line marks each change of the counts."""
+        log.info("TrainingSweep %s/%s: %s", request.namespace, request.name, request.status.message)
 
     @activity.defn(name="sweep_start_trial")
     async def start_trial(self, request: StartTrialRequest) -> None:

@@ -21,8 +21,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, WORKFLOW_ID_PREFIX
 from controller.sweep.activities import SweepActivities
-from controller.sweep.messages import StartTrialRequest, TrialRef, TrialSignalRequest
-from controller.sweep.spec import SWEEP_KIND
+from controller.sweep.messages import PublishSweepStatusRequest, StartTrialRequest, TrialRef, TrialSignalRequest
+from controller.sweep.spec import SWEEP_KIND, SWEEP_PLURAL
 
 SWEEP_LABEL = "relay.dev/sweep"
 
@@ -104,6 +104,26 @@ class KubernetesTrialActivities(SweepActivities):
                 raise
             return False
         return True
+
+    @activity.defn(name="sweep_publish_status")
+    async def publish_status(self, request: PublishSweepStatusRequest) -> None:
+        """The TrainingSweep's .status (kubectl get's columns), if the object is still the sweep's (same uid)."""
+        try:
+            current = await asyncio.to_thread(
+                self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, request.namespace, SWEEP_PLURAL,
+                request.name,
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return  # deleted: its workflow is being cancelled
+            raise
+        if request.owner_uid and current["metadata"]["uid"] != request.owner_uid:
+            return  # a newer object of the same name: not this workflow's to describe
+        body = {"status": request.status.model_dump(mode="json", by_alias=True)}
+        await asyncio.to_thread(
+            self.custom.patch_namespaced_custom_object_status, API_GROUP, API_VERSION, request.namespace,
+            SWEEP_PLURAL, request.name, body,
+        )  # fmt: skip
 
 
 def _namespace_and_name(workflow_id: str) -> tuple[str, str]:

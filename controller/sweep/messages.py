@@ -78,6 +78,13 @@ class TrialRef(BaseModel):
     workflow_id: str
 
 
+class PublishSweepStatusRequest(BaseModel):
+    namespace: str
+    name: str
+    status: SweepStatus
+    owner_uid: str | None = None  # Kubernetes: the TrainingSweep's uid; another object's status is not written
+
+
 class SweepActivityInterface(Protocol):
     """The sweep's activities as the workflow calls them; controller.sweep.activities implements them."""
 
@@ -92,3 +99,6 @@ class SweepActivityInterface(Protocol):
 
     @activity.defn(name="sweep_cancel_trial")
     async def cancel_trial(self, request: TrialRef) -> bool: ...
+
+    @activity.defn(name="sweep_publish_status")
+    async def publish_status(self, request: PublishSweepStatusRequest) -> None: ...

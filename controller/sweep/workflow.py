@@ -25,6 +25,7 @@ with workflow.unsafe.imports_passed_through():
     from controller.status import rfc3339
     from controller.sweep.asha import promotions, ranked
     from controller.sweep.messages import (
+        PublishSweepStatusRequest,
         StartTrialRequest,
         SweepActivityInterface,
         SweepInput,
@@ -45,6 +46,7 @@ class TrainingSweepWorkflow:
         self._state: SweepState | None = None
         self._watches: dict[str, asyncio.Future[WatchTrialResult]] = {}
         self._suspend_changed = False
+        self._published: SweepStatus | None = None
 
     @workflow.query(name="get_status")
     def get_status(self) -> SweepStatus:
@@ -95,7 +97,7 @@ class TrainingSweepWorkflow:
                         await self._prune_waiting()  # one that had already finished is watched to its result
                         continue
                     break
-                self._refresh()
+                await self._publish()
                 await workflow.wait_condition(
                     lambda: self._suspend_changed or any(w.done() for w in self._watches.values())
                 )
@@ -117,7 +119,7 @@ class TrainingSweepWorkflow:
         status.message = (
             f"best {best.name}: {best.metric} {best.value:.4g} at step {best.step}" if best else "no trial scored"
         )
-        self._refresh()
+        await self._publish()
         return status
 
     # ------------------------------------------------------------ trials
@@ -240,7 +242,7 @@ class TrainingSweepWorkflow:
                 trial.state = "cancelled"
         status = self._require_state().status
         status.phase, status.message, status.finished_at = "Cancelled", "sweep cancelled; trials cancelled", self._now()
-        self._refresh()
+        await self._publish()
 
     async def _signal(self, trial: TrialStatus, signal: str, reason: str) -> None:
         await workflow.execute_activity_method(
@@ -287,6 +289,30 @@ class TrainingSweepWorkflow:
 
     def _refresh(self) -> None:
         self._require_state().status.recount()
+
+    async def _publish(self) -> None:
+        """Recount and hand the status to the sweep's .status when it changed; a failure never fails the sweep."""
+        self._refresh()
+        status = self._require_state().status
+        if status == self._published:
+            return
+        self._published = status.model_copy(deep=True)
+        try:
+            await workflow.execute_activity_method(
+                SweepActivityInterface.publish_status,
+                PublishSweepStatusRequest(
+                    namespace=self._input.namespace,
+                    name=self._input.name,
+                    status=status,
+                    owner_uid=self._input.owner_uid,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RetryPolicy(maximum_attempts=3),
+            )
+        except ActivityError as error:
+            if is_cancelled_exception(error):
+                raise
+            workflow.logger.warning("publishing the sweep's status failed; it is published with the next change")
 
     def _trial(self, name: str) -> TrialStatus:
         return next(t for t in self._require_state().status.trials if t.name == name)

@@ -3,7 +3,8 @@ schema can state (an empty search space, maxConcurrentTrials 0, a metric the tra
 refused with the field named. An unknown search-space field is pruned (1.20 prunes unknown fields, it cannot
 refuse them): a space with nothing else left is refused as empty; `relay validate` names the field itself.
 The Kubernetes trial activities make each trial a TrainingRun owned by the sweep: created once, suspended and
-resumed through spec.suspend, deleted when pruned, and garbage-collected with the sweep."""
+resumed through spec.suspend, deleted when pruned, and garbage-collected with the sweep; the sweep's status
+(kubectl get's columns) is written to its own object only."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from controller.messages import TrainingRunInput
 from controller.spec import workflow_id
 from controller.sweep.crd import crd_manifest
 from controller.sweep.kubernetes import KubernetesTrialActivities
-from controller.sweep.messages import StartTrialRequest, TrialRef, TrialSignalRequest
-from controller.sweep.spec import parse_training_sweep, trial_name
+from controller.sweep.messages import PublishSweepStatusRequest, StartTrialRequest, TrialRef, TrialSignalRequest
+from controller.sweep.spec import SweepStatus, parse_training_sweep, trial_name
 
 pytestmark = [pytest.mark.cluster]
 
@@ -148,6 +149,23 @@ async def test_trials_are_training_runs_owned_by_the_sweep(
     assert gone.value.status == 404
     assert await activities.cancel_trial(TrialRef(workflow_id=first.workflow_id)) is False  # nothing left
     await activities.start_trial(request(1))
+    status = SweepStatus(phase="Running", trial_count=4, running=2, pruned=1, best_text="lr-t001 eval_loss=0.5")
+    uid = sweep["metadata"]["uid"]
+    await activities.publish_status(
+        PublishSweepStatusRequest(namespace=namespace, name="lr", status=status, owner_uid=uid)
+    )
+    other = status.model_copy(update={"phase": "Failed"})  # a workflow of another object of that name writes nothing
+    await activities.publish_status(
+        PublishSweepStatusRequest(namespace=namespace, name="lr", status=other, owner_uid="x")
+    )
+    shown = custom.get_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingsweeps", "lr")["status"]
+    assert (shown["phase"], shown["trialCount"], shown["running"], shown["pruned"], shown["bestText"]) == (
+        "Running",
+        4,
+        2,
+        1,
+        "lr-t001 eval_loss=0.5",
+    )
     custom.delete_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingsweeps", "lr")
     deadline = time.monotonic() + 60  # the garbage collector deletes what the sweep owned
     while True:

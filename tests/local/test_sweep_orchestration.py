@@ -16,6 +16,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from controller.sweep.messages import (
+    PublishSweepStatusRequest,
     StartTrialRequest,
     SweepInput,
     TrialRef,
@@ -45,6 +46,7 @@ class FakeTrials:
         self.training: set[str] = set()
         self.most_at_once = 0
         self.max_steps: list[int | None] = []
+        self.published: list[SweepStatus] = []
         self.eval_every: list[int | None] = []
 
     def _index(self, name: str) -> int:
@@ -95,8 +97,12 @@ class FakeTrials:
         self.training.discard(name)
         return self._index(name) not in self.done_early
 
+    @activity.defn(name="sweep_publish_status")
+    async def publish_status(self, request: PublishSweepStatusRequest) -> None:
+        self.published.append(request.status)
+
     def all(self) -> list[Any]:
-        return [self.start_trial, self.watch_trial, self.signal_trial, self.cancel_trial]
+        return [self.start_trial, self.watch_trial, self.signal_trial, self.cancel_trial, self.publish_status]
 
 
 def _input(name: str, asha: bool = True, **changes: Any) -> SweepInput:
@@ -158,6 +164,9 @@ async def test_asha_promotes_the_better_half_in_arrival_order_and_prunes_the_res
     assert status.trials[0].rung_metrics == {"10": RUNG[0]}
     assert status.best_text == f"{status.trials[2].name} eval_loss=0.2"
     assert fakes.max_steps == [20] * 4 and fakes.eval_every == [10] * 4  # ASHA's budget; every rung evaluated
+    assert fakes.published[-1] == status  # what .status shows on Kubernetes: the final state, counts included
+    assert [p.running for p in fakes.published].count(2) >= 1 and all(p.running <= 2 for p in fakes.published)
+    assert len(fakes.published) == len({p.model_dump_json() for p in fakes.published})  # only changes published
 
 
 async def test_without_asha_every_trial_runs_to_its_end(temporal_env: WorkflowEnvironment, task_queue: str) -> None:
