@@ -73,6 +73,7 @@ class UpgradeResult:
     disrupted: dict[str, str] = field(default_factory=dict)  # run -> what happened to it
     handover_s: float = 0.0  # from the old replica's SIGTERM until the new one held the Lease
     old_exit: int | None = None
+    new_exit: int | None = None  # SIGTERMed at the end, after it ran the runs' activities
     seconds: float = 0.0
 
 
@@ -127,6 +128,7 @@ async def rolling_upgrade(
             facts = (status.get("phase"), status.get("legCount"), status.get("preemptions"), status.get("failures"))
             if facts != ("Succeeded", 1, 0, 0) or pods != [f"{name}-leg-0"] or starts != 1:
                 result.disrupted[name] = f"status {facts}, pods {pods}, LegStarted x{starts}: {status.get('message')}"
+        result.new_exit = await asyncio.to_thread(new.stop, 30)
         result.seconds = time.monotonic() - began
         return result
     finally:

@@ -230,6 +230,16 @@ async def run_controller(
     ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue, status_interval_s, policy=policy)
     registry = build_registry(ctx)
     register_login(registry, configuration)
+
+    @kopf.on.cleanup(registry=registry)  # type: ignore[arg-type]
+    async def shut_down_workers(**_: Any) -> None:
+        """The workers stop with the handlers, while kopf runs its cleanup: kopf then waits 5 s for the tasks
+        started while it ran and cancels the rest, and a worker poll task cancelled so failed its worker, whose
+        context manager cancelled this process's main task: a CancelledError traceback and exit 1 on SIGTERM (kopf
+        takes SIGTERM itself) once a replica had polled. Shut down one after the other: no new tasks."""
+        for worker in workers:
+            await worker.shutdown()
+
     settings = kopf.OperatorSettings()
     kopf_settings(settings)
     lost = asyncio.Event()

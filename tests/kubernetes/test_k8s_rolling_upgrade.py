@@ -44,4 +44,5 @@ async def test_a_rolling_upgrade_while_three_runs_train_restarts_no_leg(
     print(f"rolling upgrade of 3 runs: handover {result.handover_s:.1f} s, all finished in {result.seconds:.0f} s")
     assert result.disrupted == {}, f"upgrade_runs_disrupted = {len(result.disrupted)}: {result.disrupted}"
     assert result.old_exit == 0, "the old replica did not shut down cleanly on SIGTERM"
+    assert result.new_exit == 0, "the new replica, after running the runs' activities, did not shut down cleanly"
     assert result.handover_s < 15, f"the new replica led only {result.handover_s:.1f} s after the old one's SIGTERM"
