@@ -17,7 +17,15 @@ from safetensors.torch import load_file
 from trainer_helpers import run_train, sha256, start_train, write_config
 
 from trainer.faults import Faults
-from trainer.volume import ExitCode, RunLayout, list_checkpoint_dirs, read_checkpoint, read_history, read_progress
+from trainer.volume import (
+    CheckpointInvalid,
+    ExitCode,
+    RunLayout,
+    list_checkpoint_dirs,
+    read_checkpoint,
+    read_history,
+    read_progress,
+)
 
 # 160 train rows / batch 8 = 20 steps per epoch, 2 epochs = 40 steps; evaluations at 5, 10, ..., 35 (40 is the
 # final evaluation); checkpoints every 10.
@@ -104,9 +112,10 @@ def test_resumed_run_evaluates_the_same_steps_with_the_same_results(
     saved without it), then to the end: the records and the weights equal the uninterrupted run's."""
     config = write_config(tmp_path / "config.json", **EVAL_SETTINGS)
     run_dir = tmp_path / "run"
-    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_AFTER_STEP="13")
+    # The step sleeps give checkpoint 10's write (off-thread) time to finish before the SIGKILL.
+    leg = run_train(run_dir, snapshot, config, RELAY_TEST_KILL_AFTER_STEP="13", RELAY_TEST_STEP_SLEEP_S="0.2")
     assert leg.returncode == -signal.SIGKILL, leg.stderr
-    assert checkpoint_steps(run_dir) == [10]
+    assert checkpoint_steps(run_dir) == [10], leg.stderr
 
     process = start_train(run_dir, snapshot, config, RELAY_TEST_EVAL_BATCH_SLEEP_S="0.5")
     wait_for(run_dir, lambda p: p.get("state") == "evaluating" and p.get("message") == "evaluating step 15")
@@ -193,3 +202,35 @@ def test_early_stopping_completes_the_run_with_the_reason(snapshot: Path, tmp_pa
 
 def test_the_eval_pause_variable_is_parsed() -> None:
     assert Faults.from_env({"RELAY_TEST_EVAL_BATCH_SLEEP_S": "0.5"}) == Faults(eval_batch_sleep_s=0.5)
+
+
+def test_histories_written_before_and_with_eval_records_both_load(tmp_path: Path) -> None:
+    layout = RunLayout(tmp_path)
+    layout.history_path.write_text(
+        '{"step": 0, "event": "start", "time": 1.0, "pid": 7}\n'  # before issue 15
+        '{"step": 40, "eval_loss": 0.6, "eval_accuracy": 0.7, "time": 2.0}\n'
+        '{"step": 5, "event": "eval", "eval_loss": 0.7, "eval_accuracy": 0.5, "eval_f1_macro": 0.4, "best_step": 5}\n',
+        encoding="utf-8",
+    )
+    start, final, evaluation = read_history(layout)
+    assert (start.event, final.event, final.eval_f1_macro) == ("start", None, None)
+    assert (evaluation.event, evaluation.eval_f1_macro, evaluation.best_step) == ("eval", 0.4, 5)
+
+
+def test_a_manifest_without_eval_metrics_loads_and_takes_them(tmp_path: Path) -> None:
+    """Checkpoints made before issue 15 (or not evaluated) load as before; an evaluation redone after its step
+    was saved adds its metrics to that manifest, and the files still verify."""
+    from trainer.volume import write_manifest
+    from trainer.volume.manifests import add_manifest_metrics
+
+    folder = tmp_path / "step-000000005"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    write_manifest(folder, step=5, epoch=0, config_hash="h", metrics={"loss": 0.5})
+    assert read_checkpoint(folder, verify_hashes=True).metrics == {"loss": 0.5}
+    add_manifest_metrics(folder, {"eval_loss": 0.6, "accuracy": 0.75, "f1_macro": 0.7})
+    info = read_checkpoint(folder, verify_hashes=True)
+    assert info.metrics == {"loss": 0.5, "eval_loss": 0.6, "accuracy": 0.75, "f1_macro": 0.7}
+    (folder / "manifest.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointInvalid, match=r"manifest\.json: unreadable manifest"):
+        add_manifest_metrics(folder, {"eval_loss": 0.6})
