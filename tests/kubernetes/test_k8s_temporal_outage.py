@@ -17,13 +17,13 @@ from typing import Any
 
 import kubernetes
 import pytest
-from test_k8s_failover import Replica, logs, wait_for
 from test_k8s_real_trainer import real_kubelet as real_kubelet  # the fixture, shared
 from test_k8s_real_trainer import write_reviews
 
 from relay_testing.control_plane import ControlPlane
 from relay_testing.process_kubelet import ProcessKubelet
 from relay_testing.reference_training import file_sha256, train_uninterrupted
+from relay_testing.replicas import ControllerReplica, controller_args, logs, wait_until
 from relay_testing.temporal_outage import RestartableTemporal
 from trainer.volume import RunLayout, list_checkpoint_dirs, load_progress
 
@@ -72,13 +72,8 @@ async def test_a_temporal_outage_mid_leg_loses_nothing_and_the_controller_reconn
         return {s for s, _ in list_checkpoint_dirs(layout.checkpoints_dir)}
 
     with RestartableTemporal(tmp_path / "temporal") as server:
-        args = [
-            "--temporal-address", server.address, "--watch-namespace", namespace,
-            "--leader-election-namespace", namespace, "--task-queue", task_queue,
-            "--inference-task-queue", f"{task_queue}-inference", "--volume-root", str(volume_root),
-            "--kubeconfig", str(control_plane.kubeconfig), "--status-interval", "2",
-        ]  # fmt: skip
-        replicas = [Replica(0, args, tmp_path)]
+        args = controller_args(server.address, control_plane.kubeconfig, namespace, volume_root, task_queue)
+        replicas = [ControllerReplica("relay-0", args, tmp_path)]
         (controller,) = replicas
         try:
             body = {"apiVersion": "relay.dev/v1alpha1", "kind": "TrainingRun", "metadata": {"name": name}}
@@ -86,7 +81,7 @@ async def test_a_temporal_outage_mid_leg_loses_nothing_and_the_controller_reconn
                 custom.create_namespaced_custom_object, "relay.dev", "v1alpha1", namespace, "trainingruns",
                 {**body, "spec": run_spec(namespace)},
             )  # fmt: skip
-            await wait_for("the leg's first checkpoint", lambda: step() >= 30 and checkpoints(), 90, replicas)
+            await wait_until("the leg's first checkpoint", lambda: step() >= 30 and checkpoints(), 90, replicas)
 
             before_step, before = step(), checkpoints()
             down_at = time.monotonic()
@@ -100,7 +95,7 @@ async def test_a_temporal_outage_mid_leg_loses_nothing_and_the_controller_reconn
             assert during_step > before_step, "the trainer stopped while Temporal was down"
             assert during, "no checkpoint was written while Temporal was down"
 
-            final = await wait_for(
+            final = await wait_until(
                 "the run to finish", lambda: status().get("phase") in ("Succeeded", "Failed") and status(), 120,
                 replicas,
             )  # fmt: skip
@@ -108,7 +103,8 @@ async def test_a_temporal_outage_mid_leg_loses_nothing_and_the_controller_reconn
             assert final["phase"] == "Succeeded", f"{final.get('message')}\n{logs(replicas)}"
             assert controller.process.poll() is None, "the controller restarted"
         finally:
-            controller.stop()
+            exit_code = controller.stop()
+    assert exit_code == 0, f"the controller did not shut down cleanly after the outage\n{logs(replicas)}"
 
     assert [leg["outcome"] for leg in final["legs"]] == ["completed"], final["legs"]
     assert final["legCount"] == 1 and final["preemptions"] == 0 and final["failures"] == 0, final
