@@ -10,6 +10,7 @@ bench/bench_ha.py run both, with small and large numbers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import Callable
@@ -49,8 +50,13 @@ class Runs:
         self.custom.create_namespaced_custom_object("relay.dev", "v1alpha1", self.namespace, "trainingruns", body)
 
     def status(self, name: str) -> dict[str, Any]:
-        run = self.custom.get_namespaced_custom_object("relay.dev", "v1alpha1", self.namespace, "trainingruns", name)
+        run: Any = self.custom.get_namespaced_custom_object(
+            "relay.dev", "v1alpha1", self.namespace, "trainingruns", name
+        )
         return run.get("status") or {}
+
+    def phase(self, name: str) -> str | None:
+        return self.status(name).get("phase")
 
     def finished(self, names: list[str]) -> dict[str, dict[str, Any]] | None:
         statuses = {name: self.status(name) for name in names}
@@ -59,7 +65,7 @@ class Runs:
 
     def event_reasons(self, name: str) -> list[str]:
         events = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={name}")
-        return [e.reason for e in events.items]
+        return [str(e.reason) for e in events.items]
 
 
 def pods_started(kubelet: ProcessKubelet, namespace: str, run: str) -> list[str]:
@@ -169,9 +175,7 @@ async def sigkill_failover(
             alive.remove(leader)
             probe = f"probe-{kill}-{uuid.uuid4().hex[:4]}"
             await asyncio.to_thread(api.create, probe, standin_spec(10))
-            await wait_until(
-                "the new leader to handle the probe", lambda p=probe: api.status(p).get("phase"), 90, replicas
-            )
+            await wait_until("the new leader to handle the probe", functools.partial(api.phase, probe), 90, replicas)
             times.append(time.monotonic() - killed_at)
             replacement = start(f"relay-{kill}-{uuid.uuid4().hex[:4]}")
             replicas.append(replacement)

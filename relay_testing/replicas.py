@@ -91,7 +91,7 @@ def lease_holder(
 ) -> ControllerReplica | None:
     """The replica whose identity (`<pod name>_<suffix>`) holds the Lease, if any."""
     try:
-        lease = kubernetes.client.CoordinationV1Api(kube).read_namespaced_lease(LEASE, namespace)
+        lease: Any = kubernetes.client.CoordinationV1Api(kube).read_namespaced_lease(LEASE, namespace)
     except kubernetes.client.ApiException as exc:
         if exc.status == 404:
             return None

@@ -76,7 +76,7 @@ class Run:
         self.custom.create_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, body)
 
     def status(self) -> dict[str, Any]:
-        run = self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace, PLURAL, self.name)
+        run: Any = self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, self.namespace, PLURAL, self.name)
         return run.get("status") or {}
 
     def write_as_newer_controller(self, status: dict[str, Any], timeout_s: float = 20) -> None:
@@ -94,7 +94,7 @@ class Run:
 
     def mismatch_events(self) -> list[str]:
         events = self.core.list_namespaced_event(self.namespace, field_selector=f"involvedObject.name={self.name}")
-        return [e.message for e in events.items if e.reason == SCHEMA_MISMATCH and e.type == "Warning"]
+        return [str(e.message) for e in events.items if e.reason == SCHEMA_MISMATCH and e.type == "Warning"]
 
 
 def running(step: int) -> RunStatus:
@@ -155,6 +155,6 @@ async def test_the_crd_carries_the_schema_revision_of_this_build(
     kube: kubernetes.client.ApiClient, crd_installed: Any
 ) -> None:
     api = kubernetes.client.ApiextensionsV1Api(kube)
-    crd = await asyncio.to_thread(api.read_custom_resource_definition, f"{PLURAL}.{API_GROUP}")
+    crd: Any = await asyncio.to_thread(api.read_custom_resource_definition, f"{PLURAL}.{API_GROUP}")
     assert crd.metadata.annotations[SCHEMA_REVISION_ANNOTATION] == schema_revision()
     assert len(schema_revision()) == 12

@@ -61,7 +61,7 @@ async def test_a_temporal_outage_mid_leg_loses_nothing_and_the_controller_reconn
     write_reviews(volume_root / f"data/{namespace}/reviews.csv")
 
     def status() -> dict[str, Any]:
-        run = custom.get_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingruns", name)
+        run: Any = custom.get_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingruns", name)
         return run.get("status") or {}
 
     def step() -> int:
