@@ -60,6 +60,7 @@ def build_worker(
     *,
     activities: RelayActivities | None = None,
     max_concurrent_activities: int = MAX_CONCURRENT_ACTIVITIES,
+    sweep_activities: SweepActivities | None = None,
 ) -> Worker:
     """A worker running both workflows and all activities; `client` must use DATA_CONVERTER."""
     acts = activities or RelayActivities(backend, volume_root, status_sink)
@@ -67,7 +68,8 @@ def build_worker(
         client,
         task_queue=task_queue,
         workflows=WORKFLOWS,
-        activities=[*acts.all(), *SweepActivities(client, volume_root).all()],  # a sweep's trials: this client's
+        # A sweep's trials: workflows this client starts (local), or TrainingRuns (controller.sweep.kubernetes).
+        activities=[*acts.all(), *(sweep_activities or SweepActivities(client, volume_root)).all()],
         max_concurrent_activities=max_concurrent_activities,
         workflow_runner=WORKFLOW_RUNNER,
         # Pollers follow the backlog: with a fixed 5, a workflow task of one of 300 runs waited 2 s (median).
@@ -84,6 +86,7 @@ def build_workers(
     task_queues: list[str],
     *,
     max_concurrent_activities: int = MAX_CONCURRENT_ACTIVITIES,
+    sweep_activities: SweepActivities | None = None,
 ) -> list[Worker]:
     """One worker per distinct queue (training, inference), sharing one set of activities and one backend."""
     acts = RelayActivities(backend, volume_root, status_sink)
@@ -95,6 +98,7 @@ def build_workers(
             task_queue=queue,
             activities=acts,
             max_concurrent_activities=max_concurrent_activities,
+            sweep_activities=sweep_activities,
         )
         for queue in dict.fromkeys(task_queues)
     ]

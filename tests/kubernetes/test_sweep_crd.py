@@ -9,21 +9,30 @@ resumed through spec.suspend, deleted when pruned, and garbage-collected with th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import kopf
 import kubernetes
 import pytest
 from kubernetes.client.exceptions import ApiException
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.worker import Worker
 
+from controller.kubernetes.main import kopf_settings, register_login
 from controller.messages import TrainingRunInput
 from controller.spec import workflow_id
 from controller.sweep.crd import crd_manifest
 from controller.sweep.kubernetes import KubernetesTrialActivities
 from controller.sweep.messages import PublishSweepStatusRequest, StartTrialRequest, TrialRef, TrialSignalRequest
+from controller.sweep.operator import register_sweep_handlers
 from controller.sweep.spec import SweepStatus, parse_training_sweep, trial_name
+from controller.sweep.workflow import TrainingSweepWorkflow
+from controller.worker import DATA_CONVERTER
 
 pytestmark = [pytest.mark.cluster]
 
@@ -176,3 +185,115 @@ async def test_trials_are_training_runs_owned_by_the_sweep(
             break
         assert time.monotonic() < deadline, "the deleted sweep's trial TrainingRun was not garbage-collected"
         await asyncio.sleep(0.5)
+
+
+class SweepOperator:
+    """The sweep handlers (kopf) on their own thread and loop, as in the controller: kopf owns its loop."""
+
+    def __init__(self, configuration: Any, target_host: str, task_queue: str, namespace: str) -> None:
+        self.args = (configuration, target_host, task_queue, namespace)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_flag: asyncio.Event | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sweep-operator", daemon=True)
+
+    async def _main(self) -> None:
+        configuration, target_host, task_queue, namespace = self.args
+        self.loop, self.stop_flag = asyncio.get_running_loop(), asyncio.Event()
+        temporal = await Client.connect(target_host, data_converter=DATA_CONVERTER)
+        registry = kopf.OperatorRegistry()
+        register_sweep_handlers(registry, temporal, task_queue)
+        register_login(registry, configuration)
+        settings = kopf.OperatorSettings()
+        kopf_settings(settings)
+        await kopf.operator(
+            registry=registry, settings=settings, standalone=True, namespaces=[namespace], stop_flag=self.stop_flag
+        )
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # reported to the test
+            self.error = exc
+
+    def stop(self) -> None:
+        if self.loop is not None and self.stop_flag is not None:
+            self.loop.call_soon_threadsafe(self.stop_flag.set)
+        self.thread.join(2)  # a daemon: kopf's watches may take a while to end, and nothing here is shared
+
+
+@pytest.mark.anyio
+async def test_the_sweep_on_the_cluster_owns_suspends_and_deletes_its_trials(
+    kube: Any, control_plane: Any, crd_installed: Any, sweep_crd: None, namespace: str, temporal_env: Any,
+    task_queue: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    custom: Any = kubernetes.client.CustomObjectsApi(kube)
+    client = temporal_env.client
+
+    async def until(what: str, check: Any, timeout_s: float = 60) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert operator.error is None, f"the sweep operator crashed: {operator.error!r}"
+            value = await asyncio.to_thread(check)
+            if value:
+                return value
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.2)
+
+    def runs() -> list[dict[str, Any]]:
+        found = custom.list_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingruns")
+        return list(found["items"])
+
+    def sweep_object(name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = custom.get_namespaced_custom_object(
+                "relay.dev", "v1alpha1", namespace, "trainingsweeps", name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return found
+
+    # No TrainingRun handlers here: the trials are created and never run, which is all this test looks at.
+    activities = KubernetesTrialActivities(client, tmp_path, kube)
+    target_host = client.service_client.config.target_host
+    operator = SweepOperator(control_plane.api_client().configuration, target_host, task_queue, namespace)
+    async with Worker(client, task_queue=task_queue, workflows=[TrainingSweepWorkflow], activities=activities.all()):
+        operator.thread.start()
+        try:
+            sweep = _create(kube, namespace, GOOD)
+            trials = await until("two trial TrainingRuns", lambda: len(runs()) == 2 and runs())
+            assert sorted(r["metadata"]["name"] for r in trials) == ["lr-t000", "lr-t001"]
+            for run in trials:
+                (owner,) = run["metadata"]["ownerReferences"]
+                assert owner["uid"] == sweep["metadata"]["uid"] and owner["kind"] == "TrainingSweep"
+            status = await until("the sweep's status", lambda: (sweep_object("lr") or {}).get("status"))
+            assert (status["phase"], status["trialCount"], status["running"]) == ("Running", 2, 2)
+
+            custom.patch_namespaced_custom_object(
+                "relay.dev", "v1alpha1", namespace, "trainingsweeps", "lr", {"spec": {"suspend": True}}
+            )
+            await until("the trials suspended", lambda: all(r["spec"].get("suspend") for r in runs()))
+
+            bad = _with("bad", "spec.template.training", {"evalEverySteps": 15})  # the CRD cannot state this rule
+            _create(kube, namespace, bad)
+            failed = await until("the bad sweep failed", lambda: (sweep_object("bad") or {}).get("status"))
+            assert failed["phase"] == "Failed" and "asha.minSteps: 10 is not a multiple" in failed["message"]
+
+            custom.delete_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingsweeps", "lr")
+            await until("the sweep and its trials gone", lambda: sweep_object("lr") is None and not runs())
+            handle = client.get_workflow_handle(f"trainingsweep-{namespace}.lr")
+            description = None
+            for _ in range(100):
+                description = await handle.describe()
+                if description.status == WorkflowExecutionStatus.CANCELED:
+                    break
+                await asyncio.sleep(0.2)
+            assert description is not None and description.status == WorkflowExecutionStatus.CANCELED
+        finally:
+            for name in ("lr", "bad"):  # the finalizer needs the handlers: delete while they run
+                with contextlib.suppress(ApiException):
+                    custom.delete_namespaced_custom_object("relay.dev", "v1alpha1", namespace, "trainingsweeps", name)
+            await until("the sweeps deleted", lambda: sweep_object("lr") is None and sweep_object("bad") is None)
+            operator.stop()
