@@ -104,7 +104,8 @@ class TrainingSweepWorkflow:
                 for name in [n for n, w in self._watches.items() if w.done()]:
                     await self._on_result(self._trial(name), self._watches.pop(name).result())
                     results += 1
-                if results >= sweep.results_per_run or workflow.info().is_continue_as_new_suggested():
+                due = results >= sweep.results_per_run or workflow.info().is_continue_as_new_suggested()
+                if due and not self._suspend_changed:  # a suspend not yet passed on to the trials is done first
                     self._refresh()
                     workflow.continue_as_new(sweep.model_copy(update={"state": state}))
         except (asyncio.CancelledError, ActivityError) as error:
@@ -113,12 +114,16 @@ class TrainingSweepWorkflow:
             await self._cancel_all()
             raise asyncio.CancelledError() from None
         status = state.status
-        status.phase = "Succeeded"
         status.finished_at = self._now()
         best = status.best
-        status.message = (
-            f"best {best.name}: {best.metric} {best.value:.4g} at step {best.step}" if best else "no trial scored"
-        )
+        failed = [t for t in status.trials if t.state == "failed"]
+        if best is None and failed:  # not one trial scored: the sweep failed (each trial's message says why)
+            status.phase, status.message = "Failed", f"every trial failed; {failed[0].name}: {failed[0].message}"
+        else:
+            status.phase = "Succeeded"
+            status.message = (
+                f"best {best.name}: {best.metric} {best.value:.4g} at step {best.step}" if best else "no trial scored"
+            )
         await self._publish()
         return status
 

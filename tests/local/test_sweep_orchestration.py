@@ -210,6 +210,12 @@ async def test_a_failed_trial_is_counted_and_the_sweep_goes_on(temporal_env: Wor
     assert status.failed == 1 and status.phase == "Succeeded" and status.completed >= 1
 
 
+async def test_a_sweep_whose_every_trial_failed_fails(temporal_env: WorkflowEnvironment, task_queue: str) -> None:
+    status, _ = await _run(temporal_env, task_queue, FakeTrials(failing={0, 1, 2, 3}))
+    assert status.phase == "Failed" and status.failed == 4 and status.best is None
+    assert status.message == f"every trial failed; {status.trials[0].name}: leg failed 4 times"
+
+
 async def test_a_trial_that_finished_before_it_stopped_counts_as_completed(
     temporal_env: WorkflowEnvironment, task_queue: str
 ) -> None:
