@@ -47,7 +47,7 @@ def test_a_plain_clone_collects_the_whole_suite_and_says_the_cluster_tier_is_ski
     assert "INTERNALERROR" not in output
     assert LOUD in output
     assert f"{clone}" in output.split(LOUD, 1)[1]  # the clone's own code was collected: its .envtest is named
-    assert "tests/kubernetes/test_k8s_drill.py" in output and "tests/unit/test_plain_clone.py" in output
+    assert "tests/kubernetes/test_k8s_operator.py" in output and "tests/unit/test_plain_clone.py" in output
 
 
 def test_a_plain_clone_skips_every_cluster_test_loudly_and_exits_0(clone: Path) -> None:
