@@ -52,6 +52,7 @@ def _sweep(name: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.slow
 async def test_asha_sweep_prunes_promotes_from_checkpoints_and_reports_the_best(
     temporal_env: WorkflowEnvironment, task_queue: str, tmp_path: Path
 ) -> None:
