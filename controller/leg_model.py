@@ -47,7 +47,16 @@ class LegSpec(BaseModel):
             f"{root}/{self.config_path}",
             "--generation",
             str(self.leg),
+            *self.data_parallel_args(),
         ]
+
+    def data_parallel_args(self) -> list[str]:
+        """`--processes N` for a data-parallel leg (the trainer runs its ranks through torchrun), else nothing."""
+        resources = self.spec.resources
+        if resources.world_size == 1:
+            return []
+        uneven = ["--allow-uneven-accumulation"] if resources.allow_uneven_accumulation else []
+        return ["--processes", str(resources.world_size), *uneven]
 
 
 class LegHandle(BaseModel):

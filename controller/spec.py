@@ -177,6 +177,33 @@ class ResourcesSpec(CamelModel):
         "2", description=f"CPU request (at most {MAX_CPU_CORES} cores); also sets the pinned torch thread count."
     )
     memory: Quantity = Field("8Gi", description=f"Memory request and limit, at most {MAX_MEMORY}.")
+    processes: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description=(
+            "Data-parallel processes per leg, run through torchrun (gloo on CPU, NCCL on GPUs); default: gpus "
+            "when gpus > 1, else 1. Global batch = batchSize x gradientAccumulationSteps x processes."
+        ),
+    )
+    allow_uneven_accumulation: bool = Field(
+        False,
+        description=(
+            "Let a run resume on a process count that does not divide its global batch: ranks then accumulate "
+            "unequal shares (the global batch and the sample order are still kept)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_process_per_gpu(self) -> ResourcesSpec:
+        if self.gpus and self.processes is not None and self.processes != self.gpus:
+            raise ValueError(f"processes: {self.processes} differs from gpus {self.gpus} (one process per GPU)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """The leg's data-parallel processes: processes, else the GPU count, else 1."""
+        return self.processes if self.processes is not None else max(self.gpus, 1)
 
 
 class Toleration(CamelModel):

@@ -1,8 +1,14 @@
-"""Command line: `python -m trainer train ...` (one leg) and `python -m trainer predict ...` (inference)."""
+"""Command line: `python -m trainer train ...` (one leg) and `python -m trainer predict ...` (inference).
+
+`train --processes N` (N > 1) is a data-parallel leg: this process supervises N ranks run by torchrun
+(trainer.launch), each of which is `python -m trainer train` again with torchrun's RANK and WORLD_SIZE.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -17,6 +23,12 @@ class _Parser(argparse.ArgumentParser):
         print(f"invalid input: {self.prog}: {message}", file=sys.stderr)
         write_termination_message(f"{self.prog}: {message}")
         raise SystemExit(ExitCode.INVALID_INPUT)
+
+
+def _processes(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a process count (1 to 64)")
+    return int(text)
 
 
 def _generation(text: str) -> int:
@@ -36,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--generation",
         type=_generation,
         help="the leg number the controller launched this leg as: it commits nothing once fence.json names a newer one",
+    )
+    train.add_argument(
+        "--processes",
+        type=_processes,
+        default=1,
+        help="data-parallel ranks of this leg, run through torchrun (gloo on CPU, NCCL on CUDA); default 1",
+    )
+    train.add_argument(
+        "--allow-uneven-accumulation",
+        action="store_true",
+        help="resume on a world size that does not divide the run's global batch: ranks accumulate unequal shares",
     )
     predict = commands.add_parser("predict", help="labels and probabilities from a final model or a checkpoint")
     predict.add_argument("--model", required=True, type=Path, help="final/ folder or checkpoints/step-N folder")
@@ -58,14 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        from trainer.leg_log import tee_leg_log
-
-        tee_leg_log(args.run_dir)  # on Kubernetes ($RELAY_LEG): the leg's lines also go to legs/<n>.log
+        return _train(args)
     setup_logging()
-    if args.command == "train":
-        from trainer.train import run_leg
-
-        return int(run_leg(args.run_dir, args.snapshot, args.config, generation=args.generation).exit_code)
     from trainer.predict import run_predict
 
     return int(
@@ -79,6 +96,50 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
         )
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    """One leg: a single process, the supervisor of a data-parallel leg's ranks, or one of those ranks."""
+    from trainer.distributed import RESULTS_ENV, World
+    from trainer.leg_log import tee_leg_log
+    from trainer.reporting import setup_logging
+
+    rank = World.from_env() if os.environ.get(RESULTS_ENV) else None
+    if rank is None or rank.is_main:
+        tee_leg_log(args.run_dir)  # on Kubernetes ($RELAY_LEG): the leg's lines also go to legs/<n>.log
+    setup_logging()
+    if rank is None and args.processes > 1:
+        from trainer.launch import run_processes
+
+        forwarded = ["--run-dir", str(args.run_dir), "--snapshot", str(args.snapshot), "--config", str(args.config)]
+        if args.generation is not None:
+            forwarded += ["--generation", str(args.generation)]
+        if args.allow_uneven_accumulation:
+            forwarded.append("--allow-uneven-accumulation")
+        return run_processes(args.processes, forwarded)
+
+    from trainer.train import run_leg
+
+    if rank is None:
+        result = run_leg(args.run_dir, args.snapshot, args.config, generation=args.generation)
+        return int(result.exit_code)
+    from trainer.launch import record_end, record_start
+    from trainer.volume.termination import TERMINATION_LOG_ENV
+
+    record_start(rank.rank)
+    if not rank.is_main:  # rank 0 speaks for the leg: its log lines, its termination message
+        os.environ.pop(TERMINATION_LOG_ENV, None)
+        logging.getLogger("trainer").setLevel(logging.WARNING)
+    result = run_leg(
+        args.run_dir,
+        args.snapshot,
+        args.config,
+        generation=args.generation,
+        world=rank,
+        allow_uneven=args.allow_uneven_accumulation,
+    )
+    record_end(rank.rank, int(result.exit_code), result.message)
+    return int(result.exit_code)
 
 
 if __name__ == "__main__":

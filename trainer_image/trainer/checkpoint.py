@@ -66,10 +66,17 @@ log = logging.getLogger("trainer")
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_META_FILE = "optimizer.json"
 _OPTIMIZER_FILE = re.compile(r"^optimizer\.([A-Za-z0-9_]+)\.safetensors$")
-RNG_FILE = "rng.json"
+RNG_FILE = "rng.json"  # rank 0's (the only one of a single-process leg); ranks > 0: rank_rng_file
 MODEL_CONFIG_FILE = "model_config.json"
 # What load_checkpoint reads besides the optimizer tensors: a checkpoint whose manifest lacks one is invalid.
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_META_FILE, RNG_FILE, STATE_FILE)
+
+
+def rank_rng_file(rank: int) -> str:
+    """The RNG states of rank `rank` > 0 of a data-parallel leg (listed in the manifest like every file)."""
+    return f"rng.rank-{rank}.json"
+
+
 RETENTION_METRIC = "loss"  # the interval's mean training loss; lower is better
 
 
@@ -90,6 +97,7 @@ class HostState:
     metrics: dict[str, float]
     extra: dict[str, Any]
     emergency: bool = False
+    rank_rngs: list[dict[str, Any]] = field(default_factory=list)  # ranks 1.. of a data-parallel leg
     # (host target, live source) pairs still to copy; see finish_copies
     deferred: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
@@ -339,6 +347,7 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
         (STATE_FILE, json.dumps(state.trainer_state, indent=2, sort_keys=True)),
         (CONFIG_FILE, state.config_json),
         (MODEL_CONFIG_FILE, state.model_config_json),
+        *((rank_rng_file(rank), json.dumps(rng)) for rank, rng in enumerate(state.rank_rngs, start=1)),
     ):
         hashes[name] = _write_durable(tmp / name, document.encode("utf-8"))
     info = write_manifest(

@@ -27,6 +27,7 @@ from typing import Any
 
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
+from trainer.distributed import World
 from trainer.evaluation import EvalTracker
 from trainer.leg_state import Learner, LegStats, Plan, Totals
 from trainer.optimizer import implementation_of
@@ -45,6 +46,8 @@ MANIFEST_EXTRA_FIELDS = (
     "samples_seen",
     "device",
     "optimizer",
+    "world_size",
+    "global_micro_batches",
 )
 
 
@@ -102,8 +105,10 @@ class CheckpointPolicy:
         reporter: Reporter,
         stats: LegStats,
         tracker: EvalTracker | None = None,
+        world: World | None = None,
     ) -> None:
         self.config = config
+        self.world = world or World()
         self.layout = layout
         self.tracker = tracker if tracker is not None else eval_tracker(config)
         self.plan = plan
@@ -149,6 +154,8 @@ class CheckpointPolicy:
             "snapshot_sha256": self.facts.snapshot_sha256,
             "torch_version": self.facts.torch_version,
             "evaluation": self.tracker.to_state(),
+            "world_size": self.world.size,
+            "global_micro_batches": plan.accumulation,
         }
 
     def capture(self, step: int, *, emergency: bool = False) -> ckpt.HostState:
@@ -156,7 +163,8 @@ class CheckpointPolicy:
         writer thread before the next optimizer.step(); see before_optimizer_step)."""
         state = self.trainer_state(step)
         learner = self.learner
-        return ckpt.capture(
+        rngs = self.world.gather_to_main(ckpt.capture_rng())  # every rank's, taken at the same step boundary
+        host = ckpt.capture(
             model=learner.model,
             optimizer=learner.optimizer,
             scheduler=learner.scheduler,
@@ -172,6 +180,8 @@ class CheckpointPolicy:
             extra={key: state[key] for key in MANIFEST_EXTRA_FIELDS} | {"emergency": emergency},
             buffers=self.writer.buffers,
         )
+        host.rank_rngs = rngs[1:]
+        return host
 
     # ---------------------------------------------------------------- during the loop
 
@@ -204,6 +214,10 @@ class CheckpointPolicy:
 
     def checkpoint(self, step: int) -> None:
         """Capture the state after `step` steps and hand it to the writer thread; records the stall."""
+        if not self.world.is_main:  # rank 0 writes; this rank only hands over its RNG states
+            self.world.gather_to_main(ckpt.capture_rng())
+            self.last_saved_step = step
+            return
         stall_started = time.perf_counter()
         self._note_saved(self.writer.wait())  # at most one write in flight
         self.writer.submit(self.capture(step))  # the state is copied here; the files are written off-thread
@@ -227,6 +241,12 @@ class CheckpointPolicy:
     def save_last(self, step: int) -> None:
         """Training complete: wait for the write in flight, save the last step unless it is saved, close the
         writer. A preemption during evaluation or the final save then resumes straight into evaluation."""
+        if not self.world.is_main:
+            if self.last_saved_step != step:
+                self.world.gather_to_main(ckpt.capture_rng())
+                self.last_saved_step = step
+            self.writer.close()
+            return
         self._note_saved(self.writer.wait())
         if self.last_saved_step != step:
             self.reporter.update(state="checkpointing")
@@ -236,6 +256,12 @@ class CheckpointPolicy:
     def emergency_save(self, step: int) -> None:
         """Stop requested: wait for the write in flight, save `step` (marked emergency) unless it is saved,
         close the writer."""
+        if not self.world.is_main:
+            if self.last_saved_step != step:
+                self.world.gather_to_main(ckpt.capture_rng())
+                self.last_saved_step = step
+            self.writer.close()
+            return
         self._note_saved(self.writer.wait())
         if self.last_saved_step != step:
             self._note_saved(self.writer.save_now(self.capture(step, emergency=True)))

@@ -17,12 +17,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from trainer import data as data_mod
 from trainer.checkpoint_policy import CheckpointPolicy
 from trainer.config import TrainerConfig
+from trainer.distributed import World, rank_micro_batches
 from trainer.errors import Preempted
 from trainer.evaluation import evaluate, named_metrics
 from trainer.faults import Faults
@@ -53,6 +54,25 @@ class TrainingLoop:
     faults: Faults
     train_data: data_mod.Encoded
     eval_data: data_mod.Encoded
+    world: World = field(default_factory=World)
+    _agreed_stop: bool = False
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the loop stops for a stop request: the request itself for one process; with several, the
+        request as the ranks agreed on it at the last step boundary (a signal after it waits for the next)."""
+        return self._agreed_stop if self.world.distributed else self.stop.requested
+
+    def _agree(self, due: bool = False) -> bool:
+        """With several ranks: a stop request on any rank stops all of them at this step boundary (all-reduce
+        MAX, each step), and a checkpoint due on any (checkpointEverySeconds) is taken by all. Returns `due`."""
+        if not self.world.distributed:
+            return due
+        stop, due = self.world.agree(self.stop.requested, due)
+        if stop and not self.stop.requested:
+            self.stop.set_by_peer()
+        self._agreed_stop = stop
+        return due
 
     def run_steps(self) -> None:
         """Optimizer steps until the plan's last one or a stop request (the step in progress is finished first;
@@ -66,21 +86,22 @@ class TrainingLoop:
         order_epoch = -1
         leg_started = time.perf_counter()
         params = list(model.parameters())
-        if self.stop.requested:
+        self._agree()
+        if self.stopped:
             raise Preempted(f"{self.stop.signal_name} during start-up; no step taken in this leg, none lost")
         tracker = self.policy.tracker
-        if tracker.pending(totals.step, plan.total_steps) and self._evaluate(totals.step):
+        if tracker.pending(totals.step, plan.total_steps) and self._evaluate(totals.step) and self.world.is_main:
             self.policy.evaluated_after_saving(totals.step)  # the leg before stopped during this evaluation
-        while totals.step < plan.total_steps and not self.stop.requested and not tracker.should_stop:
+        while totals.step < plan.total_steps and not self.stopped and not tracker.should_stop:
             step_started = time.perf_counter()
             epoch = plan.epoch(totals.step)
             if epoch != order_epoch:
                 batches = data_mod.epoch_batches(lengths, config.batch_size, config.seed, epoch)
                 order_epoch = epoch
-            micro_batches = plan.micro_batches(totals.step)
+            micro_batches = plan.micro_batches(totals.step)  # the step's global share of the epoch's order
             step_loss = 0.0
             step_samples = 0
-            for index, micro in enumerate(micro_batches):
+            for index, micro in enumerate(rank_micro_batches(micro_batches, self.world)):
                 indices = batches[micro]
                 batch = {
                     k: v.to(self.learner.device, non_blocking=True)
@@ -93,6 +114,10 @@ class TrainingLoop:
                 step_loss += float(loss.item())
                 step_samples += len(indices)
                 self.faults.during_step(totals.step + 1, index)
+            if self.world.distributed:
+                self.world.sum_gradients(params)  # every rank now holds the step's whole gradient
+                step_loss, samples = self.world.sum_floats(step_loss, step_samples)
+                step_samples = int(samples)
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
             self.policy.before_optimizer_step()
             optimizer.step()
@@ -105,11 +130,12 @@ class TrainingLoop:
             self.policy.poll()
             self.reporter.step_done(totals.step, step_loss, self.learner.learning_rate, step_samples)
             self.faults.after_step(totals.step)
-            if self.stop.requested:
+            checkpoint_due = self._agree(self.policy.due(totals.step))
+            if self.stopped:
                 break
             if tracker.due(totals.step, plan.total_steps) and not self._evaluate(totals.step):
                 break  # stopped during the evaluation: the caller saves this step, the next leg evaluates it
-            if self.policy.due(totals.step):
+            if checkpoint_due:
                 self.policy.checkpoint(totals.step)
         stats.end_step = totals.step
         stats.train_seconds = time.perf_counter() - leg_started
@@ -120,8 +146,11 @@ class TrainingLoop:
         tracker = self.policy.tracker
         self.reporter.update(state="evaluating", message=f"evaluating step {step}")
         started = time.perf_counter()
+        # Every rank evaluates (the same eval split: the same record on each, so early stopping agrees); with
+        # several ranks a stop request waits for the evaluation's end and is agreed at the next step boundary.
+        stop = self.stop if not self.world.distributed else StopRequest()
         try:
-            result = evaluate(self.learner, self.eval_data, self.config.eval_batch_size, self.stop, self.faults)
+            result = evaluate(self.learner, self.eval_data, self.config.eval_batch_size, stop, self.faults)
         except Preempted:
             return False
         finally:
@@ -141,6 +170,8 @@ class TrainingLoop:
         last_step = totals.step
         early_stopped = last_step < plan.total_steps and tracker.should_stop
         self.policy.save_last(last_step)
+        if not self.world.is_main:  # rank 0 evaluates and writes final/
+            return ExitCode.COMPLETE, f"rank {self.world.rank}: training complete at step {last_step}"
         if self.stop.requested:
             raise Preempted(f"{self.stop.signal_name} after the last step; checkpoint step {last_step} holds it")
         if tracker.evaluated(last_step) and tracker.last is not None:

@@ -43,6 +43,13 @@ class StopRequest:
             self.signal_name = signal.Signals(signum).name
             self.event.set()
 
+    def set_by_peer(self) -> None:
+        """Another rank of a data-parallel leg was asked to stop: this one stops at the same step (distributed)."""
+        if not self.event.is_set():
+            self.received_at = time.monotonic()
+            self.signal_name = "SIGTERM (to another rank)"
+            self.event.set()
+
     def install(self) -> dict[int, Any]:
         """Install the handlers; returns the previous ones (for `restore`)."""
         return {signum: signal.signal(signum, self.handler) for signum in (signal.SIGTERM, signal.SIGINT)}

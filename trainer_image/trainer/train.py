@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from trainer import data as data_mod
 from trainer.checkpoint_consistency import check_self_consistent
 from trainer.config import TrainerConfig
+from trainer.distributed import World, accumulation_for, reporter_for
 from trainer.errors import InvalidInput, Preempted
 from trainer.faults import Faults, injected
 from trainer.leg_state import Learner, LegStats, Plan, Totals
@@ -45,6 +46,7 @@ from trainer.volume import (
     RunLayout,
     SymlinkRefused,
     VerifiedCheckpoint,
+    checkpoint_dir_name,
     fencing,
     find_latest_verified,
     list_checkpoint_dirs,
@@ -175,6 +177,8 @@ def run_leg(
     install_signals: bool = True,
     faults: Faults | None = None,
     generation: int | None = None,
+    world: World | None = None,
+    allow_uneven: bool = False,
 ) -> LegResult:
     """Run one leg to its end; never raises for the documented outcomes (see ExitCode).
 
@@ -182,11 +186,14 @@ def run_leg(
     termination-message file named by $RELAY_TERMINATION_LOG, when set (see volume.write_termination_message).
     `faults` (tests only) defaults to what the RELAY_TEST_* variables ask for: none in production (faults.py).
     `generation` (the leg number) fences the leg: see volume.fencing; None runs it unfenced.
+    `world`: this rank of a data-parallel leg (trainer.distributed; default one process); `allow_uneven` lets a
+    resumed run's global batch be split unevenly over a world size that does not divide it.
     """
     stop = stop or StopRequest()
     previous_handlers = stop.install() if install_signals else {}
+    ranks = _Ranks(world or World(), allow_uneven)
     try:
-        result = _fenced_leg(run_dir, snapshot, config_path, stop, faults, generation)
+        result = _fenced_leg(run_dir, snapshot, config_path, stop, faults, generation, ranks)
     finally:
         StopRequest.restore(previous_handlers)
     if result.exit_code in (ExitCode.FAILED, ExitCode.INVALID_INPUT, ExitCode.FENCED):
@@ -230,8 +237,20 @@ def run_dir_problem(layout: RunLayout) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Ranks:
+    world: World
+    allow_uneven: bool
+
+
 def _fenced_leg(
-    run_dir: Path, snapshot: Path, config_path: Path, stop: StopRequest, faults: Faults | None, generation: int | None
+    run_dir: Path,
+    snapshot: Path,
+    config_path: Path,
+    stop: StopRequest,
+    faults: Faults | None,
+    generation: int | None,
+    ranks: _Ranks,
 ) -> LegResult:
     """_run_leg under the leg's fence: Fenced, raised by any commit once a newer leg exists, ends it (exit 76)."""
     layout = RunLayout(run_dir)
@@ -246,7 +265,7 @@ def _fenced_leg(
     try:
         with fencing.guarding(fence):
             fence.check("start")
-            return _run_leg(layout, snapshot, config_path, stop, faults, stats)
+            return _run_leg(layout, snapshot, config_path, stop, faults, stats, ranks)
     except Fenced as exc:
         log.error("%s: committed nothing from %s on; exiting", exc, exc.what or "the fence check")
         return LegResult(ExitCode.FENCED, str(exc), stats)
@@ -266,14 +285,20 @@ def _fence_problem(layout: RunLayout) -> str | None:
 
 
 def _run_leg(
-    layout: RunLayout, snapshot: Path, config_path: Path, stop: StopRequest, faults: Faults | None, stats: LegStats
+    layout: RunLayout,
+    snapshot: Path,
+    config_path: Path,
+    stop: StopRequest,
+    faults: Faults | None,
+    stats: LegStats,
+    ranks: _Ranks,
 ) -> LegResult:
-    reporter = Reporter(layout)
+    reporter = reporter_for(layout, ranks.world)
     try:
         reporter.update(state="starting", message="checking inputs")
         leg_faults = faults if faults is not None else Faults.from_env()
         with injected(leg_faults):  # what the checkpoint writer thread sees (faults.active)
-            code, message = _run(layout, snapshot, config_path, stop, leg_faults, reporter, stats)
+            code, message = _run(layout, snapshot, config_path, stop, leg_faults, reporter, stats, ranks)
     except InvalidInput as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         log.error("invalid input: %s", message)
@@ -310,8 +335,10 @@ def _run(
     faults: Faults,
     reporter: Reporter,
     stats: LegStats,
+    ranks: _Ranks,
 ) -> tuple[ExitCode, str]:
     config = load_config(config_path)
+    world = ranks.world
     done = finished_run(layout, config, config_path)
     if done is not None:
         message = f"already complete: final model at {layout.final_dir} (step {done.step})"
@@ -331,25 +358,50 @@ def _run(
     from trainer.loop import TrainingLoop
 
     modeling.quiet_transformers()
-    device, use_bf16 = _set_up_torch(config)
+    device, use_bf16 = _set_up_torch(config, world)
+    world.start(device)  # every rank has passed the same input checks: from here on they act together
 
     # The order below is the one DETERMINISM.md found bit-exact: model built (seeded) -> train mode ->
     # optimizer and scheduler built -> states loaded -> RNGs restored last.
-    _remove_stale_run_temps(layout)
-    tokenizer = modeling.run_tokenizer(layout.run_dir, config, dataset.info.content_sha256, dataset.train.texts)
+    if world.is_main:
+        _remove_stale_run_temps(layout)
+        tokenizer = modeling.run_tokenizer(layout.run_dir, config, dataset.info.content_sha256, dataset.train.texts)
+        world.barrier()  # the run's tokenizer is saved: the other ranks load it
+    else:
+        world.barrier()
+        tokenizer = modeling.run_tokenizer(layout.run_dir, config, dataset.info.content_sha256, dataset.train.texts)
     model = modeling.build_model(config, tokenizer)
     train_data = data_mod.encode(tokenizer, dataset.train, config.max_seq_length)
     eval_data = data_mod.encode(tokenizer, dataset.eval, config.max_seq_length)
 
-    steps_per_epoch = data_mod.steps_per_epoch(train_data.rows, config.batch_size, config.gradient_accumulation_steps)
+    verified = _rank_checkpoint(layout, config, config_path, ckpt.REQUIRED_FILES, world)
+    latest = verified.info if verified is not None else None
+    made_by = int(latest.extra.get("world_size", 1)) if latest else world.size
+    global_micro_batches = (
+        int(latest.extra.get("global_micro_batches", config.gradient_accumulation_steps))
+        if latest
+        else config.gradient_accumulation_steps * world.size
+    )
+    per_rank = accumulation_for(global_micro_batches, world, allow_uneven=ranks.allow_uneven, made_by=made_by)
+    micro_batches_per_epoch = data_mod.micro_batches_per_epoch(train_data.rows, config.batch_size)
+    steps_per_epoch = -(-micro_batches_per_epoch // global_micro_batches)
     plan = Plan(
         total_steps=config.max_steps or config.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
-        micro_batches_per_epoch=data_mod.micro_batches_per_epoch(train_data.rows, config.batch_size),
-        accumulation=config.gradient_accumulation_steps,
+        micro_batches_per_epoch=micro_batches_per_epoch,
+        accumulation=global_micro_batches,
     )
-    verified = _newest_verified_checkpoint(layout, config, config_path, ckpt.REQUIRED_FILES)
-    latest = verified.info if verified is not None else None
+    world_note = ""
+    if world.distributed or made_by != world.size:
+        world_note = (
+            f"{world.size} process(es), {per_rank} micro-batch(es) of {config.batch_size} each per step: "
+            f"global batch {config.batch_size * global_micro_batches}"
+        )
+        if made_by != world.size:
+            since = latest.step if latest else 0
+            changed = f"world size changed {made_by} -> {world.size} since checkpoint step {since}"
+            world_note = f"{changed}; {world_note} kept"
+            log.warning("%s", world_note)
 
     # A resumed run keeps the AdamW implementation it started with (trainer.optimizer: they round differently).
     resumed_optimizer = _checkpoint_optimizer(verified) if verified is not None else None
@@ -358,9 +410,11 @@ def _run(
     tracker = eval_tracker(config)  # the evaluations during training, resumed with the rest (issue 15)
     resumed_from: int | None = None
     if verified is not None:
-        _restore(verified, learner, totals, plan, snapshot, tracker)
+        _restore(verified, learner, totals, plan, snapshot, tracker, world, config.seed)
         resumed_from = totals.step
         del verified  # the optimizer keeps what it needs; the rest of the verified bytes can go
+    else:
+        world.reseed_follower(config.seed)  # ranks > 0 draw their own dropout masks
 
     policy = CheckpointPolicy(
         layout=layout,
@@ -373,18 +427,22 @@ def _run(
         reporter=reporter,
         stats=stats,
         tracker=tracker,
+        world=world,
     )
     try:
         reporter.begin(
             total_steps=plan.total_steps,
             steps_per_epoch=plan.steps_per_epoch,
-            batch_size=config.batch_size * config.gradient_accumulation_steps,
+            batch_size=config.batch_size * global_micro_batches,
             step=totals.step,
             resumed_from=resumed_from,
             last_checkpoint_step=latest.step if latest else None,
             log_every=config.log_every_steps,
         )
         _log_start(config, plan, learner, resumed_from)
+        if world_note:  # in progress.json's message too: the controller's status and Events show it
+            log.info("data-parallel: %s", world_note)
+            reporter.update(message=f"{reporter.fields['message']}; {world_note}")
         stats.start_step = totals.step
         loop = TrainingLoop(
             config=config,
@@ -398,9 +456,10 @@ def _run(
             faults=faults,
             train_data=train_data,
             eval_data=eval_data,
+            world=world,
         )
         loop.run_steps()
-        if stop.requested:
+        if loop.stopped:
             return finish_preempted(stop, totals.step, policy, config, reporter)
         return loop.complete(layout, tokenizer)
     finally:
@@ -408,7 +467,22 @@ def _run(
             policy.close()
 
 
-def _set_up_torch(config: TrainerConfig) -> tuple[Any, bool]:
+def _rank_checkpoint(
+    layout: RunLayout, config: TrainerConfig, config_path: Path, required_files: tuple[str, ...], world: World
+) -> VerifiedCheckpoint | None:
+    """The checkpoint every rank resumes from: rank 0 searches (and quarantines), the others open the step it
+    found once it says which, verifying it themselves, with their own RNG file when the checkpoint has one."""
+    from trainer.volume.manifests import open_verified_checkpoint
+
+    verified = _newest_verified_checkpoint(layout, config, config_path, required_files) if world.is_main else None
+    step = world.broadcast_int(verified.info.step if verified is not None else -1)
+    if world.is_main or step < 0:
+        return verified
+    folder = layout.checkpoints_dir / checkpoint_dir_name(step)
+    return open_verified_checkpoint(folder, required_files=required_files)
+
+
+def _set_up_torch(config: TrainerConfig, world: World | None = None) -> tuple[Any, bool]:
     """Pin the thread count, pick the device, make CUDA deterministic; returns (device, bf16 autocast)."""
     import torch
 
@@ -416,6 +490,9 @@ def _set_up_torch(config: TrainerConfig) -> tuple[Any, bool]:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise InvalidInput("device: cuda requested but no CUDA device is visible")
     device = torch.device("cuda" if config.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and world is not None and world.distributed:
+        device = torch.device("cuda", world.local_rank)  # one GPU per rank (torchrun's LOCAL_RANK)
+        torch.cuda.set_device(device)
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     if device.type == "cuda":
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -484,7 +561,14 @@ def _newest_verified_checkpoint(
 
 
 def _restore(
-    verified: VerifiedCheckpoint, learner: Learner, totals: Totals, plan: Plan, snapshot: Path, tracker: EvalTracker
+    verified: VerifiedCheckpoint,
+    learner: Learner,
+    totals: Totals,
+    plan: Plan,
+    snapshot: Path,
+    tracker: EvalTracker,
+    world: World | None = None,
+    seed: int = 0,
 ) -> None:
     """Load weights, optimizer state, scheduler state, totals and the evaluation record from `verified`, then
     every RNG, last: nothing may draw from the RNGs between this and the next step (DETERMINISM.md)."""
@@ -502,7 +586,13 @@ def _restore(
     learner.scheduler.load_state_dict(state["scheduler"])
     totals.restore(state)
     tracker.restore(state.get("evaluation"))  # absent in checkpoints made before evaluations during training
-    ckpt.restore_rng(loaded.rng)  # last: nothing draws from the RNGs before the next step
+    world = world or World()
+    if world.is_main:
+        ckpt.restore_rng(loaded.rng)  # last: nothing draws from the RNGs before the next step
+    elif ckpt.rank_rng_file(world.rank) in verified.contents:
+        ckpt.restore_rng(json.loads(bytes(verified.contents[ckpt.rank_rng_file(world.rank)])))
+    else:  # a rank the checkpoint's (smaller) world did not have: a stream of its own from here
+        world.reseed_follower(seed, totals.step)
 
 
 def _log_start(config: TrainerConfig, plan: Plan, learner: Learner, resumed_from: int | None) -> None:
