@@ -1,8 +1,9 @@
 """Generate the TrainingRun CustomResourceDefinition from the pydantic models, and check it for drift.
 
 `python -m controller.crd` writes `manifests/crd/trainingruns.relay.dev.yaml` and the Helm chart's copy
-`helm/relay/crds/trainingruns.relay.dev.yaml`; `python -m controller.crd --check` exits 1 when either
-file differs from what the models generate. The files are never edited by hand.
+`helm/relay/crds/trainingruns.relay.dev.yaml`, and the TrainingSweep CRD (`controller.sweep.crd`, which embeds
+TrainingRunSpec); `python -m controller.crd --check` exits 1 when any differs from what the models generate.
+The files are never edited by hand.
 
 The spec schema comes from `controller.spec.TrainingRunSpec`, the status schema from
 `controller.spec.CustomResourceStatus` (area 2's RunStatus plus a few display fields for `kubectl get`);
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
             print(f"wrote {path.relative_to(REPO_ROOT)}")
+    from controller.sweep import crd as sweep_crd  # the TrainingSweep CRD embeds TrainingRunSpec: kept in step
+
+    sweep_code = sweep_crd.main(["--check"] if args.check else [])
     if drifted:
         for path in drifted:
             print(
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
             )
         return 1
-    return 0
+    return sweep_code
 
 
 if __name__ == "__main__":
