@@ -28,6 +28,10 @@ pytestmark = pytest.mark.anyio
 
 MIN_STEPS, MAX_STEPS = 12, 24
 PREEMPT_AT = 4
+# A tiny step takes milliseconds; a pause or a preemption reaches the trainer a few workflow tasks later (seen
+# to take over a second at load 8 on 2 cores, letting a trial run past its rung to its end). At 0.15 s a step,
+# the 12 steps between rung and end give 1.8 s: the trial stops where the test looks (+7 s wall).
+STEP_SLEEP = {"RELAY_TEST_STEP_SLEEP_S": "0.15"}
 
 
 def _sweep(name: str) -> dict[str, Any]:
@@ -60,7 +64,7 @@ async def test_asha_sweep_prunes_promotes_from_checkpoints_and_reports_the_best(
     sweep = parse_training_sweep(_sweep(name))
     client = temporal_env.client
     started = time.monotonic()
-    async with build_worker(client, LocalBackend(tmp_path), tmp_path, task_queue=task_queue):
+    async with build_worker(client, LocalBackend(tmp_path, extra_env=STEP_SLEEP), tmp_path, task_queue=task_queue):
         handle = await client.start_workflow(
             TrainingSweepWorkflow.run,
             SweepInput(
