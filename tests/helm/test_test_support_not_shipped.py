@@ -35,3 +35,15 @@ def test_neither_the_controller_nor_the_trainer_imports_the_test_support() -> No
                 names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 offenders += [f"{source.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] == SUPPORT]
     assert not offenders, offenders
+
+
+def test_the_wheel_lists_every_product_package() -> None:
+    """A package missing from the list is missing from the installed wheel and the controller image: the image's
+    `relay --help` then fails on the import (seen with controller.sweep)."""
+    packages = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"]
+    found = {
+        ".".join((prefix, *init.parent.relative_to(root).parts))
+        for prefix, root in (("controller", REPO / "controller"), ("trainer", REPO / "trainer_image" / "trainer"))
+        for init in root.rglob("__init__.py")
+    }
+    assert sorted(found - set(packages)) == [], "packages missing from pyproject.toml [tool.setuptools] packages"
