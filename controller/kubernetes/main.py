@@ -6,6 +6,7 @@ allow-lists for TrainingRuns (`controller.policy`); `--metrics-bind-address` and
 the interface of each endpoint (default 0.0.0.0: the kubelet probes the pod IP, Prometheus scrapes it).
 The Kubernetes connection is the in-cluster service account when present, else KUBECONFIG. The worker runs
 the same workflows as `relay run`, with the KubernetesBackend (one Job per leg) and the KubernetesStatusSink.
+TrainingSweeps (`controller.sweep.operator`) are handled beside TrainingRuns: their trials are TrainingRuns.
 
 Replicas: every replica runs the Temporal worker; the handlers run only on the holder of a Lease
 (`controller.kubernetes.leader`, `--leader-election-*`). A replica that loses the Lease exits (status 1) so
@@ -46,6 +47,8 @@ from controller.kubernetes.leader import (
 from controller.kubernetes.status_sink import KubernetesStatusSink
 from controller.kubernetes.temporal_client import connect, tls_config
 from controller.policy import Policy, PolicyError
+from controller.sweep.kubernetes import KubernetesTrialActivities
+from controller.sweep.operator import register_sweep_handlers
 
 log = logging.getLogger("relay.controller")
 
@@ -226,9 +229,12 @@ async def run_controller(
         sink,
         [task_queue, inference_task_queue or task_queue],
         max_concurrent_activities=max_concurrent_activities or MAX_CONCURRENT_ACTIVITIES,
+        # Every replica runs a sweep's trial activities: its trials are TrainingRuns the sweep owns.
+        sweep_activities=KubernetesTrialActivities(temporal, volume_root, api_client),
     )
     ctx = OperatorContext(temporal, api_client, backend, volume_root, task_queue, status_interval_s, policy=policy)
     registry = build_registry(ctx)
+    register_sweep_handlers(registry, temporal, task_queue)  # run, like the TrainingRun handlers, by the leader only
     register_login(registry, configuration)
 
     @kopf.on.cleanup(registry=registry)  # type: ignore[arg-type]
