@@ -16,11 +16,15 @@ import yaml
 
 from controller.crd import crd_manifest
 from controller.spec import load_training_run
+from controller.sweep.crd import crd_manifest as sweep_crd_manifest
+from controller.sweep.spec import parse_training_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "relay"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-EXAMPLES = sorted(p for p in (REPO / "manifests" / "examples").glob("*.yaml"))
+ALL_EXAMPLES = sorted(p for p in (REPO / "manifests" / "examples").glob("*.yaml"))
+EXAMPLES = [p for p in ALL_EXAMPLES if "kind: TrainingSweep" not in p.read_text(encoding="utf-8")]
+SWEEP_EXAMPLES = [p for p in ALL_EXAMPLES if p not in EXAMPLES]
 KUBE_VERSION = "1.30.0"
 RELEASE, NAMESPACE = "relay", "ml"
 # Custom resources of add-ons; kubernetes-validate ships only the built-in kinds.
@@ -560,12 +564,15 @@ def test_every_values_key_is_documented_and_declared_in_the_schema(chart: Any) -
 # ------------------------------------------------------------------ CRD and examples
 
 
-def test_the_chart_ships_the_generated_crd() -> None:
+def test_the_chart_ships_the_generated_crds() -> None:
+    """Two CRDs: TrainingRun, and TrainingSweep (issue 15), whose trials are TrainingRuns the controller runs."""
     with helm.Chart.load(CHART) as loaded:
-        crds = loaded.crds
-    assert [c["name"] for c in crds] == ["crds/trainingruns.relay.dev.yaml"]
-    (document,) = [d for d in yaml.safe_load_all(crds[0]["data"]) if d]
-    assert document == crd_manifest()  # one source: regenerate with `python -m controller.crd`
+        crds = {c["name"]: c for c in loaded.crds}
+    assert sorted(crds) == ["crds/trainingruns.relay.dev.yaml", "crds/trainingsweeps.relay.dev.yaml"]
+    (run,) = [d for d in yaml.safe_load_all(crds["crds/trainingruns.relay.dev.yaml"]["data"]) if d]
+    assert run == crd_manifest()  # one source: regenerate with `python -m controller.crd`
+    (sweep,) = [d for d in yaml.safe_load_all(crds["crds/trainingsweeps.relay.dev.yaml"]["data"]) if d]
+    assert sweep == sweep_crd_manifest()  # `python -m controller.crd` regenerates it too
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -578,6 +585,18 @@ def test_every_example_is_a_valid_training_run(example: Path) -> None:
     assert document["kind"] == crd["spec"]["names"]["kind"]
     jsonschema.Draft4Validator(version["schema"]["openAPIV3Schema"]).validate(document)
     assert run.spec.image.startswith("ghcr.io/relay-ml/relay-trainer:")
+
+
+@pytest.mark.parametrize("example", SWEEP_EXAMPLES, ids=[p.stem for p in SWEEP_EXAMPLES])
+def test_every_sweep_example_is_valid_for_the_models_and_the_crd(example: Path) -> None:
+    document = yaml.safe_load(example.read_text(encoding="utf-8"))
+    parse_training_sweep(document, str(example))  # raises InvalidTrainingSweep naming the field
+    (version,) = sweep_crd_manifest()["spec"]["versions"]
+    jsonschema.Draft4Validator(version["schema"]["openAPIV3Schema"]).validate(document)
+
+
+def test_the_sweep_example_is_shipped() -> None:
+    assert [p.name for p in SWEEP_EXAMPLES] == ["sweep-tiny.yaml"]
 
 
 def test_the_examples_cover_cpu_gpu_spot_and_the_hub() -> None:
