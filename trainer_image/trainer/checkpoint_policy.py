@@ -48,6 +48,7 @@ MANIFEST_EXTRA_FIELDS = (
     "optimizer",
     "world_size",
     "global_micro_batches",
+    "dropout_rng",
 )
 
 
@@ -106,9 +107,11 @@ class CheckpointPolicy:
         stats: LegStats,
         tracker: EvalTracker | None = None,
         world: World | None = None,
+        dropout_rng: str | None = None,
     ) -> None:
         self.config = config
         self.world = world or World()
+        self.dropout_rng = dropout_rng  # trainer_state "dropout_rng": MICRO_BATCH_DROPOUT, or None (one stream)
         self.layout = layout
         self.tracker = tracker if tracker is not None else eval_tracker(config)
         self.plan = plan
@@ -156,7 +159,7 @@ class CheckpointPolicy:
             "evaluation": self.tracker.to_state(),
             "world_size": self.world.size,
             "global_micro_batches": plan.accumulation,
-        }
+        } | ({"dropout_rng": self.dropout_rng} if self.dropout_rng else {})
 
     def capture(self, step: int, *, emergency: bool = False) -> ckpt.HostState:
         """The state after `step` steps, taken into host memory (the deferred tensor copies finish on the
@@ -177,7 +180,7 @@ class CheckpointPolicy:
                 "learning_rate": learner.learning_rate,
             }
             | self.tracker.metrics_at(step),
-            extra={key: state[key] for key in MANIFEST_EXTRA_FIELDS} | {"emergency": emergency},
+            extra={key: state[key] for key in MANIFEST_EXTRA_FIELDS if key in state} | {"emergency": emergency},
             buffers=self.writer.buffers,
         )
         host.rank_rngs = rngs[1:]

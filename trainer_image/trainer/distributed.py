@@ -16,8 +16,10 @@ between world sizes (a rounding difference, measured in the README); at the same
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -25,6 +27,10 @@ from typing import Any
 from trainer.errors import InvalidInput
 from trainer.reporting import Reporter
 
+# trainer_state "dropout_rng" of runs whose dropout masks come from their micro-batch (micro_batch_rng): the same
+# masks whichever rank, and however many, compute a micro-batch. Checkpoints without it (made before) keep the one
+# global stream, so a run in flight resumes bit-identically across the upgrade.
+MICRO_BATCH_DROPOUT = "micro_batch"
 RESULTS_ENV = "RELAY_DDP_RESULTS"  # the folder where each rank records its pid and its outcome (trainer.launch)
 # A collective that waits longer than this fails the rank (a peer that hangs without dying); torchrun then ends
 # the leg. Long enough for the slowest single step or evaluation of a large model.
@@ -179,6 +185,19 @@ class World:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
             bucket, size = ([grad], grad.numel()) if grad is not None else ([], 0)
+
+
+@contextlib.contextmanager
+def micro_batch_rng(seed: int, epoch: int, micro_batch: int, device: Any) -> Iterator[None]:
+    """Draw the forward pass's randomness (dropout) of micro-batch `micro_batch` of `epoch` from a generator of
+    its own, the global RNGs forked and left as they were: a micro-batch's masks do not depend on the rank or the
+    world size that computes it, so a run resumed on another world size trains on the same masks."""
+    import torch
+
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(((seed * 1_000_003 + epoch) * 1_000_033 + micro_batch) % 2**63)
+        yield
 
 
 def rank_micro_batches(micro_batches: range, world: World) -> range:

@@ -80,13 +80,20 @@ def _rank_pids(folder: Path) -> list[int]:
     return pids
 
 
-def leg_outcome(folder: Path, processes: int) -> tuple[int, str]:
-    """The leg's exit code and message from the ranks' records (see the module docstring)."""
+def leg_outcome(folder: Path, processes: int, signalled: bool = False) -> tuple[int, str]:
+    """The leg's exit code and message from the ranks' records (see the module docstring); `signalled`: the leg
+    was sent SIGTERM/SIGINT, so a rank without a record was most likely stopped while starting (exit 143)."""
     ends: dict[int, dict[str, object]] = {}
     for rank in range(processes):
         with contextlib.suppress(OSError, ValueError):
             ends[rank] = json.loads(Path(folder, f"rank-{rank}.json").read_text(encoding="utf-8"))
     lost = [rank for rank in range(processes) if rank not in ends]
+    if lost and signalled:
+        message = (
+            f"rank {', '.join(map(str, lost))} of {processes} ended without a word after the leg's stop signal "
+            "(stopped while starting?); the next leg resumes from the newest complete checkpoint"
+        )
+        return 128 + signal.SIGTERM, message
     if lost:
         message = (
             f"rank {', '.join(map(str, lost))} of {processes} ended without a word (killed: SIGKILL, OOM or lost); "
@@ -122,8 +129,8 @@ def run_processes(processes: int, train_args: list[str]) -> int:
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        code, message = leg_outcome(folder, processes)
-        if code == LOST_RANK_EXIT:
+        code, message = leg_outcome(folder, processes, signalled=bool(received))
+        if code in (LOST_RANK_EXIT, 128 + signal.SIGTERM):
             log.error("%s (torchrun exited %d)", message, torchrun_code)
             write_termination_message(message)
         elif code in (ExitCode.COMPLETE, ExitCode.PREEMPTED):

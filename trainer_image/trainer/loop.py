@@ -13,6 +13,7 @@ completes at that step (final/ written, the reason in metrics.json and the messa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 from trainer import data as data_mod
 from trainer.checkpoint_policy import CheckpointPolicy
 from trainer.config import TrainerConfig
-from trainer.distributed import World, rank_micro_batches
+from trainer.distributed import World, micro_batch_rng, rank_micro_batches
 from trainer.errors import Preempted
 from trainer.evaluation import evaluate, named_metrics
 from trainer.faults import Faults
@@ -55,6 +56,7 @@ class TrainingLoop:
     train_data: data_mod.Encoded
     eval_data: data_mod.Encoded
     world: World = field(default_factory=World)
+    micro_batch_dropout: bool = False  # dropout masks per micro-batch (distributed.micro_batch_rng): new runs
     _agreed_stop: bool = False
 
     @property
@@ -107,7 +109,12 @@ class TrainingLoop:
                     k: v.to(self.learner.device, non_blocking=True)
                     for k, v in data_mod.collate(train_data, indices).items()
                 }
-                with self.learner.autocast():
+                rng = (
+                    micro_batch_rng(config.seed, epoch, micro, self.learner.device)
+                    if self.micro_batch_dropout
+                    else contextlib.nullcontext()
+                )
+                with self.learner.autocast(), rng:
                     outputs = model(**batch)
                 loss = outputs.loss / len(micro_batches)
                 loss.backward()

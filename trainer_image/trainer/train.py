@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from trainer import data as data_mod
 from trainer.checkpoint_consistency import check_self_consistent
 from trainer.config import TrainerConfig
-from trainer.distributed import World, accumulation_for, reporter_for
+from trainer.distributed import MICRO_BATCH_DROPOUT, World, accumulation_for, reporter_for
 from trainer.errors import InvalidInput, Preempted
 from trainer.faults import Faults, injected
 from trainer.leg_state import Learner, LegStats, Plan, Totals
@@ -382,6 +382,8 @@ def _run(
         if latest
         else config.gradient_accumulation_steps * world.size
     )
+    # A new run draws dropout per micro-batch; one resumed from a checkpoint made before keeps its one stream.
+    dropout_rng = latest.extra.get("dropout_rng") if latest else MICRO_BATCH_DROPOUT
     per_rank = accumulation_for(global_micro_batches, world, allow_uneven=ranks.allow_uneven, made_by=made_by)
     micro_batches_per_epoch = data_mod.micro_batches_per_epoch(train_data.rows, config.batch_size)
     steps_per_epoch = -(-micro_batches_per_epoch // global_micro_batches)
@@ -428,6 +430,7 @@ def _run(
         stats=stats,
         tracker=tracker,
         world=world,
+        dropout_rng=dropout_rng,
     )
     try:
         reporter.begin(
@@ -457,6 +460,7 @@ def _run(
             train_data=train_data,
             eval_data=eval_data,
             world=world,
+            micro_batch_dropout=dropout_rng == MICRO_BATCH_DROPOUT,
         )
         loop.run_steps()
         if loop.stopped:
