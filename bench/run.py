@@ -29,6 +29,7 @@ MODULES = (
     "bench.bench_containers",
     "bench.bench_ha",
     "bench.bench_fencing",
+    "bench.bench_ddp",
 )
 KEYS = (
     "checkpoint_write_vs_disk",
@@ -55,6 +56,9 @@ KEYS = (
     "upgrade_runs_disrupted",
     "temporal_outage_60s_ok",
     "node_lost_detection_s",
+    "ddp_checkpoint_stall_fraction",
+    "ddp_steps_lost_per_sigterm",
+    "ddp_resume_world_size_change_max_abs_diff",
 )
 
 
