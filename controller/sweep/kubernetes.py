@@ -3,28 +3,36 @@
 `start_trial` creates the trial's TrainingRun (ownerReferences: the sweep, so deleting the sweep deletes its
 trials; label relay.dev/sweep) and the operator starts its training workflow as for any TrainingRun, under
 the same id; `signal_trial` patches its spec.suspend (the operator signals pause/resume); `cancel_trial`
-deletes it (the operator cancels the workflow and removes its Jobs). Watching a trial is the local activity's:
-the eval lines on the shared volume and the workflow's state in Temporal.
+deletes it (the operator cancels the workflow and removes its Jobs); `publish_status` writes the sweep's
+`.status` and posts an Event for each change since the stored one (`controller.sweep.events`). Watching a
+trial is the local activity's: the eval lines on the shared volume and the workflow's state in Temporal.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
 from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, WORKFLOW_ID_PREFIX
 from controller.sweep.activities import SweepActivities
+from controller.sweep.events import SweepEvent, sweep_events
 from controller.sweep.messages import PublishSweepStatusRequest, StartTrialRequest, TrialRef, TrialSignalRequest
-from controller.sweep.spec import SWEEP_KIND, SWEEP_PLURAL
+from controller.sweep.spec import SWEEP_KIND, SWEEP_PLURAL, SweepStatus
 
 SWEEP_LABEL = "relay.dev/sweep"
+COMPONENT = "relay-controller"
+log = logging.getLogger("relay.sweep")
 
 
 def trial_manifest(request: StartTrialRequest) -> dict[str, Any]:
@@ -56,6 +64,7 @@ class KubernetesTrialActivities(SweepActivities):
     def __init__(self, client: Client, volume_root: Path | str, api_client: kubernetes.client.ApiClient) -> None:
         super().__init__(client, volume_root)
         self.custom: Any = kubernetes.client.CustomObjectsApi(api_client)  # plain dicts in and out
+        self.core: Any = kubernetes.client.CoreV1Api(api_client)
 
     @activity.defn(name="sweep_start_trial")
     async def start_trial(self, request: StartTrialRequest) -> None:
@@ -124,6 +133,41 @@ class KubernetesTrialActivities(SweepActivities):
             self.custom.patch_namespaced_custom_object_status, API_GROUP, API_VERSION, request.namespace,
             SWEEP_PLURAL, request.name, body,
         )  # fmt: skip
+        try:
+            stored = SweepStatus.model_validate(current.get("status") or {}) if current.get("status") else None
+        except ValidationError:
+            stored = None  # an older controller's status: every event once more is the lesser harm
+        for event in sweep_events(stored, request.status):
+            await self._emit(current, event)
+
+    async def _emit(self, sweep: dict[str, Any], event: SweepEvent) -> None:
+        """One core/v1 Event on the TrainingSweep; one that cannot be posted is logged, the status stands."""
+        metadata = sweep["metadata"]
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{metadata['name']}.{uuid.uuid4().hex[:16]}", "namespace": metadata["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": SWEEP_KIND,
+                "name": metadata["name"],
+                "namespace": metadata["namespace"],
+                "uid": metadata["uid"],
+            },
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "type": event.type,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+        }
+        try:
+            await asyncio.to_thread(self.core.create_namespaced_event, metadata["namespace"], body)
+        except ApiException as exc:
+            log.warning("%s/%s: event %s not posted: %s", metadata["namespace"], metadata["name"], event.reason, exc)
 
 
 def _namespace_and_name(workflow_id: str) -> tuple[str, str]:
