@@ -47,6 +47,7 @@ def test_job_is_one_try_non_root_and_mounts_the_run_folder_and_snapshot() -> Non
         "--snapshot", "/relay-volume/snapshots/abc",
         "--config", "/relay-volume/runs/ml/bert-sst2/config.json",
         "--generation", "3",
+        "--processes", "2",  # gpus: 2 -> one data-parallel process per GPU (issue 14)
     ]  # fmt: skip
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert container["resources"]["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "2"}
