@@ -54,3 +54,11 @@ def test_processes_other_than_one_per_gpu_are_refused() -> None:
         leg(gpus=2, processes=3)
     with pytest.raises(ValidationError, match="processes"):
         leg(processes=0)
+
+
+def test_a_leg_that_lost_a_rank_counts_as_a_preemption() -> None:
+    from controller.leg_model import LegOutcomeKind, LegTermination, classify_termination
+    from trainer.launch import LOST_RANK_EXIT
+
+    assert classify_termination(LegTermination(exit_code=LOST_RANK_EXIT)) == LegOutcomeKind.PREEMPTED
+    assert classify_termination(LegTermination(exit_code=128 + 15)) == LegOutcomeKind.PREEMPTED  # stopped starting
