@@ -443,7 +443,7 @@ def _run(
             log_every=config.log_every_steps,
         )
         _log_start(config, plan, learner, resumed_from)
-        if world_note:  # in progress.json's message too: the controller's status and Events show it
+        if world_note:  # in progress.json's message too (relay status and the leg log show the log line)
             log.info("data-parallel: %s", world_note)
             reporter.update(message=f"{reporter.fields['message']}; {world_note}")
         stats.start_step = totals.step
@@ -475,7 +475,7 @@ def _rank_checkpoint(
     layout: RunLayout, config: TrainerConfig, config_path: Path, required_files: tuple[str, ...], world: World
 ) -> VerifiedCheckpoint | None:
     """The checkpoint every rank resumes from: rank 0 searches (and quarantines), the others open the step it
-    found once it says which, verifying it themselves, with their own RNG file when the checkpoint has one."""
+    found once it says which (broadcast), verifying its hashes themselves."""
     from trainer.volume.manifests import open_verified_checkpoint
 
     verified = _newest_verified_checkpoint(layout, config, config_path, required_files) if world.is_main else None
