@@ -443,7 +443,7 @@ def _run(
             log_every=config.log_every_steps,
         )
         _log_start(config, plan, learner, resumed_from)
-        if world_note:  # in progress.json's message too (relay status and the leg log show the log line)
+        if world_note:  # the leg log's line, and progress.json's message
             log.info("data-parallel: %s", world_note)
             reporter.update(message=f"{reporter.fields['message']}; {world_note}")
         stats.start_step = totals.step
