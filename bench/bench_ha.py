@@ -115,9 +115,10 @@ async def outage_figure(scratch: Path) -> dict[str, Any]:
         "one leg, launched once": len(status.legs) == 1
         and result.pid_records == ["0.pid.json"]
         and result.trainer_starts == 1,
-        "uninterrupted weights": result.weights_equal,
+        "uninterrupted weights": result.weights_equal,  # losses_differ_from names where the two runs parted
     }
     failed = [name for name, ok in checks.items() if not ok]
+    newest = max(result.checkpoints_during, default=0)
     return {
         "temporal_outage_60s_ok": entry(
             0.0 if failed else 1.0,
@@ -125,9 +126,10 @@ async def outage_figure(scratch: Path) -> dict[str, Any]:
             "1",
             f"local backend, real trainer (tiny BERT, {OUTAGE_STEPS} steps), `relay worker` process: Temporal dev "
             f"server (db file) down {result.unreachable_s:.0f} s mid-leg; steps {result.step_at_stop} -> "
-            f"{result.step_at_restart} and {len(result.checkpoints_during)} checkpoints meanwhile, succeeded "
+            f"{result.step_at_restart} meanwhile, newest checkpoint then step {newest}, succeeded "
             f"{result.catch_up_s:.0f} s after the restart ({time.monotonic() - began:.0f} s in all)"
-            + (f"; FAILED: {', '.join(failed)}" if failed else "; every check held"),
+            + (f"; FAILED: {', '.join(failed)}" if failed else "; every check held")
+            + (f" (losses differ from step {result.losses_differ_from})" if result.losses_differ_from else ""),
         )
     }
 

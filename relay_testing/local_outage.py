@@ -21,7 +21,7 @@ from controller.worker import connect
 from controller.workflows import CheckpointedBertTrainingWorkflow, TrainingRunInput
 from relay_testing.reference_training import file_sha256, train_uninterrupted
 from relay_testing.temporal_outage import RestartableTemporal
-from trainer.volume import RunLayout, list_checkpoint_dirs, load_progress
+from trainer.volume import HistoryEntry, RunLayout, list_checkpoint_dirs, load_progress
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,17 @@ class OutageResult:
     pid_records: list[str]
     trainer_starts: int
     weights_equal: bool
+    losses_differ_from: int | None = None  # the first step whose logged loss differs from the reference's
+
+
+def logged_losses(history: Path) -> dict[int, float]:
+    """Step -> training loss from a run's history.jsonl (the newest line per step)."""
+    losses: dict[int, float] = {}
+    for line in history.read_text().splitlines():
+        entry = HistoryEntry.model_validate_json(line)
+        if entry.event is None and entry.loss is not None:
+            losses[entry.step] = entry.loss
+    return losses
 
 
 def run_document(steps: int) -> dict[str, object]:
@@ -107,12 +118,15 @@ async def run_through_outage(folder: Path, steps: int, outage_s: float, *, start
             worker_log.close()
     pid_records = sorted(p.name for p in (layout.run_dir / "legs").glob("*.pid.json"))
     starts = sum(1 for line in layout.history_path.read_text().splitlines() if '"event": "start"' in line)
-    equal = False
+    equal, differ_from = False, None
     if status.phase == Phase.SUCCEEDED and status.snapshot is not None:
         reference = train_uninterrupted(
             volume_root, status.snapshot.path, layout.config_path, volume_root / "runs/default/reference"
         )
         equal = file_sha256(layout.run_dir / "final/model.safetensors") == file_sha256(reference)
+        if not equal:  # before step_at_stop: not the outage's doing (the trainer's inputs or code differed)
+            ours, theirs = logged_losses(layout.history_path), logged_losses(reference.parents[1] / "history.jsonl")
+            differ_from = min((s for s in ours.keys() & theirs.keys() if ours[s] != theirs[s]), default=None)
     return OutageResult(
         status,
         step_at_stop,
@@ -124,4 +138,5 @@ async def run_through_outage(folder: Path, steps: int, outage_s: float, *, start
         pid_records,
         starts,
         equal,
+        differ_from,
     )
