@@ -12,8 +12,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from controller.worker import WORKFLOW_RUNNER
-from controller.workflows import BertInferenceWorkflow, CheckpointedBertTrainingWorkflow
+from controller.sweep.spec import sweep_workflow_id
+from controller.worker import WORKFLOW_RUNNER, WORKFLOWS
 
 pytestmark = pytest.mark.anyio
 HISTORIES = sorted((Path(__file__).resolve().parent / "histories").glob("*.json"))
@@ -24,6 +24,7 @@ EXPECTED = {
     "invalid-input",
     "pause-resume",
     "preempted-failed-completed",
+    "sweep-asha",  # TrainingSweepWorkflow: ASHA's pauses, promotions and pruning, a suspend and resume
 }
 
 
@@ -33,10 +34,13 @@ def test_every_recorded_path_is_present():
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_replays_without_nondeterminism(path: Path):
-    history = WorkflowHistory.from_json(f"trainingrun-default-{path.stem}", path.read_text(encoding="utf-8"))
+    workflow_id = sweep_workflow_id("default", path.stem) if path.stem.startswith("sweep-") else None
+    history = WorkflowHistory.from_json(
+        workflow_id or f"trainingrun-default-{path.stem}", path.read_text(encoding="utf-8")
+    )
     assert len(history.events) > 10  # a real history, not an empty file
     replayer = Replayer(  # the production worker's sandbox: what it refuses or re-imports, the replay does too
-        workflows=[CheckpointedBertTrainingWorkflow, BertInferenceWorkflow],
+        workflows=WORKFLOWS,  # training, inference and sweep
         data_converter=pydantic_data_converter,
         workflow_runner=WORKFLOW_RUNNER,
     )
