@@ -30,6 +30,7 @@ MODULES = (
     "bench.bench_ha",
     "bench.bench_fencing",
     "bench.bench_ddp",
+    "bench.bench_sweep",
 )
 KEYS = (
     "checkpoint_write_vs_disk",
@@ -52,6 +53,7 @@ KEYS = (
     "accuracy_vs_hf_best",
     "relay_list_s_500_runs",
     "eval_overhead_fraction",
+    "sweep_overhead_ratio",
     "controller_failover_s",
     "upgrade_runs_disrupted",
     "temporal_outage_60s_ok",
