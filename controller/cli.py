@@ -754,7 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--faults", type=int, default=5)
     p.add_argument("--volume", default=None, help="an empty folder for the drill (default: a new temporary one)")
-    p.add_argument("--kinds", default=None, help="comma-separated fault kinds to draw from (default: all)")
+    p.add_argument(
+        "--kinds",
+        default=None,
+        help="comma-separated fault kinds to draw from (default: all but the opt-in stalled-leg and node-lost; "
+        "node-lost needs a node harness on the kubernetes backend, the local backend has no node: use stalled-leg)",
+    )
     p.set_defaults(func=_cmd_drill)
 
     p = sub.add_parser(

@@ -27,8 +27,12 @@ LOCAL_FAULTS = (
 )
 KUBERNETES_FAULTS = tuple("controller-restart" if k == "worker-restart" else k for k in LOCAL_FAULTS)
 # Asked for by name only (--kinds), never in the default mix: the seeded plans of `make drill` and the tests stay
-# the same. stalled-leg (issue 13) waits retries.progressStallSeconds (core.STALL_S, 30 s) per fault.
-OPT_IN_FAULTS = ("stalled-leg",)
+# the same. stalled-leg (issue 13) waits retries.progressStallSeconds (core.STALL_S, 30 s) per fault; node-lost
+# (issue 13, Kubernetes with a node harness that can partition a node) waits nodeLostAfterSeconds (core.NODE_LOST_S).
+OPT_IN_FAULTS = ("stalled-leg", "node-lost")
+NODE_LOST_LOCAL = (
+    "'node-lost' needs a node: the local backend has none (its analogue is stalled-leg, a trainer alive but silent)"
+)
 ALL_FAULTS = LOCAL_FAULTS  # the local drill's, the default backend
 FAULTS = {"local": LOCAL_FAULTS, "kubernetes": KUBERNETES_FAULTS}
 
@@ -57,6 +61,14 @@ def run_drill(
     known = FAULTS.get(backend)
     if known is None:
         print(f"relay drill: --backend: unknown backend {backend!r} (known: local, kubernetes)", file=sys.stderr)
+        return 2, None
+    if backend == "local" and "node-lost" in (kinds or ()):
+        print(f"relay drill: --kinds: {NODE_LOST_LOCAL}", file=sys.stderr)
+        return 2, None
+    if backend == "kubernetes" and "node-lost" in (kinds or ()) and not hasattr(node, "lose_node"):
+        print("relay drill: --kinds: 'node-lost' needs a node harness that can cut a node off from the API server "
+              "(relay_testing.drill's process kubelets); a real cluster's nodes are not the drill's to partition",
+              file=sys.stderr)  # fmt: skip
         return 2, None
     if backend == "kubernetes" and node is None:
         from controller.drill.kubernetes import API_FAULTS

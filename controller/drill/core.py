@@ -22,10 +22,17 @@ Faults (each injected from outside, the way the real thing happens):
     stalled-leg       SIGSTOP to the trainer and nothing else: alive but silent (a hung trainer or mount); the
                       backend must call it ProgressStalled after retries.progressStallSeconds (STALL_S), kill it
                       and start the next leg (issue 13)
+    node-lost         (Kubernetes, with a node harness) the leg's node is cut off from the API server and goes
+                      NotReady (Ready=Unknown) while its trainer keeps running and writing the volume; the
+                      controller must start the next leg after retries.nodeLostAfterSeconds (NODE_LOST_S), and
+                      the old trainer must end fenced (exit 76) with no commit after the fence moved; then the
+                      node comes back Ready (issue 13). Locally there is no node: stalled-leg is the analogue
 
 Pass = the run reaches Succeeded; its final weights' sha256 equals an uninterrupted run's (same config and
 snapshot, trained after the drill by `python -m trainer train` into a separate folder); no two legs overlapped
-(the backend's leg lifetimes, and the trainer pids' time spans in history.jsonl); nothing of the run is left
+(the backend's leg lifetimes, and the trainer pids' time spans in history.jsonl; a node-lost leg may overlap
+the next one only when it ended fenced, exit 76, and no checkpoint, progress or history record of its generation
+is newer than fence.json's writtenAt: FencedLeg); nothing of the run is left
 running; every quarantined checkpoint is in the status and in a CheckpointQuarantined event.
 
 The table: "at step" is the last step the trainer logged when the fault landed; "recovery" runs from the
@@ -80,6 +87,8 @@ TMPFS_SIZE = "256m"
 # between two progress writes of a leg, its start included (imports, snapshot, model, checkpoint verification:
 # over 8 s on a loaded 2-core machine, where 8 s here killed eight fresh legs in a row), short enough for a drill.
 STALL_S = 30.0
+# retries.nodeLostAfterSeconds of the drill's run when node-lost is in the mix.
+NODE_LOST_S = 5.0
 
 
 class DrillError(RuntimeError):
@@ -95,6 +104,56 @@ class FaultRecord:
     recovery_s: float | None = None
     steps_lost: int | None = None
     detail: str = ""
+
+
+@dataclass
+class FencedLeg:
+    """What a node-lost fault left of its old leg: how it ended and what it committed after the fence moved.
+
+    `late` lists every record of the old generation newer than fence.json's writtenAt: a history.jsonl line or
+    progress.json of its pid, or a checkpoint folder renamed into place (its ctime) after the fence and before
+    any newer trainer started. The leg may overlap the next one only when `ok`.
+    """
+
+    exit_code: int | None
+    fence_moved_at: float  # fence.json's writtenAt, or its rename into place when that came later
+    newer: int
+    late: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == FENCED_EXIT and not self.late
+
+
+FENCED_EXIT = 76  # trainer.volume.ExitCode.FENCED
+
+
+def fence_moved_at(layout: RunLayout) -> tuple[int, float] | None:
+    """(generation, when the fence moved to it): fence.json's writtenAt, or its ctime (the atomic rename that made
+    it visible, after writtenAt was taken) when later; a trainer's check sees the file only from then on."""
+    record = read_json(layout.fence_path)
+    if record is None or not isinstance(record.get("generation"), int):
+        return None
+    with contextlib.suppress(OSError):
+        return record["generation"], max(float(record.get("writtenAt") or 0.0), layout.fence_path.stat().st_ctime)
+    return None
+
+
+def late_commits(layout: RunLayout, pid: int, written_at: float, others_from: float | None) -> list[str]:
+    """Records of trainer `pid` newer than the fence's move at `written_at` (see FencedLeg); `others_from`: when the
+    first newer trainer started (checkpoints committed after that may be its own), None when none has yet."""
+    late = [f"history.jsonl step {e.step} at +{e.time - written_at:.3f}s"
+            for e in read_history(layout) if e.pid == pid and e.time > written_at]  # fmt: skip
+    progress = read_progress(layout) or {}
+    if progress.get("pid") == pid and float(progress.get("updated_at") or 0.0) > written_at:
+        late.append(f"progress.json step {progress.get('step')}")
+    checkpoints = layout.checkpoints_dir
+    for folder in sorted(checkpoints.glob("step-*")) if checkpoints.is_dir() else []:
+        with contextlib.suppress(OSError):
+            renamed = folder.stat().st_ctime
+            if renamed > written_at and (others_from is None or renamed < others_from):
+                late.append(f"checkpoint {folder.name} at +{renamed - written_at:.3f}s")
+    return late
 
 
 @dataclass
@@ -162,9 +221,11 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def run_document(namespace: str, total_steps: int, stall_s: float | None = None) -> dict[str, Any]:
+def run_document(
+    namespace: str, total_steps: int, stall_s: float | None = None, node_lost_s: float | None = None
+) -> dict[str, Any]:
     """The drill's TrainingRun: the tiny model on 300 demo reviews, a checkpoint every 10 steps; `stall_s` sets
-    retries.progressStallSeconds."""
+    retries.progressStallSeconds, `node_lost_s` retries.nodeLostAfterSeconds."""
     document: dict[str, Any] = {
         "apiVersion": "relay.dev/v1alpha1",
         "kind": "TrainingRun",
@@ -189,6 +250,8 @@ def run_document(namespace: str, total_steps: int, stall_s: float | None = None)
     }
     if stall_s is not None:
         document["spec"]["retries"]["progressStallSeconds"] = stall_s
+    if node_lost_s is not None:
+        document["spec"]["retries"]["nodeLostAfterSeconds"] = node_lost_s
     return document
 
 
@@ -265,6 +328,10 @@ class Drill(abc.ABC):
     @abc.abstractmethod
     async def quarantine_events(self) -> str:
         """Text holding every CheckpointQuarantined event, one `step N:` message each."""
+
+    async def lose_node(self, fault: FaultRecord, leg: int, pid: int) -> None:
+        """node-lost: cut the leg's node off (see the module docstring); only a backend with nodes has it."""
+        raise DrillError(f"fault node-lost: the {self.backend_name} backend has no node to lose")
 
     async def published_phase(self) -> Check | None:
         """Where the backend publishes status elsewhere too (the TrainingRun object): it says Succeeded."""
@@ -377,6 +444,8 @@ class Drill(abc.ABC):
         elif kind == "stalled-leg":
             os.kill(pid, signal.SIGSTOP)  # alive, silent: only the backend's stall check ends it
             fault.detail = f"leg {leg}: SIGSTOP to pid {pid}, left stopped (progressStallSeconds {STALL_S:g})"
+        elif kind == "node-lost":
+            await self.lose_node(fault, leg, pid)
         elif kind == self.restart_fault:
             what = await self.restart_host()
             await self._query_answers()
@@ -514,7 +583,8 @@ class Drill(abc.ABC):
         await self.start_backend()
         self.client = await connect(self.address)
         stall_s = STALL_S if "stalled-leg" in self.kinds else None
-        await self.submit(run_document(self.namespace, total_steps, stall_s))
+        node_lost_s = NODE_LOST_S if "node-lost" in self.kinds else None
+        await self.submit(run_document(self.namespace, total_steps, stall_s, node_lost_s))
         # Without a run id: queries and the result follow the run across continue-as-new.
         self.handle = self.client.get_workflow_handle_for(
             CheckpointedBertTrainingWorkflow.run, workflow_id(self.namespace, RUN_NAME)
@@ -570,17 +640,32 @@ class Drill(abc.ABC):
         return Check("final weights == uninterrupted run", ours == theirs, f"sha256 {ours[:16]} vs {theirs[:16]}")
 
     @staticmethod
-    def spans_disjoint(name: str, spans: list[tuple[str, float | None, float | None]]) -> Check:
-        """A check that (label, start, end) spans sorted by start never overlap; a missing end is a failure."""
+    def spans_disjoint(
+        name: str, spans: list[tuple[str, float | None, float | None]], fenced: dict[str, FencedLeg] | None = None
+    ) -> Check:
+        """A check that (label, start, end) spans sorted by start never overlap; a missing end is a failure.
+
+        One exception (node-lost): a span whose label is in `fenced` with an `ok` FencedLeg (exit 76, nothing
+        committed after the fence moved) may overlap the spans after it; any other overlap fails.
+        """
+        fenced = fenced or {}
         spans = sorted(spans, key=lambda s: (s[1] is None, s[1] or 0.0))
-        bad = [
-            f"{b[0]} began {b[1] - a[2]:.3f}s before {a[0]} ended"
-            if a[2] is not None and b[1] is not None
-            else f"{a[0]} or {b[0]} has no recorded start or end"
-            for a, b in itertools.pairwise(spans)
-            if a[2] is None or b[1] is None or b[1] < a[2]
-        ]
-        return Check(name, not bad and bool(spans), "; ".join(bad) or f"{len(spans)} legs, disjoint")
+        bad, allowed = [], []
+        for a, b in itertools.pairwise(spans):
+            if a[2] is None or b[1] is None:
+                bad.append(f"{a[0]} or {b[0]} has no recorded start or end")
+            elif b[1] < a[2]:
+                overlap = f"{b[0]} began {a[2] - b[1]:.3f}s before {a[0]} ended"
+                leg = fenced.get(a[0])
+                if leg is not None and leg.ok:
+                    allowed.append(f"{overlap} (allowed: {a[0]} fenced, exit 76, nothing committed after the fence)")
+                elif leg is not None:
+                    why = f"exit {leg.exit_code}" if leg.exit_code != FENCED_EXIT else "late: " + ", ".join(leg.late)
+                    bad.append(f"{overlap}; {a[0]} was cut off but not cleanly fenced ({why})")
+                else:
+                    bad.append(overlap)
+        detail = "; ".join(bad) or f"{len(spans)} legs, disjoint" + "".join(f"; {a}" for a in allowed)
+        return Check(name, not bad and bool(spans), detail)
 
     def _check_trainers_disjoint(self) -> Check:
         by_pid: dict[int, list[float]] = {}

@@ -36,13 +36,26 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import kubernetes
 import yaml
 from kubernetes.client.rest import ApiException
 
-from controller.drill.core import RUN_NAME, Check, Drill, DrillError, free_port
+from controller.drill.core import (
+    FENCED_EXIT,
+    NODE_LOST_S,
+    RUN_NAME,
+    Check,
+    Drill,
+    DrillError,
+    FaultRecord,
+    FencedLeg,
+    alive,
+    fence_moved_at,
+    free_port,
+    late_commits,
+)
 from controller.kubernetes.jobs import LABEL_RUN
 from controller.kubernetes.server import evict_pod, server_features
 from trainer.volume import RunLayout
@@ -51,12 +64,14 @@ GROUP, VERSION, PLURAL = "relay.dev", "v1alpha1", "trainingruns"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 API_FAULTS = ("sigterm", "sigkill", "controller-restart", "server-restart")  # what any cluster allows
 NODE_FAULTS = ("sigkill-in-write", "corrupt-newest", "enospc", "stalled-leg")  # need the trainer's process here
+PARTITION_FAULTS = ("node-lost",)  # need a harness that can cut a node off (PartitionAccess)
 
 
 class NodeAccess(Protocol):
     """What a harness that plays the cluster's node offers beyond the API (relay_testing's ProcessKubelet)."""
 
-    spans: dict[str, tuple[float, float | None]]  # "<ns>/<pod>" -> its process's (start, end), end None while alive
+    @property
+    def spans(self) -> dict[str, tuple[float, float | None]]: ...  # "<ns>/<pod>" -> (start, end), end None: alive
 
     def pressure_evict(self, namespace: str, name: str) -> None: ...  # SIGKILL, pod Failed/Evicted
 
@@ -67,6 +82,16 @@ class NodeAccess(Protocol):
     def exited_at(self, key: str) -> float | None: ...
 
     def pod_log(self, namespace: str, name: str) -> str: ...
+
+
+class PartitionAccess(NodeAccess, Protocol):
+    """A node harness that can also partition the node running a pod, and heal it (relay_testing.drill)."""
+
+    def lose_node(self, namespace: str, name: str) -> str: ...  # cut off + Ready=Unknown; a line for the table
+
+    def restore_node(self) -> str: ...  # the lost node reports again, Ready=True
+
+    def exit_code(self, namespace: str, name: str) -> int | None: ...  # the pod process's, once it ended
 
 
 @dataclass(frozen=True)
@@ -229,6 +254,7 @@ class KubernetesDrill(Drill):
         self.watch: PodWatch | None = None
         self.eviction_api = "policy/v1"
         self.pod_of_leg: dict[int, str] = {}
+        self.fenced: dict[str, FencedLeg] = {}  # node-lost legs by pod name
 
     # ---------------------------------------------------------------- services
 
@@ -376,6 +402,42 @@ class KubernetesDrill(Drill):
                 return {"exit_code": terminated.get("exitCode"), "reason": reason}
         return None  # the kubelet has not reported it yet
 
+    async def lose_node(self, fault: FaultRecord, leg: int, pid: int) -> None:
+        if not hasattr(self.node, "lose_node"):
+            raise DrillError("fault node-lost: the node harness cannot partition a node")
+        node = cast(PartitionAccess, self.node)
+        pod = self.pod_of_leg[leg]
+        cut = time.time()
+        how = await asyncio.to_thread(node.lose_node, self.namespace, pod)
+        try:
+
+            def fence_moved() -> tuple[int, float] | None:
+                moved = fence_moved_at(self.layout)
+                return moved if moved is not None and moved[0] > leg else None
+
+            newer, moved_at = await self.wait_for("the next leg's fence", fence_moved, NODE_LOST_S + 60)
+            await self.wait_for("the cut-off trainer to end", lambda: not alive(pid), 60)
+            fault.at_step = int(self.progress().get("step") or fault.at_step)
+            code = node.exit_code(self.namespace, pod)
+            key = f"{self.namespace}/{pod}"
+            start = node.spans.get(key, (0.0, None))[0]
+            others = [s for k, (s, _) in node.spans.items() if k != key and s > start]
+            fenced = FencedLeg(
+                code, moved_at, newer, late_commits(self.layout, pid, moved_at, min(others, default=None))
+            )
+            self.fenced[pod] = fenced
+        finally:
+            healed = await asyncio.to_thread(node.restore_node)
+        verdict = "fenced" if code == FENCED_EXIT else "NOT fenced"
+        fault.detail = (
+            f"leg {leg}: {how}; leg {newer}'s fence after {moved_at - cut:.1f}s (nodeLostAfterSeconds "
+            f"{NODE_LOST_S:g}); old trainer exit {code} ({verdict}), "
+            + (f"committed after the fence: {', '.join(fenced.late)}" if fenced.late else "no commit after the fence")
+            + f"; {healed}"
+        )
+        if not fenced.ok:
+            fault.detail += " [miss]"
+
     def check_legs_disjoint(self) -> Check:
         assert self.watch is not None
         prefix = f"{RUN_NAME}-leg-"
@@ -384,7 +446,12 @@ class KubernetesDrill(Drill):
             node_prefix = f"{self.namespace}/{prefix}"
             spans = [(key.split("/", 1)[1], start, end) for key, (start, end) in self.node.spans.items()
                      if key.startswith(node_prefix)]  # fmt: skip
-            return self.spans_disjoint("legs never overlapped (pod process start and end, from the kubelet)", spans)
+            name = "legs never overlapped (pod process start and end, from the kubelet)"
+            if self.fenced:
+                name = ("legs never overlapped, but for a cut-off leg that ended fenced (exit 76) with no checkpoint, "
+                        "progress.json or history.jsonl record of its pid after the fence moved (pod process start "
+                        "and end, from the kubelet)")  # fmt: skip
+            return self.spans_disjoint(name, spans, self.fenced)
         spans = [(name, start, end) for name, (start, end) in self.watch.spans.items() if name.startswith(prefix)]
         return self.spans_disjoint("legs never overlapped (container start and finish, from the API)", spans)
 
