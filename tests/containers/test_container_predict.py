@@ -151,7 +151,7 @@ async def test_a_predict_job_from_the_trainer_image_reads_the_model_read_only_an
     pods = kubernetes.client.CoreV1Api(kube).list_namespaced_pod(
         namespace, label_selector=f"{LABEL_PREDICT_RUN}={name}"
     )
-    assert ([j.metadata.name for j in jobs], [p.metadata.name for p in pods.items]) == ([], [])
+    assert jobs == [] and pods.items == [], "the predict Job or its pod outlived the request"
     container = launched[launched.index("--name") + 1]
     containers = docker("ps", "--all", "--quiet", "--filter", f"name=^{container}$")
     assert containers.returncode == 0 and containers.stdout.split() == [], f"container {container} left behind"
