@@ -81,7 +81,8 @@ CHECKPOINT_EVERY = 10
 GAP = (2 * CHECKPOINT_EVERY + 1, 2 * CHECKPOINT_EVERY + 10)  # steps from one recovery to the next fault
 # Steps the leg trains on its own while a control-plane process is being restarted (it keeps running);
 # the run is made this much longer per such fault so that every planned fault still finds it training.
-DRIFT_ALLOWANCE = {"worker-restart": 450, "controller-restart": 600, "server-restart": 150}
+# node-lost: the cut-off leg trains on through nodeLostAfterSeconds (NODE_LOST_S) and the controller's next check.
+DRIFT_ALLOWANCE = {"worker-restart": 450, "controller-restart": 600, "server-restart": 150, "node-lost": 400}
 TMPFS_SIZE = "256m"
 # retries.progressStallSeconds of the drill's run when stalled-leg is in the mix: longer than any healthy gap
 # between two progress writes of a leg, its start included (imports, snapshot, model, checkpoint verification:

@@ -51,7 +51,6 @@ from controller.drill.core import (
     DrillError,
     FaultRecord,
     FencedLeg,
-    alive,
     fence_moved_at,
     free_port,
     late_commits,
@@ -416,10 +415,10 @@ class KubernetesDrill(Drill):
                 return moved if moved is not None and moved[0] > leg else None
 
             newer, moved_at = await self.wait_for("the next leg's fence", fence_moved, NODE_LOST_S + 60)
-            await self.wait_for("the cut-off trainer to end", lambda: not alive(pid), 60)
+            key = f"{self.namespace}/{pod}"  # ended once the kubelet reaped it (an exit code to read)
+            await self.wait_for("the cut-off trainer to end", lambda: node.exited_at(key) is not None, 60)
             fault.at_step = int(self.progress().get("step") or fault.at_step)
             code = node.exit_code(self.namespace, pod)
-            key = f"{self.namespace}/{pod}"
             start = node.spans.get(key, (0.0, None))[0]
             others = [s for k, (s, _) in node.spans.items() if k != key and s > start]
             fenced = FencedLeg(

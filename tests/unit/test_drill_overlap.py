@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
+from controller.drill import run_drill
 from controller.drill.core import Drill, FencedLeg, fence_moved_at, late_commits
 from trainer.volume import HistoryEntry, RunLayout, append_history, write_progress
 from trainer.volume.fencing import write_fence
@@ -76,3 +78,10 @@ def test_late_commits_names_what_the_old_generation_wrote_after_the_fence(tmp_pa
     # A checkpoint renamed after a newer trainer started may be that trainer's own: not counted against the old.
     assert late_commits(layout, old_pid, moved_at, others_from=moved_at + 0.01)[:2] == late[:2]
     assert len(late_commits(layout, old_pid, moved_at, others_from=moved_at + 0.01)) == 2
+
+
+def test_node_lost_is_refused_where_there_is_no_node_to_cut_off(capsys: Any) -> None:
+    code, result = run_drill(5, 1, None, ("node-lost",), "local")
+    assert (code, result) == (2, None)
+    error = capsys.readouterr().err
+    assert "--kinds: 'node-lost' needs a node: the local backend has none" in error and "stalled-leg" in error
