@@ -7,12 +7,16 @@ its history lines and progress.json by pid, checkpoint folders by the time they 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from controller.drill import run_drill
-from controller.drill.core import Drill, FencedLeg, fence_moved_at, late_commits
+import pytest
+
+from controller.drill import FAULTS, OPT_IN_FAULTS, run_drill
+from controller.drill.core import NODE_LOST_S, Drill, FencedLeg, fence_moved_at, late_commits, run_document
 from trainer.volume import HistoryEntry, RunLayout, append_history, write_progress
 from trainer.volume.fencing import write_fence
 
@@ -80,8 +84,31 @@ def test_late_commits_names_what_the_old_generation_wrote_after_the_fence(tmp_pa
     assert len(late_commits(layout, old_pid, moved_at, others_from=moved_at + 0.01)) == 2
 
 
-def test_node_lost_is_refused_where_there_is_no_node_to_cut_off(capsys: Any) -> None:
+def test_run_drill_refuses_node_lost_on_the_local_backend(capsys: Any) -> None:
     code, result = run_drill(5, 1, None, ("node-lost",), "local")
     assert (code, result) == (2, None)
     error = capsys.readouterr().err
     assert "--kinds: 'node-lost' needs a node: the local backend has none" in error and "stalled-leg" in error
+
+
+def test_node_lost_is_opt_in_and_sets_the_node_lost_limit_only_then() -> None:
+    assert "node-lost" in OPT_IN_FAULTS
+    assert all("node-lost" not in kinds for kinds in FAULTS.values())  # the seeded default plans stay as they were
+    assert run_document("ns", 50, node_lost_s=NODE_LOST_S)["spec"]["retries"]["nodeLostAfterSeconds"] == NODE_LOST_S
+    assert "nodeLostAfterSeconds" not in run_document("ns", 50)["spec"]["retries"]
+
+
+@pytest.mark.parametrize(
+    ("backend", "words"),
+    [
+        ("local", "--kinds: 'node-lost' needs a node: the local backend has none (its analogue is stalled-leg"),
+        ("kubernetes", "--kinds: 'node-lost' needs a node harness that can cut a node off from the API server"),
+    ],
+)
+def test_relay_drill_refuses_node_lost_without_a_node_to_cut_off(backend: str, words: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "drill", "--volume", str(tmp_path), "--backend", backend,
+         "--kinds", "node-lost"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1
