@@ -116,7 +116,11 @@ class SweepActivities(SweepActivityInterface):
                     return WatchTrialResult(kind="rung", step=request.stop_at_step, metric=value)
             if description.status != WorkflowExecutionStatus.RUNNING:
                 return await self._finished(request, description.status)
+            await self._reconcile(request)
             await asyncio.sleep(request.poll_interval_s)
+
+    async def _reconcile(self, request: WatchTrialRequest) -> None:
+        """Each poll of a running trial; locally nothing (the signals go straight to the workflow)."""
 
     async def _finished(self, request: WatchTrialRequest, closed: WorkflowExecutionStatus | None) -> WatchTrialResult:
         handle = self.client.get_workflow_handle(request.workflow_id, result_type=RunStatus)

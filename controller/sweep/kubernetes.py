@@ -24,10 +24,17 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
+from controller.messages import ResumeRequest
 from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, WORKFLOW_ID_PREFIX
 from controller.sweep.activities import SweepActivities
 from controller.sweep.events import SweepEvent, sweep_events
-from controller.sweep.messages import PublishSweepStatusRequest, StartTrialRequest, TrialRef, TrialSignalRequest
+from controller.sweep.messages import (
+    PublishSweepStatusRequest,
+    StartTrialRequest,
+    TrialRef,
+    TrialSignalRequest,
+    WatchTrialRequest,
+)
 from controller.sweep.spec import SWEEP_KIND, SWEEP_PLURAL, SweepStatus
 
 SWEEP_LABEL = "relay.dev/sweep"
@@ -90,6 +97,33 @@ class KubernetesTrialActivities(SweepActivities):
             )
         except ApiException as exc:
             if exc.status != 404:
+                raise
+
+    async def _reconcile(self, request: WatchTrialRequest) -> None:
+        """A watched trial whose TrainingRun says spec.suspend false but is Paused gets its resume directly.
+
+        The sweep pauses a trial at its rung and may promote it a moment later: spec.suspend true then false within
+        milliseconds, and the operator's spec.suspend handler can act on the first change and never on the second
+        (seen on envtest: the run stayed Paused with spec.suspend false). The spec is the truth, so the watch,
+        which polls the trial anyway, resumes it (idempotent: the workflow ignores a resume when not paused).
+        """
+        try:
+            run = await asyncio.to_thread(
+                self.custom.get_namespaced_custom_object, API_GROUP, API_VERSION, request.namespace, PLURAL,
+                request.name,
+            )  # fmt: skip
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        if run.get("spec", {}).get("suspend") or (run.get("status") or {}).get("phase") != "Paused":
+            return
+        log.info("%s/%s: Paused with spec.suspend false; resuming it", request.namespace, request.name)
+        resume = ResumeRequest(reason="spec.suspend is false (sweep)")
+        try:
+            await self.client.get_workflow_handle(request.workflow_id).signal("resume", resume)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
                 raise
 
     @activity.defn(name="sweep_cancel_trial")
