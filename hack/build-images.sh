@@ -11,6 +11,9 @@
 # The base: PYTHON_IMAGE when set; else relay-base/python:3.11-bookworm when present (a machine that cannot
 # pull: ../shared/containers/base-image.sh makes it); else the Dockerfiles' default python:3.11 slim image.
 # Both builds use --network host: pip inside a build needs it where the engine has no bridge network.
+# DOCKER_BUILDKIT=1 builds with BuildKit (0: the legacy builder). A Docker CLI of 23 or later does BuildKit only
+# through the buildx plugin; without it, name a client with BuildKit built in (CLI 18.09 to 22.x) in DOCKER, as
+# here: DOCKER_BUILDKIT=1 DOCKER=/usr/bin/docker make images (Debian's docker.io 20.10 client beside a 28.x one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,18 +21,26 @@ REGISTRY=${IMAGE_REGISTRY:-ghcr.io/relay-ml}
 TAG=${IMAGE_TAG:-$(sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' helm/relay/Chart.yaml)}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 PYTHON=${PYTHON:-.venv/bin/python}
+DOCKER=${DOCKER:-docker}
 LOCAL_BASE=relay-base/python:3.11-bookworm
 WHEELS=build/wheels
 
 die() { printf 'build-images: %s\n' "$*" >&2; exit 1; }
-command -v docker > /dev/null || die "docker is not installed"
-docker info > /dev/null 2>&1 || die "no Docker engine answers (docker info failed)"
+command -v "$DOCKER" > /dev/null || die "no docker client: '$DOCKER' is not installed"
+"$DOCKER" info > /dev/null 2>&1 || die "no Docker engine answers ($DOCKER info failed)"
+if [ "${DOCKER_BUILDKIT:-}" = 1 ] && ! "$DOCKER" buildx version > /dev/null 2>&1; then
+  client=$("$DOCKER" version --format '{{.Client.Version}}' 2> /dev/null || true)
+  if [[ "${client%%.*}" =~ ^[0-9]+$ ]] && [ "${client%%.*}" -ge 23 ]; then
+    die "DOCKER_BUILDKIT=1: docker client $client builds with BuildKit only through the buildx plugin, which is" \
+      "not installed; install buildx, or set DOCKER to a client with BuildKit built in (CLI 18.09 to 22.x)"
+  fi
+fi
 [ -x "$PYTHON" ] || PYTHON=python3
 [[ "$TORCH_SPEC" == torch==* ]] || die "TORCH_SPEC must pin one version (torch==X.Y.Z), got '$TORCH_SPEC'"
 TORCH_VERSION=${TORCH_SPEC#torch==}
 
 if [ -z "${PYTHON_IMAGE:-}" ]; then
-  if docker image inspect "$LOCAL_BASE" > /dev/null 2>&1; then PYTHON_IMAGE=$LOCAL_BASE; else
+  if "$DOCKER" image inspect "$LOCAL_BASE" > /dev/null 2>&1; then PYTHON_IMAGE=$LOCAL_BASE; else
     PYTHON_IMAGE=$(sed -n 's/^ARG PYTHON_IMAGE=//p' controller/Dockerfile)
   fi
 fi
@@ -48,10 +59,10 @@ WHEEL=$(cd "$WHEELS" && ls "torch-${TORCH_VERSION}+cpu-"*.whl | head -n 1)
 CONTROLLER=${CONTROLLER_IMAGE:-$REGISTRY/relay-controller:$TAG}
 TRAINER=${TRAINER_IMAGE:-$REGISTRY/relay-trainer:$TAG}
 printf '==> %s from %s\n' "$CONTROLLER" "$PYTHON_IMAGE"
-docker build -f controller/Dockerfile -t "$CONTROLLER" . --network host --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"
+"$DOCKER" build -f controller/Dockerfile -t "$CONTROLLER" . --network host --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"
 printf '==> %s from %s with %s\n' "$TRAINER" "$PYTHON_IMAGE" "$WHEEL"
-docker build -f trainer_image/Dockerfile -t "$TRAINER" . --network host --build-arg "TORCH_IMAGE=$PYTHON_IMAGE" \
+"$DOCKER" build -f trainer_image/Dockerfile -t "$TRAINER" . --network host --build-arg "TORCH_IMAGE=$PYTHON_IMAGE" \
   --build-arg "TORCH_WHEEL=$WHEEL"
 for image in "$CONTROLLER" "$TRAINER"; do
-  printf '%s: %s bytes\n' "$image" "$(docker image inspect -f '{{.Size}}' "$image")"
+  printf '%s: %s bytes\n' "$image" "$("$DOCKER" image inspect -f '{{.Size}}' "$image")"
 done
