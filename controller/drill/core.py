@@ -665,7 +665,8 @@ class Drill(abc.ABC):
                     bad.append(f"{overlap}; {a[0]} was cut off but not cleanly fenced ({why})")
                 else:
                     bad.append(overlap)
-        detail = "; ".join(bad) or f"{len(spans)} legs, disjoint" + "".join(f"; {a}" for a in allowed)
+        fine = f"{len(spans)} legs, disjoint" if not allowed else f"{len(spans)} legs; " + "; ".join(allowed)
+        detail = "; ".join(bad) or fine
         return Check(name, not bad and bool(spans), detail)
 
     def _check_trainers_disjoint(self) -> Check:
