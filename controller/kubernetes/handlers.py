@@ -8,8 +8,9 @@
   namespace, name and metadata.uid. A run started by an older controller under the legacy id is adopted
   only on that proof; a workflow under the id that belongs to another (deleted) object of the same name,
   or to nobody, is terminated and this object starts fresh.
-- `spec.suspend` changes: signal `pause` / `resume` to this object's workflow; other spec changes are
-  reported, not applied.
+- `spec.suspend` changes: signal `pause` / `resume` (the value spec.suspend holds now) to this object's
+  workflow; other spec changes are reported, not applied. A timer re-signals a run whose phase still
+  contradicts spec.suspend once the object has been quiet for SUSPEND_RECONCILE_S (a lost edge never strands it).
 - delete: kopf's finalizer holds the object until this object's workflow is cancelled and the leg Jobs
   deleted (owner references would remove them too); a same-named object's workflow is never touched.
 - stop (SIGTERM, e.g. `helm uninstall`): the finalizer is taken off every TrainingRun this controller
@@ -62,6 +63,9 @@ STATUS_INTERVAL_S = 30.0
 # How often a leg's watch (await_leg) re-reads progress from the volume and heartbeats within that interval;
 # every interval still ends with a fresh read, the one .status shows.
 PROGRESS_POLL_S = 10.0
+# How long a TrainingRun's phase may disagree with spec.suspend, the object unchanged, before it is re-signalled.
+SUSPEND_RECONCILE_S = 5.0
+RUNNING_PHASES = {Phase.PENDING.value, Phase.SNAPSHOTTING.value, Phase.RUNNING.value}
 
 
 @dataclass
@@ -99,6 +103,20 @@ def check_beyond_schema(document: dict[str, Any], volume_root: Path, core: kuber
             f"spec.storage.claimName: PersistentVolumeClaim {spec.storage.claim_name!r} not found in {namespace}"
         )
     return errors
+
+
+def suspend_mismatch(body: Any) -> bool | None:
+    """The spec.suspend value to signal again when the run's phase contradicts it; None when they agree."""
+    wanted = bool((body.get("spec") or {}).get("suspend"))
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if wanted:
+        return True if phase in RUNNING_PHASES and status.get("workflowId") else None
+    paused_by_spec = any(
+        c.get("type") == "Suspended" and c.get("status") == "True" and c.get("message") == "spec.suspend"
+        for c in status.get("conditions") or []
+    )
+    return False if phase == Phase.PAUSED.value and paused_by_spec else None
 
 
 def invalid_status(errors: list[str]) -> dict[str, Any]:
@@ -190,10 +208,8 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
     async def on_resume(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
         await start(body, patch, "resume")
 
-    @kopf.on.field(*resource, field="spec.suspend", registry=registry)
-    async def on_suspend(body: kopf.Body, old: Any, new: Any, **_: Any) -> None:
-        if old is None and not new:
-            return  # creation; the workflow reads spec.suspend from its input
+    async def signal_suspend(body: kopf.Body, suspend: bool) -> None:
+        """Signal the state spec.suspend wants now; the workflow's pause/resume are idempotent."""
         from controller.workflows import PauseRequest, ResumeRequest
 
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -201,21 +217,50 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         if found is None:
             raise kopf.TemporaryError(f"no workflow of {namespace}/{name} yet to signal", delay=5)
         handle = found.handle(ctx.temporal)
-        if new:
+        if suspend:
             await handle.signal("pause", PauseRequest(reason="spec.suspend"))
         else:
             await handle.signal("resume", ResumeRequest(reason="spec.suspend"))
-        kopf.info(body, reason="Suspended" if new else "Resumed", message=f"spec.suspend set to {bool(new)}")
 
+    # One handler for the whole update cause: kopf's default lifecycle runs one handler per cycle and marks it
+    # done for the cause, so with a second spec handler a spec.suspend true -> false flip that landed between
+    # the two cycles was never signalled (the run stayed Paused with spec.suspend false).
     @kopf.on.update(*resource, field="spec", registry=registry)
-    async def on_spec_change(body: kopf.Body, diff: kopf.Diff, **_: Any) -> None:
-        changed = sorted({".".join(map(str, d[1])) for d in diff if tuple(d[1][:1]) != ("suspend",)})
+    async def on_spec_change(body: kopf.Body, diff: kopf.Diff, old: Any, **_: Any) -> None:
+        paths = {tuple(map(str, d[1])) for d in diff}
+        if any(path[:1] == ("suspend",) for path in paths):
+            # The value the object holds now (level), not the diff's: a retry may see a later body.
+            wanted = bool(body["spec"].get("suspend"))
+            await signal_suspend(body, wanted)
+            if wanted != bool((old or {}).get("suspend")):
+                kopf.info(body, reason="Suspended" if wanted else "Resumed", message=f"spec.suspend set to {wanted}")
+        changed = sorted(".".join(path) for path in paths if path[:1] != ("suspend",))
         if changed:
             kopf.warn(
                 body,
                 reason="SpecChangeIgnored",
                 message=f"spec.{', spec.'.join(changed)} changed; a running TrainingRun only honours spec.suspend",
             )
+
+    # Level-triggered safety net: a run whose phase disagrees with spec.suspend for SUSPEND_RECONCILE_S, with
+    # nothing changing on the object, is signalled again. Only a spec.suspend pause is undone (`relay pause`
+    # pauses with another reason).
+    @kopf.timer(
+        *resource,
+        interval=SUSPEND_RECONCILE_S,
+        idle=SUSPEND_RECONCILE_S,
+        when=lambda body, **_: suspend_mismatch(body) is not None,
+        registry=registry,
+    )
+    async def reconcile_suspend(body: kopf.Body, **_: Any) -> None:
+        wanted = suspend_mismatch(body)
+        if wanted is None:
+            return
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        await signal_suspend(body, wanted)
+        log.info("%s/%s: phase disagreed with spec.suspend %s; signalled again", namespace, name, wanted)
+        if not wanted:  # a Paused run the resume never reached: the change the handler missed
+            kopf.info(body, reason="Resumed", message="spec.suspend set to False")
 
     @kopf.on.delete(*resource, registry=registry)
     async def on_delete(body: kopf.Body, **_: Any) -> None:
