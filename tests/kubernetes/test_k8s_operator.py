@@ -6,6 +6,7 @@ Legs run the stand-in trainer through the process kubelet; the Temporal dev serv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import subprocess
 import sys
@@ -144,8 +145,10 @@ class ControllerProcess:
         return self
 
     def stop(self) -> None:
+        """Ask the controller to stop; again, or after its loop has ended, is a no-op."""
         if self.loop is not None and self.stop_flag is not None:
-            self.loop.call_soon_threadsafe(self.stop_flag.set)
+            with contextlib.suppress(RuntimeError):  # the loop closed already: it has stopped (kopf cleans up fast)
+                self.loop.call_soon_threadsafe(self.stop_flag.set)
         if self.thread is not None:
             # kopf logs "Operator is stopping" at once but its watch tasks can take ~30 s to end here;
             # the thread is a daemon and this test's namespace and task queue are its own, so do not wait.
