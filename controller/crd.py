@@ -145,28 +145,38 @@ def schema_revision() -> str:
     return hashlib.sha256(json.dumps(schemas, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def crd_manifest() -> dict[str, Any]:
-    """The TrainingRun CRD (apiextensions.k8s.io/v1) as a dict."""
-    spec_schema = openapi_schema(TrainingRunSpec, "spec")
-    status_schema = openapi_schema(CustomResourceStatus, "status")
-    status_schema.pop("required", None)
+def custom_resource_definition(
+    *,
+    kind: str,
+    plural: str,
+    short_names: list[str],
+    printer_columns: list[dict[str, Any]],
+    description: str,
+    spec_schema: dict[str, Any],
+    status_schema: dict[str, Any],
+    annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """One relay.dev CRD (apiextensions.k8s.io/v1, namespaced, a status subresource) as a dict; both the TrainingRun
+    and the TrainingSweep CRD are this shape."""
+    metadata: dict[str, Any] = {
+        "name": f"{plural}.{API_GROUP}",
+        "labels": {"app.kubernetes.io/name": "relay", "app.kubernetes.io/part-of": "relay"},
+    }
+    if annotations:
+        metadata["annotations"] = annotations
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{PLURAL}.{API_GROUP}",
-            "labels": {"app.kubernetes.io/name": "relay", "app.kubernetes.io/part-of": "relay"},
-            "annotations": {SCHEMA_REVISION_ANNOTATION: schema_revision()},
-        },
+        "metadata": metadata,
         "spec": {
             "group": API_GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": KIND.lower(),
-                "shortNames": SHORT_NAMES,
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short_names,
                 "categories": CATEGORIES,
             },
             "versions": [
@@ -175,11 +185,11 @@ def crd_manifest() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": printer_columns,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "A durable, preemption-tolerant BERT fine-tuning run.",
+                            "description": description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
@@ -196,6 +206,40 @@ def crd_manifest() -> dict[str, Any]:
     }
 
 
+def crd_manifest() -> dict[str, Any]:
+    """The TrainingRun CRD (apiextensions.k8s.io/v1) as a dict."""
+    status_schema = openapi_schema(CustomResourceStatus, "status")
+    status_schema.pop("required", None)
+    return custom_resource_definition(
+        kind=KIND,
+        plural=PLURAL,
+        short_names=SHORT_NAMES,
+        printer_columns=PRINTER_COLUMNS,
+        description="A durable, preemption-tolerant BERT fine-tuning run.",
+        spec_schema=openapi_schema(TrainingRunSpec, "spec"),
+        status_schema=status_schema,
+        annotations={SCHEMA_REVISION_ANNOTATION: schema_revision()},
+    )
+
+
+def write_or_check(text: str, outputs: tuple[Path, ...], command: str, *, check: bool) -> int:
+    """Write `text` to every output (printing each written path) or, with `check`, name each that differs from it;
+    1 when one drifted, else 0."""
+    drifted = []
+    for path in outputs:
+        current = path.read_text(encoding="utf-8") if path.is_file() else None
+        if current == text:
+            continue
+        if check:
+            drifted.append(path)
+            print(f"{path.relative_to(REPO_ROOT)}: differs from the models; run `{command}`", file=sys.stderr)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 1 if drifted else 0
+
+
 def render() -> str:
     return HEADER + yaml.safe_dump(crd_manifest(), sort_keys=False, width=120)
 
@@ -204,29 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controller.crd", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed CRD files drifted")
     args = parser.parse_args(argv)
-    text = render()
-    drifted = []
-    for path in OUTPUTS:
-        current = path.read_text(encoding="utf-8") if path.is_file() else None
-        if current == text:
-            continue
-        if args.check:
-            drifted.append(path)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-            print(f"wrote {path.relative_to(REPO_ROOT)}")
+    code = write_or_check(render(), OUTPUTS, "python -m controller.crd", check=args.check)
     from controller.sweep import crd as sweep_crd  # the TrainingSweep CRD embeds TrainingRunSpec: kept in step
 
-    sweep_code = sweep_crd.main(["--check"] if args.check else [])
-    if drifted:
-        for path in drifted:
-            print(
-                f"{path.relative_to(REPO_ROOT)}: differs from the models; run `python -m controller.crd`",
-                file=sys.stderr,
-            )
-        return 1
-    return sweep_code
+    return max(code, sweep_crd.main(["--check"] if args.check else []))
 
 
 if __name__ == "__main__":

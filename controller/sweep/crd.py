@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from controller.crd import CATEGORIES, REPO_ROOT, openapi_schema
-from controller.spec import API_GROUP, API_VERSION
+from controller.crd import REPO_ROOT, custom_resource_definition, openapi_schema, write_or_check
+from controller.spec import API_GROUP
 from controller.sweep.space import ANY_VALUE
 from controller.sweep.spec import SWEEP_KIND, SWEEP_PLURAL, SweepStatus, TrainingSweepSpec, training_fields
 
@@ -59,49 +59,15 @@ def crd_manifest() -> dict[str, Any]:
     space["minProperties"] = 1
     status_schema = _any_values(openapi_schema(SweepStatus, "status"))
     status_schema.pop("required", None)
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{SWEEP_PLURAL}.{API_GROUP}",
-            "labels": {"app.kubernetes.io/name": "relay", "app.kubernetes.io/part-of": "relay"},
-        },
-        "spec": {
-            "group": API_GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": SWEEP_KIND,
-                "listKind": f"{SWEEP_KIND}List",
-                "plural": SWEEP_PLURAL,
-                "singular": SWEEP_KIND.lower(),
-                "shortNames": SHORT_NAMES,
-                "categories": CATEGORIES,
-            },
-            "versions": [
-                {
-                    "name": API_VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "A hyperparameter sweep: trials are TrainingRuns, stopped early by ASHA.",
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec_schema,
-                                "status": status_schema,
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    return custom_resource_definition(
+        kind=SWEEP_KIND,
+        plural=SWEEP_PLURAL,
+        short_names=SHORT_NAMES,
+        printer_columns=PRINTER_COLUMNS,
+        description="A hyperparameter sweep: trials are TrainingRuns, stopped early by ASHA.",
+        spec_schema=spec_schema,
+        status_schema=status_schema,
+    )
 
 
 def render() -> str:
@@ -112,21 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controller.sweep.crd", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed CRD file drifted")
     args = parser.parse_args(argv)
-    text = render()
-    drifted = []
-    for path in OUTPUTS:
-        current = path.read_text(encoding="utf-8") if path.is_file() else None
-        if current == text:
-            continue
-        if args.check:
-            drifted.append(path)
-            print(f"{path.relative_to(REPO_ROOT)}: differs from the models; run `python -m controller.sweep.crd`",
-                  file=sys.stderr)  # fmt: skip
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8")
-            print(f"wrote {path.relative_to(REPO_ROOT)}")
-    return 1 if drifted else 0
+    return write_or_check(render(), OUTPUTS, "python -m controller.sweep.crd", check=args.check)
 
 
 if __name__ == "__main__":
