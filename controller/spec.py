@@ -381,6 +381,13 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "(document)"
 
 
+def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """A pydantic error as (field path, message) pairs, the form every "invalid <kind>" message lists."""
+    return [
+        (_field_path(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors(include_url=False)
+    ]
+
+
 def parse_training_run(document: Any, source: str = "<document>") -> TrainingRun:
     """Validate a parsed document; raise InvalidTrainingRun naming every bad field."""
     if not isinstance(document, dict):
@@ -388,10 +395,7 @@ def parse_training_run(document: Any, source: str = "<document>") -> TrainingRun
     try:
         return TrainingRun.model_validate(document)
     except ValidationError as exc:
-        errors = [
-            (_field_path(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors(include_url=False)
-        ]
-        raise InvalidTrainingRun(source, errors) from None
+        raise InvalidTrainingRun(source, field_errors(exc)) from None
 
 
 def load_training_run(path: str) -> TrainingRun:

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from controller.spec import Metadata, TrainingRunSpec
+from controller.spec import Metadata, TrainingRunSpec, field_errors
 from controller.status import StatusModel
 from controller.sweep.asha import Rungs
 from controller.sweep.space import (
@@ -265,15 +265,7 @@ def parse_training_sweep(document: Any, source: str = "<document>") -> TrainingS
     try:
         return TrainingSweep.model_validate(document)
     except ValidationError as exc:
-        errors = [
-            (_field_path(err["loc"]), err["msg"].removeprefix("Value error, ")) for err in exc.errors(include_url=False)
-        ]
-        raise InvalidTrainingSweep(source, errors) from None
-
-
-def _field_path(loc: tuple[Any, ...]) -> str:
-    parts = [str(p) for p in loc if not str(p).startswith("function-after")]
-    return ".".join(parts) or "(document)"
+        raise InvalidTrainingSweep(source, field_errors(exc)) from None
 
 
 def load_training_sweep(path: str) -> TrainingSweep:
