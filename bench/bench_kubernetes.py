@@ -50,6 +50,10 @@ CONTROLLER_MAIN = "import sys; from controller.kubernetes.main import main; sys.
 LEVELS = tuple(
     int(n) for n in os.environ.get("RELAY_BENCH_K8S_LEVELS", "200,500").split(",")
 )  # concurrent runs tried in turn while every run of the previous level progressed
+# `relay controller` replicas sharing the load (RELAY_BENCH_K8S_REPLICAS; issue 16: 500 runs across 2): with more
+# than one, each runs with --leader-elect (one leader runs the handlers, every replica's worker runs activities) and
+# the figures get a `_<n>_replicas` suffix, so the one-controller figures stay as they are.
+REPLICAS = int(os.environ.get("RELAY_BENCH_K8S_REPLICAS", "1"))
 BUDGET_S = 660.0  # the whole benchmark, set-up included, stays under the issue's 12 minutes
 STANDIN_STEP_S = 3.0  # 500 legs at once: a step every 3 s each, a checkpoint every 5 steps
 WINDOW_S = 60.0  # steady window with every run of a level running: two status intervals of the controller
@@ -144,7 +148,7 @@ class Bench:
         self.temporal = DevServer(f"127.0.0.1:{free_port()}", None, log_file=scratch / "temporal.log")
         self.kube: kubernetes.client.ApiClient | None = None
         self.kubelet: ProcessKubelet | None = None
-        self.controller: subprocess.Popen[bytes] | None = None
+        self.controllers: list[subprocess.Popen[bytes]] = []
         self.jobs: JobWatcher | None = None
 
     def start(self) -> Bench:
@@ -181,20 +185,28 @@ class Bench:
         ]  # fmt: skip
         for namespace in self.namespaces:
             argv += ["--watch-namespace", namespace]
-        log = open(self.scratch / "controller.log", "wb")  # noqa: SIM115 - lives as long as the process
-        self.controller = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=die_with_parent
-        )
+        if REPLICAS > 1:
+            argv += ["--leader-elect", "--leader-election-namespace", self.namespaces[0]]
+        for replica in range(REPLICAS):
+            log = open(self.scratch / f"controller-{replica}.log", "wb")  # noqa: SIM115 - lives as long as the process
+            env = {**os.environ, "RELAY_POD_NAME": f"relay-bench-{replica}"}
+            self.controllers.append(
+                subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, preexec_fn=die_with_parent
+                )
+            )
         return self
 
     def stop(self) -> None:
-        if self.controller is not None and self.controller.poll() is None:
-            self.controller.send_signal(signal.SIGTERM)
+        for controller in self.controllers:
+            if controller.poll() is None:
+                controller.send_signal(signal.SIGTERM)
+        for controller in self.controllers:
             try:
-                self.controller.wait(10)
+                controller.wait(15)
             except subprocess.TimeoutExpired:
-                self.controller.kill()
-                self.controller.wait()
+                controller.kill()
+                controller.wait()
         if self.jobs is not None:
             self.jobs.stop()
         if self.kubelet is not None:
@@ -202,24 +214,32 @@ class Bench:
         self.plane.stop()
         self.temporal.stop()
 
+    def peak_rss_per_replica_mb(self) -> list[float]:
+        """VmHWM of each controller process, in replica order."""
+        peaks = []
+        for controller in self.controllers:
+            lines = Path(f"/proc/{controller.pid}/status").read_text().splitlines()
+            peaks += [int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM:")]
+        if len(peaks) != len(self.controllers):
+            raise RuntimeError("no VmHWM in /proc status")
+        return peaks
+
     def peak_rss_mb(self) -> float:
-        assert self.controller is not None
-        for line in Path(f"/proc/{self.controller.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmHWM in /proc status")
+        return max(self.peak_rss_per_replica_mb())
 
     def controller_cpu_s(self) -> float:
-        """CPU seconds (user + system) the controller process has used so far."""
-        assert self.controller is not None
-        fields = Path(f"/proc/{self.controller.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds (user + system) the controller processes have used so far, together."""
+        total = 0.0
+        for controller in self.controllers:
+            fields = Path(f"/proc/{controller.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def assert_controller_alive(self) -> None:
-        assert self.controller is not None
-        if self.controller.poll() is not None:
-            tail = (self.scratch / "controller.log").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"the controller exited with {self.controller.returncode}:\n{tail}")
+        for replica, controller in enumerate(self.controllers):
+            if controller.poll() is not None:
+                tail = (self.scratch / f"controller-{replica}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"controller replica {replica} exited with {controller.returncode}:\n{tail}")
 
     # ------------------------------------------------------------ cluster helpers
 
@@ -400,8 +420,9 @@ def run(out: dict[str, Any]) -> None:
     rate = 3.0  # runs brought to a running leg per second: a first guess, then what the last level measured
     try:
         bench.start()
-        out["detection_latency_s"] = detection_latency(bench, "detect")
-        print(json.dumps({"detection_latency_s": out["detection_latency_s"]}), flush=True)
+        detection_key = "detection_latency_s" + (f"_{REPLICAS}_replicas" if REPLICAS > 1 else "")
+        out[detection_key] = detection_latency(bench, "detect")
+        print(json.dumps({detection_key: out[detection_key]}), flush=True)
         for count in LEVELS:
             ramp_budget = count / rate + 60
             needed = ramp_budget + WINDOW_S + FINISH_S
@@ -410,6 +431,7 @@ def run(out: dict[str, Any]) -> None:
                 break
             level = drive(bench, f"scale-{count}", count, ramp_budget)
             level["peak_rss_mb"] = bench.peak_rss_mb()
+            level["peak_rss_per_replica_mb"] = bench.peak_rss_per_replica_mb()
             print(json.dumps(level), flush=True)
             levels.append(level)
             if not _level_ok(level):
@@ -417,6 +439,7 @@ def run(out: dict[str, Any]) -> None:
             # A bigger level starts more slowly per run (the running ones load the machine): plan with 60%.
             rate = min(rate, 0.6 * count / level["ramp_s"])
         peak = bench.peak_rss_mb()
+        peaks = bench.peak_rss_per_replica_mb()
     finally:
         bench.stop()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -432,11 +455,18 @@ def run(out: dict[str, Any]) -> None:
         for lv in levels
     )
     untried = [n for n in LEVELS if n not in [lv["count"] for lv in levels]]
-    out["controller_concurrent_runs"] = entry(
+    suffix = f"_{REPLICAS}_replicas" if REPLICAS > 1 else ""
+    who = (
+        f"{REPLICAS} `relay controller` processes (--leader-elect: one leader runs the handlers, every replica's "
+        "worker runs activities)"
+        if REPLICAS > 1
+        else "one `relay controller` process"
+    )
+    out[f"controller_concurrent_runs{suffix}"] = entry(
         best["count"] if best else 0,
         "runs",
         "500 (every run progresses)",
-        "one `relay controller` process (main(), default flags: .status progress every 30 s) on the envtest API "
+        f"{who} (main(), default flags: .status progress every 30 s) on the envtest API "
         "server + Temporal dev server; a level applies N TrainingRuns at once, their legs the bench stand-in "
         f"(relay_testing/standin_leg.py: {STANDIN_STEP_S:g} s steps, a real checkpoint every 5) on the process "
         f"kubelet, training until the level ends; levels: {tried}. The largest level where every run ran at once, "
@@ -444,15 +474,16 @@ def run(out: dict[str, Any]) -> None:
         + (f"; not tried: {', '.join(map(str, untried))}" if untried else "")
         + ". Load averages are of this shared 2-core machine, other work included",
     )
-    out["controller_peak_rss_mb"] = entry(
+    out[f"controller_peak_rss_mb{suffix}"] = entry(
         peak,
         "MB",
-        "<= 500 MB",
+        "<= 500 MB" + (" per replica" if REPLICAS > 1 else ""),
         f"VmHWM of the controller process (/proc/PID/status) after driving up to "
-        f"{levels[-1]['count'] if levels else 0} concurrent runs (plus the detection run)",
+        f"{levels[-1]['count'] if levels else 0} concurrent runs (plus the detection run)"
+        + (f"; the largest of the replicas' ({', '.join(f'{mb:.0f}' for mb in peaks)} MB)" if REPLICAS > 1 else ""),
     )
     if best is not None:
-        out["controller_api_requests_per_run_min"] = entry(
+        out[f"controller_api_requests_per_run_min{suffix}"] = entry(
             best["requests_per_run_per_min"],
             "requests/run/min",
             "reported",
