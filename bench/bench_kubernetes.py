@@ -161,7 +161,8 @@ class Bench:
         for namespace in self.namespaces:
             make_namespace(self.kube, namespace)
         texts = [f"review {i} was {'great' if i % 2 else 'dull'}" for i in range(40)]
-        write_rows_file(self.volume / "data/bench.csv", texts, [i % 2 for i in range(40)])
+        for namespace in self.namespaces:  # a namespace reads only data/<namespace>/ (trainer.volume.tenancy)
+            write_rows_file(self.volume / f"data/{namespace}/bench.csv", texts, [i % 2 for i in range(40)])
         self.kubelet = ProcessKubelet(
             self.plane.api_client(),
             self.volume,
@@ -272,9 +273,9 @@ def until(check: Any, timeout_s: float, what: str, interval_s: float = 0.05) -> 
         time.sleep(interval_s)
 
 
-def run_spec(max_steps: int) -> dict[str, Any]:
+def run_spec(namespace: str, max_steps: int) -> dict[str, Any]:
     return {
-        "dataset": {"source": "csv", "path": "data/bench.csv"},
+        "dataset": {"source": "csv", "path": f"data/{namespace}/bench.csv"},
         "training": {"maxSteps": max_steps, "checkpointEverySteps": 5},
         "resources": {"cpu": "100m", "memory": "64Mi", "gpus": 1},
         "terminationGracePeriodSeconds": 5,
@@ -293,7 +294,7 @@ def detection_latency(bench: Bench, namespace: str, evictions: int = 7) -> dict[
     assert bench.kube is not None
     policy = f"policy/{server_features(bench.kube).policy_version}"
     name = "detect"
-    bench.apply(namespace, name, run_spec(100_000))
+    bench.apply(namespace, name, run_spec(namespace, 100_000))
     latencies = []
     for leg in range(evictions):
         job = f"{name}-leg-{leg}"
@@ -351,7 +352,7 @@ def drive(bench: Bench, namespace: str, count: int, ramp_budget_s: float) -> dic
 
     started = time.monotonic()
     for name in names:
-        bench.apply(namespace, name, run_spec(100_000))
+        bench.apply(namespace, name, run_spec(namespace, 100_000))
     result["apply_s"] = time.monotonic() - started
     max_running, next_status = 0, 0.0
     while time.monotonic() - started < ramp_budget_s:
