@@ -157,6 +157,33 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def event_manifest(
+    kind: str, namespace: str, name: str, uid: str, *, event_type: str, reason: str, message: str
+) -> dict[str, Any]:
+    """A core/v1 Event on one relay.dev object (a TrainingRun or a TrainingSweep), stamped now."""
+    now = _now()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": kind,
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+        },
+        "reason": reason,
+        "message": message[:1024],
+        "type": event_type,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+    }
+
+
 class KubernetesStatusSink:
     def __init__(self, api_client: kubernetes.client.ApiClient, *, api_retry_s: float = 60.0) -> None:
         self._custom = kubernetes.client.CustomObjectsApi(api_client)
@@ -304,25 +331,7 @@ class KubernetesStatusSink:
 
     async def emit(self, namespace: str, name: str, uid: str, event: RunEvent) -> None:
         """One core/v1 Event on the TrainingRun (what `kubectl describe` shows)."""
-        now = _now()
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{name}.{uuid.uuid4().hex[:16]}", "namespace": namespace},
-            "involvedObject": {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": KIND,
-                "name": name,
-                "namespace": namespace,
-                "uid": uid,
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "source": {"component": COMPONENT},
-            "reportingComponent": COMPONENT,
-        }
+        body = event_manifest(
+            KIND, namespace, name, uid, event_type=event.type, reason=event.reason, message=event.message
+        )
         await self._call(self._core.create_namespaced_event, namespace, body)

@@ -11,9 +11,7 @@ trial is the local activity's: the eval lines on the shared volume and the workf
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from temporalio import activity
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
+from controller.kubernetes.status_sink import event_manifest
 from controller.messages import ResumeRequest
 from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, WORKFLOW_ID_PREFIX
 from controller.sweep.activities import SweepActivities
@@ -38,7 +37,6 @@ from controller.sweep.messages import (
 from controller.sweep.spec import SWEEP_KIND, SWEEP_PLURAL, SweepStatus
 
 SWEEP_LABEL = "relay.dev/sweep"
-COMPONENT = "relay-controller"
 log = logging.getLogger("relay.sweep")
 
 
@@ -177,27 +175,10 @@ class KubernetesTrialActivities(SweepActivities):
     async def _emit(self, sweep: dict[str, Any], event: SweepEvent) -> None:
         """One core/v1 Event on the TrainingSweep; one that cannot be posted is logged, the status stands."""
         metadata = sweep["metadata"]
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        body = {
-            "apiVersion": "v1",
-            "kind": "Event",
-            "metadata": {"name": f"{metadata['name']}.{uuid.uuid4().hex[:16]}", "namespace": metadata["namespace"]},
-            "involvedObject": {
-                "apiVersion": f"{API_GROUP}/{API_VERSION}",
-                "kind": SWEEP_KIND,
-                "name": metadata["name"],
-                "namespace": metadata["namespace"],
-                "uid": metadata["uid"],
-            },
-            "reason": event.reason,
-            "message": event.message[:1024],
-            "type": event.type,
-            "firstTimestamp": now,
-            "lastTimestamp": now,
-            "count": 1,
-            "source": {"component": COMPONENT},
-            "reportingComponent": COMPONENT,
-        }
+        body = event_manifest(
+            SWEEP_KIND, metadata["namespace"], metadata["name"], metadata["uid"],
+            event_type=event.type, reason=event.reason, message=event.message,
+        )  # fmt: skip
         try:
             await asyncio.to_thread(self.core.create_namespaced_event, metadata["namespace"], body)
         except ApiException as exc:
