@@ -245,10 +245,7 @@ class CheckpointPolicy:
         """Training complete: wait for the write in flight, save the last step unless it is saved, close the
         writer. A preemption during evaluation or the final save then resumes straight into evaluation."""
         if not self.world.is_main:
-            if self.last_saved_step != step:
-                self.world.gather_to_main(ckpt.capture_rng())
-                self.last_saved_step = step
-            self.writer.close()
+            self._close_as_follower(step)
             return
         self._note_saved(self.writer.wait())
         if self.last_saved_step != step:
@@ -256,14 +253,19 @@ class CheckpointPolicy:
             self._note_saved(self.writer.save_now(self.capture(step)))
         self.writer.close()
 
+    def _close_as_follower(self, step: int) -> None:
+        """A rank other than 0 at the leg's end: hand its RNG state to rank 0 for a save of `step` it has not yet
+        taken part in (rank 0 gathers it into that checkpoint), then close its writer."""
+        if self.last_saved_step != step:
+            self.world.gather_to_main(ckpt.capture_rng())
+            self.last_saved_step = step
+        self.writer.close()
+
     def emergency_save(self, step: int) -> None:
         """Stop requested: wait for the write in flight, save `step` (marked emergency) unless it is saved,
         close the writer."""
         if not self.world.is_main:
-            if self.last_saved_step != step:
-                self.world.gather_to_main(ckpt.capture_rng())
-                self.last_saved_step = step
-            self.writer.close()
+            self._close_as_follower(step)
             return
         self._note_saved(self.writer.wait())
         if self.last_saved_step != step:
