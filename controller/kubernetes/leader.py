@@ -2,8 +2,9 @@
 
 Every replica runs the Temporal worker; only the holder of the Lease runs kopf's handlers. The protocol is
 client-go's (`leaderelection`): a candidate takes the Lease when it is absent, released (no holder) or expired,
-and the holder renews it every `retry_period_s`. Expiry is judged on this process's own clock, from the moment
-it last saw the Lease's record change, never from the `renewTime` written by another machine (no clock skew).
+and the holder renews it every `retry_period_s`, from a thread of its own. Expiry is judged on this process's own
+clock, from the moment it last saw the Lease's record change, never from the `renewTime` written by another machine
+(no clock skew).
 A holder that cannot renew within `renew_deadline_s` has lost the Lease; it must stop handling at once.
 Writes are optimistic (`resourceVersion`), so of two candidates racing for an expired Lease exactly one wins.
 
@@ -18,8 +19,10 @@ import asyncio
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -174,12 +177,39 @@ class LeaseElector:
         return False
 
     async def hold(self, stop: asyncio.Event, lost: asyncio.Event) -> None:
-        """Renew every retry period until `stop` is set; set `lost` and return once a renewal is overdue."""
-        while not stop.is_set():
-            if await wait_event(stop, self.retry_period_s):
-                return
-            if await self._attempt():
-                continue
+        """Renew every retry period until `stop` is set; set `lost` and return once a renewal is overdue.
+
+        The renewals run on a thread of their own, as client-go's do on their own goroutine: a controller whose
+        event loop is busy (500 runs finishing at once) still renews on time. Renewing from the loop made such a
+        leader miss its deadline and leave. Only the verdict, "lost", comes back to the loop.
+        """
+        loop = asyncio.get_running_loop()
+        done = threading.Event()
+        renewer = threading.Thread(
+            target=self._renew_until,
+            args=(done, lambda: loop.call_soon_threadsafe(lost.set)),
+            daemon=True,
+            name=f"lease-{self.name}",
+        )
+        renewer.start()
+        stopped = asyncio.ensure_future(stop.wait())
+        left = asyncio.ensure_future(lost.wait())
+        try:
+            await asyncio.wait({stopped, left}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            done.set()
+            stopped.cancel()
+            left.cancel()
+            await asyncio.to_thread(renewer.join)
+
+    def _renew_until(self, done: threading.Event, on_lost: Callable[[], None]) -> None:
+        """The renewing thread: one try every retry period until `done`; calls `on_lost` once renewal is overdue."""
+        while not done.wait(self.retry_period_s):
+            try:
+                if self.try_acquire_or_renew():
+                    continue
+            except Exception as exc:  # an unreachable API server is one failed round, not a crash
+                log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
             # Give up when the next try would start past the renew deadline: the last try then ends by the
             # deadline + its request timeout (a retry period), 9 s with the defaults, before the 10 s Lease can
             # expire for the others. And give up at once when another replica holds the Lease.
@@ -193,7 +223,7 @@ class LeaseElector:
                     self.renew_deadline_s,
                     self._other_holder or "none",
                 )
-                lost.set()
+                on_lost()
                 return
 
     def release(self) -> None:

@@ -280,6 +280,28 @@ async def test_one_holder_at_a_time_a_silent_holder_expires_and_a_release_hands_
     assert time.monotonic() - started < 1.5
 
 
+async def test_a_leader_whose_event_loop_is_blocked_still_renews_its_lease(
+    kube: kubernetes.client.ApiClient, namespace: str
+) -> None:
+    """500 runs finishing at once kept a leader's event loop busy past its renew deadline, and it left: renewals
+    must not wait for the loop. Here the loop is blocked for 1.5 lease durations while another candidate tries."""
+    a, b = elector(kube, namespace, "a"), elector(kube, namespace, "b")
+    assert await asyncio.to_thread(a.try_acquire_or_renew)
+    stop, lost = asyncio.Event(), asyncio.Event()
+    holding = asyncio.create_task(a.hold(stop, lost))
+    await asyncio.sleep(0.1)
+    blocked_until = time.monotonic() + 4.5  # the Lease lasts 3 s, the renew deadline is 2 s
+    while time.monotonic() < blocked_until:  # the event loop does nothing else meanwhile
+        time.sleep(0.5)
+        assert not b.try_acquire_or_renew(), "b took the Lease while a's loop was busy"
+    await asyncio.sleep(1)
+    assert not lost.is_set(), "a gave up its Lease while its loop was busy"
+    stop.set()
+    await asyncio.wait_for(holding, 5)
+    lease = await asyncio.to_thread(kubernetes.client.CoordinationV1Api(kube).read_namespaced_lease, "race", namespace)
+    assert lease.spec.holder_identity == "a"
+
+
 async def test_a_worker_only_process_polls_both_queues_and_never_takes_the_lease(
     temporal_env: Any,
     control_plane: ControlPlane,
