@@ -79,12 +79,15 @@ def register_sweep_handlers(registry: kopf.OperatorRegistry, temporal: Client, t
         if old is None and not new:
             return  # creation: the workflow reads spec.suspend from its input
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        # The value the object holds now (level), not the diff's: a retry after a TemporaryError may see a later
+        # body, and pause/resume are idempotent in the workflow.
+        wanted = bool(body["spec"].get("suspend"))
         handle = temporal.get_workflow_handle(sweep_workflow_id(namespace, name))
         try:
-            await handle.signal("pause" if new else "resume")
+            await handle.signal("pause" if wanted else "resume")
         except RPCError as exc:
             raise kopf.TemporaryError(f"cannot signal the sweep's workflow yet: {exc}", delay=5) from exc
-        kopf.info(body, reason="Suspended" if new else "Resumed", message=f"spec.suspend set to {bool(new)}")
+        kopf.info(body, reason="Suspended" if wanted else "Resumed", message=f"spec.suspend set to {wanted}")
 
     @kopf.on.delete(*resource, registry=registry)
     async def on_delete(body: kopf.Body, **_: Any) -> None:
