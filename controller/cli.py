@@ -176,12 +176,15 @@ async def _cmd_run(args: argparse.Namespace) -> int:
     from temporalio.common import WorkflowIDConflictPolicy
     from temporalio.service import RPCError
 
-    from controller.backends.local import LocalBackend
+    from controller.backends.local import LocalBackend, refuse_multinode
     from controller.visibility import start_attributes
     from controller.worker import build_worker
     from controller.workflows import TrainingRunInput
 
     run = load_training_run(args.file)
+    refused = refuse_multinode(run.spec.resources)
+    if refused:
+        raise CliError(f"{args.file}: {refused}", EXIT_BAD_INPUT)
     if any(step <= 0 for step in args.preempt_at_step):
         raise CliError("--preempt-at-step: must be a positive step number", EXIT_BAD_INPUT)
     volume_root = _volume(args.volume, create=True)

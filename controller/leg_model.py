@@ -51,12 +51,14 @@ class LegSpec(BaseModel):
         ]
 
     def data_parallel_args(self) -> list[str]:
-        """`--processes N` for a data-parallel leg (the trainer runs its ranks through torchrun), else nothing."""
+        """`--processes N` (per node) for a data-parallel leg (the trainer runs its ranks through torchrun), with
+        `--nnodes M` for a multi-node one (the Kubernetes backend adds its rendezvous endpoint), else nothing."""
         resources = self.spec.resources
         if resources.world_size == 1:
             return []
+        nodes = ["--nnodes", str(resources.nodes)] if resources.nodes > 1 else []
         uneven = ["--allow-uneven-accumulation"] if resources.allow_uneven_accumulation else []
-        return ["--processes", str(resources.world_size), *uneven]
+        return ["--processes", str(resources.processes_per_node), *nodes, *uneven]
 
 
 class LegHandle(BaseModel):

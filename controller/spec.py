@@ -183,7 +183,19 @@ class ResourcesSpec(CamelModel):
         le=64,
         description=(
             "Data-parallel processes per leg, run through torchrun (gloo on CPU, NCCL on GPUs); default: gpus "
-            "when gpus > 1, else 1. Global batch = batchSize x gradientAccumulationSteps x processes."
+            "when gpus > 1, else 1; on each of `nodes` pods. Global batch = batchSize x gradientAccumulationSteps x "
+            "nodes x processes."
+        ),
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Nodes per leg (Kubernetes only): a leg with nodes > 1 is one Indexed Job of `nodes` pods, each running "
+            "the per-node processes, joined by c10d rendezvous on index 0 through a headless Service (needs "
+            "Kubernetes 1.24+). World size = nodes x processes per node; global batch = batchSize x "
+            "gradientAccumulationSteps x world size."
         ),
     )
     allow_uneven_accumulation: bool = Field(
@@ -201,9 +213,14 @@ class ResourcesSpec(CamelModel):
         return self
 
     @property
-    def world_size(self) -> int:
-        """The leg's data-parallel processes: processes, else the GPU count, else 1."""
+    def processes_per_node(self) -> int:
+        """The data-parallel processes of one of the leg's pods: processes, else the GPU count, else 1."""
         return self.processes if self.processes is not None else max(self.gpus, 1)
+
+    @property
+    def world_size(self) -> int:
+        """The leg's data-parallel ranks: nodes x processes per node."""
+        return self.nodes * self.processes_per_node
 
 
 class Toleration(CamelModel):

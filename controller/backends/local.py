@@ -34,12 +34,14 @@ from typing import Any
 from controller.backends.base import (
     LegConflict,
     PredictFailed,
+    RunIdentityMismatch,
     prepare_predict_work,
     read_predictions,
     remove_predict_work,
 )
 from controller.backends.local_leg import last_log_line, process_start_time
 from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, LegTermination, Prediction, PredictJob
+from controller.spec import ResourcesSpec
 from trainer.volume import RunLayout, atomic_write_json, load_progress, read_json
 
 _POLL_S = 0.05
@@ -51,6 +53,16 @@ def _read(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def refuse_multinode(resources: ResourcesSpec) -> str | None:
+    """Why this backend cannot run a leg of `resources` (a TrainingRunSpec's), or None: it has one node."""
+    if resources.nodes > 1:
+        return (
+            f"spec.resources.nodes: {resources.nodes} nodes need the Kubernetes backend (an Indexed Job); the local "
+            "backend runs a leg on this one machine: use resources.processes for several ranks here"
+        )
+    return None
 
 
 def _alive(record: dict[str, Any] | None) -> bool:
@@ -129,6 +141,9 @@ class LocalBackend:
         return await asyncio.to_thread(self._launch, leg)
 
     def _launch(self, leg: LegSpec) -> LegHandle:
+        refused = refuse_multinode(leg.spec.resources)
+        if refused:
+            raise RunIdentityMismatch(f"TrainingRun {leg.namespace}/{leg.name}: {refused}")
         files = self._files(leg)
         with self._run_lock(leg):
             record = _read(files["pid"])
