@@ -1,7 +1,8 @@
 """Command line: `python -m trainer train ...` (one leg) and `python -m trainer predict ...` (inference).
 
 `train --processes N` (N > 1) is a data-parallel leg: this process supervises N ranks run by torchrun
-(trainer.launch), each of which is `python -m trainer train` again with torchrun's RANK and WORLD_SIZE.
+(trainer.launch), each of which is `python -m trainer train` again with torchrun's RANK and WORLD_SIZE. With
+`--nnodes M --rdzv-endpoint host:port` it is one node of a multi-node leg: M such supervisors meet there.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ def _processes(text: str) -> int:
     return int(text)
 
 
+def _nodes(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node count (1 to 64)")
+    return int(text)
+
+
 def _generation(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a leg number (0 or more)")
@@ -54,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=_processes,
         default=1,
         help="data-parallel ranks of this leg, run through torchrun (gloo on CPU, NCCL on CUDA); default 1",
+    )
+    train.add_argument(
+        "--nnodes",
+        type=_nodes,
+        default=1,
+        help="nodes of a multi-node leg, each running --processes ranks; they meet at --rdzv-endpoint (c10d)",
+    )
+    train.add_argument(
+        "--rdzv-endpoint",
+        help="host:port of node 0's c10d rendezvous (a multi-node leg); this node's index from JOB_COMPLETION_INDEX",
     )
     train.add_argument(
         "--allow-uneven-accumulation",
@@ -105,18 +122,28 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.reporting import setup_logging
 
     rank = World.from_env() if os.environ.get(RESULTS_ENV) else None
-    if rank is None or rank.is_main:
+    first_node = os.environ.get("JOB_COMPLETION_INDEX", "") in ("", "0")  # one supervisor per leg log
+    if (rank is None and first_node) or (rank is not None and rank.is_main):
         tee_leg_log(args.run_dir)  # on Kubernetes ($RELAY_LEG): the leg's lines also go to legs/<n>.log
     setup_logging()
-    if rank is None and args.processes > 1:
-        from trainer.launch import run_processes
+    if rank is None and (args.processes > 1 or args.nnodes > 1):
+        from trainer.launch import Rendezvous, run_processes
 
         forwarded = ["--run-dir", str(args.run_dir), "--snapshot", str(args.snapshot), "--config", str(args.config)]
         if args.generation is not None:
             forwarded += ["--generation", str(args.generation)]
         if args.allow_uneven_accumulation:
             forwarded.append("--allow-uneven-accumulation")
-        return run_processes(args.processes, forwarded)
+        rendezvous = None
+        if args.nnodes > 1:
+            run_id = f"relay-leg-{args.generation if args.generation is not None else 0}"
+            try:
+                rendezvous = Rendezvous.from_args(args.nnodes, args.rdzv_endpoint, run_id)
+            except ValueError as exc:
+                logging.getLogger("trainer").error("invalid input: %s", exc)
+                write_termination_message(str(exc))
+                return int(ExitCode.INVALID_INPUT)
+        return run_processes(args.processes, forwarded, rendezvous)
 
     from trainer.train import run_leg
 
@@ -126,7 +153,7 @@ def _train(args: argparse.Namespace) -> int:
     from trainer.launch import record_end, record_start
     from trainer.volume.termination import TERMINATION_LOG_ENV
 
-    record_start(rank.rank)
+    record_start(rank.local_rank)  # this node's ranks, by their place on it
     if not rank.is_main:  # rank 0 speaks for the leg: its log lines, its termination message
         os.environ.pop(TERMINATION_LOG_ENV, None)
         logging.getLogger("trainer").setLevel(logging.WARNING)
@@ -138,7 +165,7 @@ def _train(args: argparse.Namespace) -> int:
         world=rank,
         allow_uneven=args.allow_uneven_accumulation,
     )
-    record_end(rank.rank, int(result.exit_code), result.message)
+    record_end(rank.local_rank, int(result.exit_code), result.message)
     return int(result.exit_code)
 
 

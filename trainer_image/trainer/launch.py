@@ -16,6 +16,12 @@ folder ($RELAY_DDP_RESULTS), and this process decides:
 SIGTERM and SIGINT to this process (what Kubernetes and the local supervisor send) go to every rank directly
 (torchrun starts its workers in sessions of their own), so they stop together at one step and save once; ranks
 not started yet get it through torchrun.
+
+A multi-node leg (`--nnodes M --rdzv-endpoint host:port`: one pod of an Indexed Job per node on Kubernetes) runs one
+such supervisor per node; their torchruns meet by c10d rendezvous at the endpoint, which node 0 (JOB_COMPLETION_INDEX
+0, the pod `<job>-0.<service>`) hosts. c10d numbers the nodes itself, so global rank 0 may live on any pod. Each
+supervisor reads its own node's ranks by their LOCAL_RANK, and its pod exits with its local rank 0's code: the ranks
+agree on stops through the all-reduce, so a SIGTERM to any one pod makes every pod save once (rank 0) and exit 75.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -40,13 +47,61 @@ log = logging.getLogger("trainer")
 LOST_RANK_EXIT = 128 + signal.SIGKILL  # a rank killed from outside: classified like a killed leg
 
 
-def torchrun_command(processes: int, train_args: list[str]) -> list[str]:
-    """The one command line of a data-parallel leg's ranks (CPU/gloo and CUDA/NCCL alike)."""
+NODE_INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in each pod of an Indexed Job: 0 .. completions-1
+# How long a node's torchrun waits for the others at the rendezvous before it gives up (torchrun's own default);
+# the controller judges a gang that never meets sooner (retries.rendezvousTimeoutSeconds) and deletes its Job.
+RENDEZVOUS_JOIN_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a multi-node leg's nodes meet: `nodes` supervisors at `endpoint` (host:port), for the leg `run_id`;
+    `node_index` is this node's JOB_COMPLETION_INDEX (node 0 hosts the c10d store), None when not set."""
+
+    nodes: int
+    endpoint: str
+    run_id: str
+    node_index: int | None = None
+
+    @classmethod
+    def from_args(cls, nodes: int, endpoint: str | None, run_id: str) -> Rendezvous:
+        """The rendezvous of `--nnodes`/`--rdzv-endpoint`, this node's index from JOB_COMPLETION_INDEX; ValueError
+        naming the argument or variable at fault."""
+        if not endpoint:
+            raise ValueError(f"--rdzv-endpoint: required with --nnodes {nodes} (host:port of node 0)")
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--rdzv-endpoint: {endpoint!r} is not host:port")
+        raw = os.environ.get(NODE_INDEX_ENV)
+        index = None
+        if raw not in (None, ""):
+            if not raw.isdigit() or int(raw) >= nodes:
+                raise ValueError(f"{NODE_INDEX_ENV}: {raw!r} is not a node index below --nnodes {nodes}")
+            index = int(raw)
+        return cls(nodes, endpoint, run_id, index)
+
+    def torchrun_args(self) -> list[str]:
+        conf = f"join_timeout={RENDEZVOUS_JOIN_TIMEOUT_S}"
+        if self.node_index is not None:  # explicit: a pod's hostname need not match the endpoint's name
+            conf += f",is_host={int(self.node_index == 0)}"
+        return [
+            f"--nnodes={self.nodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}",
+            f"--rdzv-conf={conf}",
+        ]
+
+
+def torchrun_command(processes: int, train_args: list[str], rendezvous: Rendezvous | None = None) -> list[str]:
+    """The one command line of a data-parallel leg's ranks on this node (CPU/gloo and CUDA/NCCL alike): standalone
+    for one node, c10d rendezvous with the other nodes for a multi-node leg."""
+    where = rendezvous.torchrun_args() if rendezvous is not None else ["--standalone"]
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *where,
         f"--nproc-per-node={processes}",
         "--max-restarts=0",
         "-m",
@@ -57,7 +112,8 @@ def torchrun_command(processes: int, train_args: list[str]) -> list[str]:
 
 
 def record_start(rank: int) -> None:
-    """A rank's pid, for the supervisor's signal forwarding (called by each rank at its start)."""
+    """A rank's pid, for the supervisor's signal forwarding (called by each rank at its start, with its rank on
+    this node: LOCAL_RANK)."""
     folder = os.environ.get(RESULTS_ENV)
     if folder:
         Path(folder, f"rank-{rank}.pid").write_text(str(os.getpid()), encoding="utf-8")
@@ -104,14 +160,23 @@ def leg_outcome(folder: Path, processes: int, signalled: bool = False) -> tuple[
     return int(main["exit_code"]), str(main["message"])  # type: ignore[call-overload]
 
 
-def run_processes(processes: int, train_args: list[str]) -> int:
-    """Run the leg's ranks to their end; the leg's exit code (see leg_outcome)."""
+def run_processes(processes: int, train_args: list[str], rendezvous: Rendezvous | None = None) -> int:
+    """Run the leg's ranks on this node to their end; the node's exit code (see leg_outcome)."""
     folder = Path(tempfile.mkdtemp(prefix="relay-ddp-"))
     received: list[int] = []
     try:
         env = {**os.environ, RESULTS_ENV: str(folder)}
-        command = torchrun_command(processes, train_args)
-        log.info("data-parallel leg: %d processes: %s", processes, " ".join(command[1:9]))
+        command = torchrun_command(processes, train_args, rendezvous)
+        if rendezvous is None:
+            log.info("data-parallel leg: %d processes: %s", processes, " ".join(command[1:9]))
+        else:
+            log.info(
+                "data-parallel leg: node %s of %d, %d process(es) each, c10d rendezvous at %s",
+                "?" if rendezvous.node_index is None else rendezvous.node_index,
+                rendezvous.nodes,
+                processes,
+                rendezvous.endpoint,
+            )
         child = subprocess.Popen(command, env=env)
 
         def forward(signum: int, _frame: FrameType | None) -> None:
