@@ -52,6 +52,7 @@ from controller.kubernetes.jobs import (
     LABEL_RUN,
     build_leg_job,
     build_predict_job,
+    build_rendezvous_service,
     job_name,
     predict_job_name,
 )
@@ -68,6 +69,21 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # What a leg may mount read-only besides its run folder: a content-addressed dataset snapshot.
 SNAPSHOT_PATH = re.compile(r"snapshots/[0-9a-f]{64}")
+
+
+INDEXED_JOB_MINOR = 24  # Job completionMode Indexed: alpha 1.21, GA 1.24; an older server drops the field
+
+
+def multinode_refusal(spec: TrainingRunSpec, features: ServerFeatures) -> str | None:
+    """Why this server cannot run `spec`'s legs (a multi-node leg needs an Indexed Job), or None. A server without
+    Indexed Jobs prunes completionMode and would run M unindexed pods that never meet: refused, never attempted."""
+    nodes = spec.resources.nodes
+    if nodes > 1 and (features.major, features.minor) < (1, INDEXED_JOB_MINOR):
+        return (
+            f"spec.resources.nodes: {nodes} nodes need an Indexed Job (Kubernetes 1.{INDEXED_JOB_MINOR}+); this API "
+            f"server is v{features.major}.{features.minor}: use resources.nodes 1, or a newer cluster"
+        )
+    return None
 
 
 def _owner_uids(job: dict[str, Any]) -> list[str | None]:
@@ -164,7 +180,7 @@ class KubernetesBackend:
     # ------------------------------------------------------------ Backend protocol
 
     async def launch(self, leg: LegSpec) -> LegHandle:
-        trusted = await self._trusted_leg(leg)
+        trusted, labels = await self._trusted_leg(leg)
         cache = await self.cache(leg.namespace)
         name = job_name(leg.name, leg.leg)
         existing = cache.job(name) or await self._read_job(leg.namespace, name)
@@ -175,9 +191,13 @@ class KubernetesBackend:
             await self._delete_job(leg.namespace, name)
             existing = None
         if existing is not None:
+            await self._ensure_rendezvous_service(trusted, existing)
             return self._handle(leg, existing, adopted=True)
         await self._wait_other_legs_gone(cache, leg)
         features = await self.server()
+        refused = multinode_refusal(trusted.spec, features)
+        if refused:
+            raise RunIdentityMismatch(f"TrainingRun {leg.namespace}/{leg.name}: {refused}")
         # A model stored on the volume is mounted read-only into the leg (config.json names it there).
         model = (
             await asyncio.to_thread(volume_model, trusted.spec.model, self.volume_root) if self.volume_root else None
@@ -189,7 +209,9 @@ class KubernetesBackend:
                 check_resolved_read(leg.namespace, self.volume_root, model, "spec.model")
             except ForeignPath as exc:
                 raise RunIdentityMismatch(f"TrainingRun {leg.namespace}/{leg.name}: {exc}") from None
-        manifest = build_leg_job(trusted, pod_failure_policy=features.pod_failure_policy, model_path=model)
+        manifest = build_leg_job(
+            trusted, pod_failure_policy=features.pod_failure_policy, model_path=model, kueue_labels=labels
+        )
         try:
             created = await self.call(self._batch.create_namespaced_job, leg.namespace, manifest)
         except ApiException as exc:
@@ -198,11 +220,26 @@ class KubernetesBackend:
             adopted = await self._read_job(leg.namespace, name)
             if adopted is None:
                 raise
+            await self._ensure_rendezvous_service(trusted, adopted)
             return self._handle(leg, adopted, adopted=True)
         log.info("leg %s/%s: created Job %s", leg.namespace, leg.name, name)
         document = self._api_client.sanitize_for_serialization(created)
         self._job_uids[(leg.namespace, name)] = document["metadata"]["uid"]
+        await self._ensure_rendezvous_service(trusted, document)
         return self._handle(leg, document, adopted=False)
+
+    async def _ensure_rendezvous_service(self, leg: LegSpec, job: dict[str, Any]) -> None:
+        """A multi-node leg's headless Service, owned by its Job (created after it: a Job created by a controller
+        that stopped before its Service gets it on adoption)."""
+        if leg.spec.resources.nodes <= 1:
+            return
+        service = build_rendezvous_service(job)
+        try:
+            await self.call(self._core.create_namespaced_service, leg.namespace, service)
+            log.info("leg %s/%s: created Service %s", leg.namespace, leg.name, service["metadata"]["name"])
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
 
     async def observe(self, leg: LegSpec) -> LegObservation:
         cache = await self.cache(leg.namespace)
@@ -309,6 +346,11 @@ class KubernetesBackend:
 
     async def _run_spec(self, namespace: str, name: str) -> tuple[TrainingRunSpec, str]:
         """The TrainingRun's spec (image, resources, scheduling, claim) and uid, read from the API server now."""
+        spec, uid, _ = await self._read_run(namespace, name)
+        return spec, uid
+
+    async def _read_run(self, namespace: str, name: str) -> tuple[TrainingRunSpec, str, dict[str, str]]:
+        """The TrainingRun's spec, uid and labels (its Kueue labels go onto its leg Jobs), read now."""
         try:
             run = await self.call(
                 self._custom.get_namespaced_custom_object, API_GROUP, API_VERSION, namespace, PLURAL, name
@@ -322,7 +364,7 @@ class KubernetesBackend:
             spec = TrainingRunSpec.model_validate(body.get("spec") or {})
         except ValidationError as exc:
             raise RunIdentityMismatch(f"TrainingRun {namespace}/{name}: invalid spec ({exc})") from None
-        return spec, str(body["metadata"]["uid"])
+        return spec, str(body["metadata"]["uid"]), dict(body["metadata"].get("labels") or {})
 
     async def _await_predict_job(self, job: PredictJob, name: str, spec: TrainingRunSpec) -> LegTermination:
         """Wait (watch-fed) until the predict Job's pod has ended, is stuck, or the request's time is up."""
@@ -397,14 +439,15 @@ class KubernetesBackend:
             raise
         return self._api_client.sanitize_for_serialization(job)  # type: ignore[no-any-return]
 
-    async def _trusted_leg(self, leg: LegSpec) -> LegSpec:
-        """`leg` as its TrainingRun allows it: that object's spec, uid and run folder; RunIdentityMismatch if not.
+    async def _trusted_leg(self, leg: LegSpec) -> tuple[LegSpec, dict[str, str]]:
+        """`leg` as its TrainingRun allows it: that object's spec, uid and run folder, with the object's labels;
+        RunIdentityMismatch if not.
 
         Temporal's input is a hint (issue 11): a workflow started by hand once made Jobs with any image and
         priority class, and with a made-up owner uid the garbage collector deleted every Job it created.
         """
         where = f"TrainingRun {leg.namespace}/{leg.name}"
-        spec, uid = await self._run_spec(leg.namespace, leg.name)
+        spec, uid, labels = await self._read_run(leg.namespace, leg.name)
         _same_owner(where, leg.owner_uid, uid)
         if leg.run_path != volume.run_path(leg.namespace, leg.name):
             raise RunIdentityMismatch(f"{where}: run_path {leg.run_path!r} is not its own run folder")
@@ -413,7 +456,7 @@ class KubernetesBackend:
         refused = check_policy(spec, self.policy)  # the object may be one the create handler already failed
         if refused:
             raise RunIdentityMismatch(f"{where}: {'; '.join(refused)}")
-        return leg.model_copy(update={"spec": spec, "owner_uid": uid})
+        return leg.model_copy(update={"spec": spec, "owner_uid": uid}), labels
 
     async def _wait_other_legs_gone(self, cache: NamespaceCache, leg: LegSpec) -> None:
         deadline = time.monotonic() + self.conflict_wait_s

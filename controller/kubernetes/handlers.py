@@ -36,7 +36,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from controller.kubernetes.backend import KubernetesBackend
+from controller.kubernetes.backend import KubernetesBackend, multinode_refusal
 from controller.policy import Policy, check_policy
 from controller.run_workflows import describe_run_workflow, find_run_workflow
 from controller.spec import (
@@ -145,6 +145,9 @@ def build_registry(ctx: OperatorContext) -> kopf.OperatorRegistry:
         errors = await ctx.backend.call(check_beyond_schema, document, ctx.volume_root, core)
         if not errors:  # the cluster's allow-lists (controller.policy), on a spec that parses
             errors = check_policy(parse_training_run(document).spec, ctx.policy)
+        if not errors:  # what this API server can run (a multi-node leg needs Indexed Jobs)
+            refused = multinode_refusal(parse_training_run(document).spec, await ctx.backend.server())
+            errors = [refused] if refused else []
         if errors:
             log.warning("%s/%s is invalid: %s", namespace, name, "; ".join(errors))
             patch.status.update(invalid_status(errors))

@@ -7,6 +7,15 @@ and a model stored on the volume (`spec.model`, found there by `controller.spec.
 each at the same path under /relay-volume that the trainer's command line and config.json name. On servers that have
 it (1.26+, `controller.kubernetes.server`) a Job also carries `POD_FAILURE_POLICY`.
 
+A multi-node leg (`resources.nodes` M > 1, issue 14) is ONE Indexed Job (`completionMode: Indexed`, completions =
+parallelism = M, backoffLimit 0: losing any pod fails the whole Job) and a headless Service `rdzv-<job>` owned by
+that Job. The pods' subdomain is the Service, so Kubernetes names pod i `<job>-i.rdzv-<job>`, and every pod's
+torchrun meets at index 0's c10d rendezvous (`--rdzv-endpoint <job>-0.rdzv-<job>:29400`). Indexed Jobs need 1.24+
+(`controller.kubernetes.server`); the backend refuses a multi-node run on an older server. Kueue: the TrainingRun's
+`kueue.x-k8s.io/queue-name` and `kueue.x-k8s.io/priority-class` labels (or spec.scheduling.kueueQueue) go onto the
+Job, and a queued multi-node Job is created suspended, as Kueue's batch/Job integration documents, so Kueue admits
+the gang as one Workload and unsuspends it.
+
 A predict Job (`<run>-predict-<request id>`) runs `python -m trainer predict` once, with the run's image,
 resources (one GPU if the run had any) and scheduling; it mounts the model's folders read-only and the
 request's work folder read-write, the same way.
@@ -38,6 +47,10 @@ LABEL_LEG = "relay.dev/leg"
 # Predict Jobs carry this instead of LABEL_RUN: a run's leg bookkeeping and cleanup never see them.
 LABEL_PREDICT_RUN = "relay.dev/predict-run"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"  # a Kueue WorkloadPriorityClass
+# The labels of a TrainingRun copied onto its leg Jobs, for Kueue.
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL)
+RENDEZVOUS_PORT = 29400  # torchrun's c10d default
 ANNOTATION_WORKFLOW = "relay.dev/workflow-id"
 # Written by the backend onto a leg's Job once the leg has ended: the LegTermination as JSON.
 ANNOTATION_TERMINATION = "relay.dev/termination"
@@ -74,6 +87,19 @@ def job_name(run_name: str, leg: int) -> str:
     return name
 
 
+def rendezvous_service_name(job: str) -> str:
+    """`rdzv-<job>`: the headless Service of a multi-node leg (a Service name must start with a letter)."""
+    name = f"rdzv-{job}"
+    if len(name) > MAX_NAME:
+        raise ValueError(f"metadata.name: Job {job!r} is too long for its rendezvous Service ({name!r})")
+    return name
+
+
+def rendezvous_endpoint(job: str) -> str:
+    """Index 0's pod through the headless Service: `<job>-0.rdzv-<job>:29400`."""
+    return f"{job}-0.{rendezvous_service_name(job)}:{RENDEZVOUS_PORT}"
+
+
 def leg_labels(leg: LegSpec) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "relay-trainer",
@@ -98,7 +124,11 @@ def owner_reference(name: str, uid: str) -> dict[str, Any]:
 
 
 def trainer_command(leg: LegSpec) -> list[str]:
-    return ["python", "-m", "trainer", *leg.trainer_args(VOLUME_MOUNT)]
+    """The leg's command; a multi-node leg's names its rendezvous (each pod's index comes from the Indexed Job)."""
+    command = ["python", "-m", "trainer", *leg.trainer_args(VOLUME_MOUNT)]
+    if leg.spec.resources.nodes > 1:
+        command += ["--rdzv-endpoint", rendezvous_endpoint(job_name(leg.name, leg.leg))]
+    return command
 
 
 def _resources(spec: TrainingRunSpec, gpus: int) -> dict[str, dict[str, str]]:
@@ -206,10 +236,13 @@ def _one_try_job(
     *,
     owner: tuple[str, str | None],
     pod_failure_policy: bool,
+    kueue_labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """A Job that runs its pod once (no retry: the workflow decides what comes next), queued by kueue when asked,
-    owned by its TrainingRun when its uid is known, with POD_FAILURE_POLICY when the server has it (1.26+)."""
+    """A Job that runs its pod once (no retry: the workflow decides what comes next), queued by kueue when asked
+    (`kueue_labels`: the TrainingRun's own, spec.scheduling.kueueQueue first), owned by its TrainingRun when its
+    uid is known, with POD_FAILURE_POLICY when the server has it (1.26+)."""
     job_labels = dict(pod_labels)
+    job_labels |= {key: value for key, value in (kueue_labels or {}).items() if key in KUEUE_LABELS}
     if spec.scheduling.kueue_queue:
         job_labels[KUEUE_QUEUE_LABEL] = spec.scheduling.kueue_queue
     metadata: dict[str, Any] = {"name": name, "namespace": namespace, "labels": job_labels}
@@ -227,11 +260,19 @@ def _one_try_job(
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
-def build_leg_job(leg: LegSpec, *, pod_failure_policy: bool = False, model_path: str | None = None) -> dict[str, Any]:
+def build_leg_job(
+    leg: LegSpec,
+    *,
+    pod_failure_policy: bool = False,
+    model_path: str | None = None,
+    kueue_labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """The Job manifest of `leg`; the same LegSpec (and server) always gives the same manifest.
 
     `model_path`: the model's folder on the volume when spec.model names one (`controller.spec.volume_model`),
     mounted read-only; a subPath that does not exist would be created by the kubelet, so only a found one.
+    `kueue_labels`: the TrainingRun's labels (only KUEUE_LABELS are copied). A multi-node leg's Job is Indexed
+    (see the module docstring); its Service is `build_rendezvous_service`.
     """
     spec = leg.spec
     name = job_name(leg.name, leg.leg)
@@ -255,9 +296,57 @@ def build_leg_job(leg: LegSpec, *, pod_failure_policy: bool = False, model_path:
         grace_s=spec.termination_grace_period_seconds,
     )
     owner = (leg.name, leg.owner_uid)
-    job = _one_try_job(name, leg.namespace, labels, spec, pod_spec, owner=owner, pod_failure_policy=pod_failure_policy)
+    job = _one_try_job(
+        name,
+        leg.namespace,
+        labels,
+        spec,
+        pod_spec,
+        owner=owner,
+        pod_failure_policy=pod_failure_policy,
+        kueue_labels=kueue_labels,
+    )
     job["metadata"]["annotations"] = {ANNOTATION_WORKFLOW: workflow_id(leg.namespace, leg.name)}
+    nodes = spec.resources.nodes
+    if nodes > 1:
+        job["spec"] |= {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes}
+        pod_spec["subdomain"] = rendezvous_service_name(name)
+        pod_spec["containers"][0]["ports"] = [{"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}]
+        if KUEUE_QUEUE_LABEL in job["metadata"]["labels"]:
+            job["spec"]["suspend"] = True  # Kueue admits the whole gang as one Workload, then unsuspends it
     return job
+
+
+def build_rendezvous_service(job: dict[str, Any]) -> dict[str, Any]:
+    """The headless Service of a multi-node leg's Indexed Job `job` (as created: its uid is the Service's owner, so
+    the Service goes with the Job). Not-ready addresses are published: the pods resolve each other while starting,
+    before any readiness, which is when the rendezvous happens."""
+    meta = job["metadata"]
+    name = meta["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": rendezvous_service_name(name),
+            "namespace": meta["namespace"],
+            "labels": {key: value for key, value in meta["labels"].items() if key not in KUEUE_LABELS},
+            "ownerReferences": [
+                {
+                    "apiVersion": "batch/v1",
+                    "kind": "Job",
+                    "name": name,
+                    "uid": meta["uid"],
+                    "controller": True,  # no blockOwnerDeletion: that needs update on jobs/finalizers
+                }
+            ],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"job-name": name},  # the Job controller's label on its pods
+            "ports": [{"name": "rdzv", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
 
 
 def predict_job_name(run_name: str, request_id: str) -> str:

@@ -1,5 +1,9 @@
 """Multi-node legs (issue 14, item 2): resources.nodes makes the world nodes x processes per node, the leg command
-carries `--processes <per node> --nnodes M`, and the local backend (one machine) refuses it naming the field."""
+carries `--processes <per node> --nnodes M`, and the local backend (one machine) refuses it naming the field. On
+Kubernetes such a leg is one Indexed Job (completions = parallelism = M, backoffLimit 0) with a headless Service
+owned by it, index 0 being the c10d rendezvous `<job>-0.rdzv-<job>:29400`; the TrainingRun's Kueue labels go onto the
+Job, created suspended for Kueue; both manifests are valid against a recent Kubernetes schema (kubernetes-validate);
+a server older than 1.24 (no Indexed Jobs) is refused naming resources.nodes and its version."""
 
 from __future__ import annotations
 
@@ -10,26 +14,47 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+import kubernetes_validate
 import pytest
 from pydantic import ValidationError
 
 from controller.backends.base import RunIdentityMismatch
 from controller.backends.local import LocalBackend
+from controller.kubernetes.backend import multinode_refusal
+from controller.kubernetes.jobs import build_leg_job, build_rendezvous_service
+from controller.kubernetes.server import ServerFeatures
 from controller.leg_model import LegSpec
 from controller.spec import TrainingRunSpec
+
+KUBE_VERSION = "1.33.0"  # a recent schema (users run 1.28 to 1.34); strict: unknown fields are errors
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def leg(leg_number: int = 3, **resources: Any) -> LegSpec:
+def leg(leg_number: int = 3, scheduling: dict[str, Any] | None = None, **resources: Any) -> LegSpec:
+    spec = {"dataset": {"source": "demo"}, "resources": resources, "scheduling": scheduling or {}}
     return LegSpec(
         namespace="ml",
         name="bert",
         leg=leg_number,
         run_path="runs/ml/bert",
         snapshot_path="snapshots/abc",
-        spec=TrainingRunSpec.model_validate({"dataset": {"source": "demo"}, "resources": resources}),
+        owner_uid="run-uid",
+        spec=TrainingRunSpec.model_validate(spec),
     )
+
+
+def valid(obj: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    except jsonschema.ValidationError as exc:
+        pytest.fail(f"{obj['kind']}: {'.'.join(str(p) for p in exc.path)}: {exc.message}")
+
+
+def created(job: dict[str, Any]) -> dict[str, Any]:
+    """The Job as the API server returns it: with a uid."""
+    return {**job, "metadata": {**job["metadata"], "uid": "job-uid"}}
 
 
 def test_world_size_is_nodes_times_processes_per_node() -> None:
@@ -72,3 +97,82 @@ def test_relay_run_refuses_a_multi_node_run_before_starting_anything(tmp_path: P
     assert "spec.resources.nodes: 2 nodes need the Kubernetes backend" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "volume" / "temporal.db").exists()
+
+
+def test_a_multi_node_leg_is_one_indexed_job_that_fails_whole() -> None:
+    job = build_leg_job(leg(nodes=2, processes=2), pod_failure_policy=True)
+    spec = job["spec"]
+    assert job["metadata"]["name"] == "bert-leg-3"
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
+        "Indexed", 2, 2, 0,
+    )  # fmt: skip
+    assert spec["podFailurePolicy"]["rules"][0]["action"] == "FailJob"  # a disrupted pod fails the whole leg
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "rdzv-bert-leg-3" and "hostname" not in pod  # the Job names pod i <job>-i
+    container = pod["containers"][0]
+    assert container["command"][-6:] == [
+        "--processes", "2", "--nnodes", "2", "--rdzv-endpoint", "bert-leg-3-0.rdzv-bert-leg-3:29400",
+    ]  # fmt: skip
+    assert container["ports"] == [{"name": "rdzv", "containerPort": 29400, "protocol": "TCP"}]
+    assert "suspend" not in spec  # no queue: the Job runs at once
+    valid(job)
+
+
+def test_the_rendezvous_service_is_headless_and_goes_with_its_job() -> None:
+    job = created(build_leg_job(leg(nodes=3)))
+    service = build_rendezvous_service(job)
+    assert service["metadata"]["name"] == "rdzv-bert-leg-3" == job["spec"]["template"]["spec"]["subdomain"]
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True  # the pods meet before any is ready
+    assert service["spec"]["selector"] == {"job-name": "bert-leg-3"}
+    assert service["spec"]["ports"][0]["port"] == 29400
+    (owner,) = service["metadata"]["ownerReferences"]
+    assert (owner["apiVersion"], owner["kind"], owner["name"], owner["uid"]) == (
+        "batch/v1",
+        "Job",
+        "bert-leg-3",
+        "job-uid",
+    )
+    assert service["metadata"]["labels"]["relay.dev/run"] == "bert"
+    valid(service)
+
+
+def test_kueue_labels_of_the_run_go_onto_the_job_created_suspended() -> None:
+    labels = {
+        "kueue.x-k8s.io/queue-name": "team-a",
+        "kueue.x-k8s.io/priority-class": "high",
+        "team": "nlp",  # not Kueue's: not copied
+    }
+    job = build_leg_job(leg(nodes=2), kueue_labels=labels)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "high"
+    assert "team" not in job["metadata"]["labels"]
+    assert job["spec"]["suspend"] is True  # Kueue admits the gang as one Workload, then unsuspends it
+    assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
+    valid(job)
+    service = build_rendezvous_service(created(job))
+    assert not any(key.startswith("kueue.x-k8s.io/") for key in service["metadata"]["labels"])
+    # spec.scheduling.kueueQueue names the queue when set
+    queued = build_leg_job(leg(nodes=2, scheduling={"kueueQueue": "spot"}), kueue_labels=labels)
+    assert queued["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "spot" and queued["spec"]["suspend"] is True
+
+
+def test_a_single_node_leg_job_is_unchanged() -> None:
+    job = build_leg_job(leg(processes=2))
+    assert "completionMode" not in job["spec"] and job["spec"]["completions"] == 1
+    assert "subdomain" not in job["spec"]["template"]["spec"]
+    assert "--rdzv-endpoint" not in job["spec"]["template"]["spec"]["containers"][0]["command"]
+
+
+@pytest.mark.parametrize(("minor", "refused"), [(20, True), (23, True), (24, False), (33, False)])
+def test_a_server_without_indexed_jobs_refuses_multi_node_runs(minor: int, refused: bool) -> None:
+    features = ServerFeatures(1, minor, "v1")
+    reason = multinode_refusal(leg(nodes=2).spec, features)
+    if refused:
+        assert reason == (
+            f"spec.resources.nodes: 2 nodes need an Indexed Job (Kubernetes 1.24+); this API server is v1.{minor}: "
+            "use resources.nodes 1, or a newer cluster"
+        )
+    else:
+        assert reason is None
+    assert multinode_refusal(leg(processes=2).spec, features) is None  # one node runs everywhere

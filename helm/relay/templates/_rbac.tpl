@@ -34,4 +34,7 @@ runs the controller with nothing else).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["get", "create"]
 {{- end }}

@@ -1,0 +1,87 @@
+"""Multi-node legs on the envtest control plane (v1.20: no Indexed Jobs; completionMode arrived in 1.21 and is
+pruned by this server): a TrainingRun with resources.nodes 2 is refused, never run as unindexed pods. The operator
+fails it with a status condition and an Event naming resources.nodes and the server's version; the backend refuses
+a leg of it (a workflow started by hand) and creates no Job and no Service."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+from conftest import make_training_run
+from test_k8s_operator import Cluster, controller, phase, run_spec  # noqa: F401  (controller: a fixture)
+
+from controller.backends.base import RunIdentityMismatch
+from controller.kubernetes.backend import KubernetesBackend
+from controller.kubernetes.server import server_features
+from controller.leg_model import LegSpec
+from controller.spec import TrainingRunSpec
+
+pytestmark = pytest.mark.cluster
+
+
+def refusal(kube: kubernetes.client.ApiClient) -> str:
+    features = server_features(kube)
+    assert (features.major, features.minor) < (1, 24), "this test is about a server without Indexed Jobs"
+    return (
+        f"spec.resources.nodes: 2 nodes need an Indexed Job (Kubernetes 1.24+); this API server is "
+        f"v{features.major}.{features.minor}"
+    )
+
+
+def nothing_created(kube: kubernetes.client.ApiClient, namespace: str) -> None:
+    assert kubernetes.client.BatchV1Api(kube).list_namespaced_job(namespace).items == []
+    assert kubernetes.client.CoreV1Api(kube).list_namespaced_service(namespace).items == []
+
+
+@pytest.mark.anyio
+async def test_the_operator_refuses_a_multi_node_run_naming_the_field_and_the_server_version(
+    controller: Any,  # noqa: F811 - the fixture imported above
+    kube: Any,
+    namespace: str,
+) -> None:
+    cluster = Cluster(kube, namespace)
+    name = f"mn-{uuid.uuid4().hex[:6]}"
+    await cluster.apply(name, run_spec(resources={"cpu": "1", "memory": "1Gi", "processes": 1, "nodes": 2}))
+    run = await cluster.until(name, phase("Failed"))
+    failed = next(c for c in run["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "Invalid"
+    assert failed["message"].startswith(refusal(kube))
+    events = await asyncio.to_thread(
+        cluster.core.list_namespaced_event, namespace, field_selector=f"involvedObject.name={name}"
+    )
+    assert any(e.reason == "Invalid" and refusal(kube) in e.message for e in events.items), events.items
+    nothing_created(kube, namespace)
+
+
+def test_the_backend_refuses_a_multi_node_leg_and_creates_nothing(
+    kube: Any, crd_installed: Any, namespace: str, control_plane: Any, volume_root: Path
+) -> None:
+    spec = {"dataset": {"source": "demo"}, "resources": {"cpu": "1", "memory": "1Gi", "nodes": 2}}
+    name = f"mn-{uuid.uuid4().hex[:6]}"
+    uid = make_training_run(kube, namespace, name, spec)
+    leg = LegSpec(
+        namespace=namespace,
+        name=name,
+        leg=0,
+        run_path=f"runs/{namespace}/{name}",
+        snapshot_path=f"snapshots/{'ab' * 32}",
+        spec=TrainingRunSpec.model_validate(spec),
+        owner_uid=uid,
+    )
+
+    async def scenario() -> None:
+        backend = KubernetesBackend(control_plane.api_client(), conflict_wait_s=1.0)
+        try:
+            with pytest.raises(RunIdentityMismatch) as refused:
+                await backend.launch(leg)
+            assert refusal(kube) in str(refused.value)
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())
+    nothing_created(kube, namespace)
