@@ -261,6 +261,15 @@ class RetrySpec(CamelModel):
     stuck_after_seconds: float = Field(
         900.0, gt=0, le=604_800, description="Unschedulable/image-pull failing this long (at most a week): stuck."
     )
+    rendezvous_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        le=86_400,
+        description=(
+            "A multi-node leg (resources.nodes > 1) whose pods are not all running this long after the first one "
+            "started never completes its rendezvous: stuck (RendezvousTimeout), its Job deleted."
+        ),
+    )
     node_lost_after_seconds: float = Field(
         60.0,
         gt=0,

@@ -251,7 +251,15 @@ class KubernetesBackend:
         pods, vanished = self._pods_of(cache, leg.namespace, name, job)
         lost = await self._lost_leg_limits(leg, pods)
         retries = leg.spec.retries
-        verdict = judge_leg(job, pods, vanished, now=time.time(), stuck_after_s=retries.stuck_after_seconds, lost=lost)
+        verdict = judge_leg(
+            job,
+            pods,
+            vanished,
+            now=time.time(),
+            stuck_after_s=retries.stuck_after_seconds,
+            lost=lost,
+            rendezvous_timeout_s=retries.rendezvous_timeout_seconds,
+        )
         if job is not None:
             await self._carry_out(leg.namespace, job, verdict)
             if verdict.force_delete:

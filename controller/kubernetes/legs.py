@@ -13,6 +13,13 @@ controller does not start a replacement pod next to a terminating one; it also r
 `record` (write the termination onto the Job as an annotation, so a restarted controller reads the same facts)
 and `force_delete` (a lost leg: delete its pods and Job with grace 0 so the next leg may start).
 
+A multi-node leg (one Indexed Job of M pods, issue 14) is one gang: it runs once every pod runs; it ends when
+every pod has ended, its termination the most telling of theirs (`gang_termination`: a fenced or invalid-input
+exit, then a checkpointed stop (75), then a pod the infrastructure took away, then a failure: a pod that failed only
+because its peer vanished does not make a preempted leg a failed one). A gang whose pods are not all running
+`rendezvous_timeout_s` after the first one started never meets (one pod unschedulable, say): it is stuck
+(RendezvousTimeout) and its Job deleted, instead of holding the running pods' nodes forever.
+
 A leg is lost (issue 13) while its pod has not ended when its node has been NotReady or Unknown for
 retries.nodeLostAfterSeconds (reason NodeLost), its pod's phase is Unknown (NodeLost), or it is Running with
 no progress on the volume for retries.progressStallSeconds (ProgressStalled). A partitioned node keeps its pod
@@ -29,6 +36,7 @@ from typing import Any
 
 from controller.kubernetes.jobs import ANNOTATION_TERMINATION, TRAINER_CONTAINER
 from controller.leg_model import LegObservation, LegState, LegTermination
+from trainer.volume import ExitCode
 
 # Pod status.reason values a kubelet or node controller sets when the infrastructure took the pod away.
 DISRUPTION_REASONS = frozenset({"Evicted", "NodeLost", "Shutdown", "NodeShutdown", "Terminated", "Preempting"})
@@ -190,6 +198,57 @@ def lost_leg(pod: dict[str, Any], limits: LostLegLimits, now: float) -> LegTermi
     return None
 
 
+def gang_size(job: dict[str, Any]) -> int:
+    """The pods a leg's Job runs at once: M for a multi-node leg's Indexed Job, else 1."""
+    spec = job.get("spec") or {}
+    return int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1
+
+
+def _gang_rank(termination: LegTermination) -> int:
+    code = termination.exit_code
+    order = {int(ExitCode.FENCED): 0, int(ExitCode.INVALID_INPUT): 1, int(ExitCode.PREEMPTED): 2}
+    if code is not None and code in order:
+        return order[code]
+    if termination.disrupted:
+        return 3
+    if code not in (None, 0):
+        return 4
+    return 5 if code == 0 else 6
+
+
+def gang_termination(ended: list[LegTermination]) -> LegTermination:
+    """The leg's termination from its pods' (see the module docstring); all exited 0: the first, completed."""
+    return min(ended, key=_gang_rank)
+
+
+def rendezvous_stuck(pods: list[dict[str, Any]], size: int, now: float, timeout_s: float) -> LegTermination | None:
+    """A gang of `size` pods whose pods are not all Running `timeout_s` after the first one started, or None."""
+    running = [p for p in pods if p.get("status", {}).get("phase") == "Running"]
+    if not running or len(running) >= size:
+        return None
+    started = [parse_time(p.get("status", {}).get("startTime")) for p in running]
+    since = min((t for t in started if t is not None), default=None)
+    if since is None or now - since < timeout_s:
+        return None
+    waiting = sorted(p["metadata"]["name"] for p in pods if p not in running)
+    why = "; ".join(f"{name} {_pod_state(p)}" for name, p in zip(waiting, _by_name(pods, waiting), strict=True))
+    message = (
+        f"RendezvousTimeout: {len(running)} of {size} pods running for {now - since:.0f}s "
+        f"(rendezvousTimeoutSeconds {timeout_s:g}); not running: {why or 'not created'}"
+    )
+    return LegTermination(reason="RendezvousTimeout", message=message, stuck=True)
+
+
+def _by_name(pods: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    index = {p["metadata"]["name"]: p for p in pods}
+    return [index[name] for name in names]
+
+
+def _pod_state(pod: dict[str, Any]) -> str:
+    _, why = _stuck_since(pod)
+    return why or str(pod.get("status", {}).get("phase") or "Pending")
+
+
 def judge_leg(
     job: dict[str, Any] | None,
     pods: list[dict[str, Any]],
@@ -198,10 +257,12 @@ def judge_leg(
     now: float,
     stuck_after_s: float,
     lost: LostLegLimits | None = None,
+    rendezvous_timeout_s: float | None = None,
 ) -> LegVerdict:
     """What a leg's Job and pods say. `pods` are the live pods of the Job, `vanished` the ones seen deleted
     before they reported an exit. The leg's pod is the Job's first; later ones are replacements. `lost`
-    enables the lost-leg checks (lost_leg) on the leg's live pod."""
+    enables the lost-leg checks (lost_leg) on the leg's live pod. A multi-node leg's Indexed Job is judged as a
+    gang (module docstring), stuck at its rendezvous after `rendezvous_timeout_s` when given."""
     if job is None:
         return LegVerdict(LegObservation(state=LegState.MISSING, detail="no Job"))
     recorded = recorded_termination(job)
@@ -224,9 +285,12 @@ def judge_leg(
         else:
             ended.append(ending)
     ended.extend(t for t in (pod_termination(p, vanished=True) for p in vanished) if t is not None)
+    size = gang_size(job)
     if ended and not live:
         # The trainer's own exit is the most telling fact; a pod that vanished without one comes after.
         termination = next((t for t in ended if t.exit_code is not None), ended[0])
+        if size > 1:
+            termination = gang_termination(ended)
         return LegVerdict(
             LegObservation(state=LegState.TERMINATED, termination=termination, detail="the leg's pods ended"),
             halt=True,
@@ -246,7 +310,21 @@ def judge_leg(
             LegObservation(state=LegState.RUNNING, detail=f"pod {name} terminating, waiting for the leg's exit"),
             halt=True,
         )
+    if size > 1 and rendezvous_timeout_s is not None:
+        stuck = rendezvous_stuck(live, size, now, rendezvous_timeout_s)
+        if stuck is not None:
+            observation = LegObservation(state=LegState.TERMINATED, termination=stuck, detail="rendezvous timed out")
+            return LegVerdict(observation, halt=True, record=True, force_delete=True)
+    if size > 1:
+        running = sum(1 for p in live if p.get("status", {}).get("phase") == "Running")
+        if running == size == len(live):
+            return LegVerdict(LegObservation(state=LegState.RUNNING, detail=f"{size} pods running"))
+        pending = [p for p in live if p.get("status", {}).get("phase") != "Running"]
+        pod = pending[0] if pending else pod  # the stuck checks below look at a pod that does not run
+        name = pod["metadata"]["name"]
     phase = pod.get("status", {}).get("phase") or "Pending"
+    if phase == "Running" and size > 1:
+        return LegVerdict(LegObservation(state=LegState.PENDING, detail=f"{running} of {size} pods running"))
     if phase == "Running":
         node = pod.get("spec", {}).get("nodeName", "")
         return LegVerdict(LegObservation(state=LegState.RUNNING, detail=f"pod {name} running on {node}"))

@@ -176,3 +176,109 @@ def test_a_server_without_indexed_jobs_refuses_multi_node_runs(minor: int, refus
     else:
         assert reason is None
     assert multinode_refusal(leg(processes=2).spec, features) is None  # one node runs everywhere
+
+
+# ------------------------------------------------------------------ judging a gang (controller.kubernetes.legs)
+
+NOW = 1_800_000_000.0
+
+
+def at(seconds_ago: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(NOW - seconds_ago, UTC).isoformat().replace("+00:00", "Z")
+
+
+def indexed_job(nodes: int = 2) -> dict[str, Any]:
+    job = created(build_leg_job(leg(nodes=nodes)))
+    job["metadata"]["creationTimestamp"] = at(1000)
+    return job
+
+
+def pod(index: int, phase: str, *, started_ago: float | None = None, **status: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"phase": phase, **status}
+    if started_ago is not None:
+        body["startTime"] = at(started_ago)
+    return {
+        "metadata": {"name": f"bert-leg-3-{index}-x", "creationTimestamp": at(1000)},
+        "spec": {"nodeName": f"node-{index}"},
+        "status": body,
+    }
+
+
+def unschedulable(index: int) -> dict[str, Any]:
+    condition = {
+        "type": "PodScheduled",
+        "status": "False",
+        "reason": "Unschedulable",
+        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+        "lastTransitionTime": at(700),
+    }
+    return pod(index, "Pending", conditions=[condition])
+
+
+def exited(index: int, code: int, **meta: Any) -> dict[str, Any]:
+    ended = pod(index, "Failed" if code else "Succeeded")
+    terminated = {"exitCode": code, "finishedAt": at(5), "reason": "Error" if code else "Completed"}
+    ended["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": terminated}}]
+    ended["metadata"].update(meta)
+    return ended
+
+
+def judge(pods: list[dict[str, Any]], vanished: list[dict[str, Any]] | None = None, **kwargs: Any) -> Any:
+    from controller.kubernetes.legs import judge_leg
+
+    return judge_leg(indexed_job(), pods, vanished or [], now=NOW, stuck_after_s=900, **kwargs)
+
+
+def test_a_gang_runs_only_when_every_pod_runs() -> None:
+    from controller.leg_model import LegState
+
+    both = judge([pod(0, "Running", started_ago=30), pod(1, "Running", started_ago=29)], rendezvous_timeout_s=600)
+    assert both.observation.state == LegState.RUNNING and both.observation.detail == "2 pods running"
+    one = judge([pod(0, "Running", started_ago=30), pod(1, "Pending")], rendezvous_timeout_s=600)
+    assert one.observation.state == LegState.PENDING and not one.force_delete
+    alone = judge([pod(0, "Running", started_ago=30)], rendezvous_timeout_s=600)  # pod 1 not created yet
+    assert alone.observation.state == LegState.PENDING and alone.observation.detail == "1 of 2 pods running"
+
+
+def test_a_rendezvous_that_never_completes_is_stuck_and_its_job_deleted() -> None:
+    from controller.leg_model import LegOutcomeKind, LegState, classify_termination
+
+    pods = [pod(0, "Running", started_ago=601), unschedulable(1)]
+    verdict = judge(pods, rendezvous_timeout_s=600)
+    termination = verdict.observation.termination
+    assert verdict.observation.state == LegState.TERMINATED and termination is not None
+    assert termination.reason == "RendezvousTimeout" and termination.stuck
+    assert classify_termination(termination) == LegOutcomeKind.STUCK  # a failure of the leg, not a preemption
+    assert termination.message.startswith(
+        "RendezvousTimeout: 1 of 2 pods running for 601s (rendezvousTimeoutSeconds 600)"
+    )
+    assert "bert-leg-3-1-x Unschedulable: 0/3 nodes are available" in termination.message
+    assert verdict.force_delete and verdict.halt and verdict.record  # the Job goes, its running pod with it
+    assert judge(pods, rendezvous_timeout_s=602).observation.state == LegState.PENDING  # not yet
+
+
+def test_a_gang_ends_with_its_most_telling_pod() -> None:
+    from controller.leg_model import LegOutcomeKind, classify_termination
+
+    def outcome(*pods: dict[str, Any], vanished: list[dict[str, Any]] | None = None) -> LegOutcomeKind:
+        termination = judge(list(pods), vanished).observation.termination
+        assert termination is not None
+        return classify_termination(termination)
+
+    assert outcome(exited(0, 0), exited(1, 0)) == LegOutcomeKind.COMPLETED
+    assert outcome(exited(0, 75), exited(1, 75)) == LegOutcomeKind.PREEMPTED  # SIGTERM to one pod: both saved
+    # Node 1 SIGKILLed (its pod vanished without an exit); node 0's rank failed on the broken collective: preempted.
+    lost_peer = pod(1, "Running", started_ago=100)
+    assert outcome(exited(0, 1), vanished=[lost_peer]) == LegOutcomeKind.PREEMPTED
+    assert outcome(exited(0, 1), exited(1, 1)) == LegOutcomeKind.FAILED
+    assert outcome(exited(0, 65), exited(1, 1)) == LegOutcomeKind.INVALID
+    assert outcome(exited(0, 76), exited(1, 75)) == LegOutcomeKind.SUPERSEDED
+
+
+def test_a_gang_waits_for_every_pod_to_exit() -> None:
+    from controller.leg_model import LegState
+
+    verdict = judge([exited(0, 75), pod(1, "Running", started_ago=100)])
+    assert verdict.observation.state == LegState.RUNNING and verdict.halt  # no replacement; wait for pod 1
