@@ -56,11 +56,19 @@ from controller.kubernetes.jobs import (
     job_name,
     predict_job_name,
 )
-from controller.kubernetes.legs import LegVerdict, LostLegLimits, job_alive, judge_leg, parse_time
+from controller.kubernetes.legs import (
+    LegVerdict,
+    LostLegLimits,
+    job_alive,
+    judge_leg,
+    parse_time,
+    world_size_change,
+)
 from controller.kubernetes.server import ServerFeatures, server_features
+from controller.kubernetes.status_sink import event_manifest
 from controller.leg_model import LegHandle, LegObservation, LegSpec, LegState, LegTermination, Prediction, PredictJob
 from controller.policy import Policy, check_policy
-from controller.spec import API_GROUP, API_VERSION, PLURAL, TrainingRunSpec, volume_model
+from controller.spec import API_GROUP, API_VERSION, KIND, PLURAL, TrainingRunSpec, volume_model
 from controller.waiting import wait_event
 from trainer import volume
 from trainer.volume.tenancy import ForeignPath, check_resolved_read
@@ -125,6 +133,7 @@ class KubernetesBackend:
         self._job_uids: dict[tuple[str, str], str] = {}  # (namespace, Job) -> uid of the Job this backend created
         self._nodes: dict[str, tuple[float, dict[str, Any] | None]] = {}  # node name -> (read at, Node or None)
         self._lost: dict[tuple[str, str], LegObservation] = {}  # (namespace, Job) -> the verdict that deleted it
+        self._world_told: set[tuple[str, str]] = set()  # (namespace, Job) whose WorldSizeChanged Event is posted
         self.volume_root = Path(volume_root).resolve() if volume_root is not None else None  # the controller's mount
         self.policy = policy or Policy()  # the cluster's allow-lists, checked again at every launch
         self.api_retry_s = api_retry_s
@@ -508,6 +517,8 @@ class KubernetesBackend:
         if self.volume_root is not None:
             layout = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name)
             progress = await asyncio.to_thread(volume.load_progress, layout)
+            if progress is not None:
+                await self._tell_world_size_change(leg, progress.message)
             pod_started = parse_time(pod.get("status", {}).get("startTime")) or 0.0
             progress_at = max(pod_started, (progress.updated_at or 0.0) if progress is not None else 0.0) or None
         return LostLegLimits(
@@ -516,6 +527,31 @@ class KubernetesBackend:
             progress_at=progress_at,
             progress_stall_s=retries.progress_stall_seconds,
         )
+
+    async def _tell_world_size_change(self, leg: LegSpec, message: str) -> None:
+        """One Event WorldSizeChanged on the TrainingRun when the leg's trainer reports that it resumed on another
+        world size than its checkpoint's (data-parallel legs, issue 14): once per leg, across controller restarts
+        (an Event already posted with the same message is found first)."""
+        change = world_size_change(message)
+        key = (leg.namespace, job_name(leg.name, leg.leg))
+        if change is None or key in self._world_told or not leg.owner_uid:
+            return
+        text = f"leg {leg.leg}: {change}"
+        selector = f"involvedObject.uid={leg.owner_uid},reason=WorldSizeChanged"
+        posted = await self.call(self._core.list_namespaced_event, leg.namespace, field_selector=selector)
+        if not any(event.message == text for event in posted.items):
+            body = event_manifest(
+                KIND,
+                leg.namespace,
+                leg.name,
+                leg.owner_uid,
+                event_type="Normal",
+                reason="WorldSizeChanged",
+                message=text,
+            )
+            await self.call(self._core.create_namespaced_event, leg.namespace, body)
+            log.info("leg %s/%s: %s", leg.namespace, leg.name, text)
+        self._world_told.add(key)
 
     async def _node(self, name: str) -> dict[str, Any] | None:
         """The Node `name` (None when unnamed, gone or not readable: the pod-phase and progress checks remain)."""

@@ -352,3 +352,14 @@ def job_alive(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
         )
         and job.get("spec", {}).get("parallelism") != 0
     )
+
+
+WORLD_SIZE_CHANGED = "world size changed"  # trainer.train's words in progress.json's message (and the leg log)
+
+
+def world_size_change(message: str) -> str | None:
+    """The trainer's note that a leg resumed on another world size ("world size changed 2 -> 1 since checkpoint
+    step 8; 1 process(es), 2 micro-batch(es) of 8 each per step: global batch 16 kept"), from its progress
+    message, or None."""
+    at = message.find(WORLD_SIZE_CHANGED)
+    return message[at:].strip() if at >= 0 else None

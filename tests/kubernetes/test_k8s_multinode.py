@@ -1,7 +1,8 @@
 """Multi-node legs on the envtest control plane (v1.20: no Indexed Jobs; completionMode arrived in 1.21 and is
 pruned by this server): a TrainingRun with resources.nodes 2 is refused, never run as unindexed pods. The operator
 fails it with a status condition and an Event naming resources.nodes and the server's version; the backend refuses
-a leg of it (a workflow started by hand) and creates no Job and no Service."""
+a leg of it (a workflow started by hand) and creates no Job and no Service. A leg whose trainer reports a world size
+other than its checkpoint's gets one WorldSizeChanged Event on its TrainingRun, also from a restarted controller."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from test_k8s_operator import Cluster, controller, phase, run_spec  # noqa: F401
 from controller.backends.base import RunIdentityMismatch
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.server import server_features
-from controller.leg_model import LegSpec
+from controller.leg_model import LegSpec, LegState
 from controller.spec import TrainingRunSpec
+from relay_testing.process_kubelet import ProcessKubelet
+from trainer import volume
 
 pytestmark = pytest.mark.cluster
 
@@ -85,3 +88,68 @@ def test_the_backend_refuses_a_multi_node_leg_and_creates_nothing(
 
     asyncio.run(scenario())
     nothing_created(kube, namespace)
+
+
+# What trainer.train writes into progress.json's message when a leg resumes on another world size (issue 14).
+CHANGED = (
+    "world size changed 2 -> 1 since checkpoint step 4; 1 process(es), 2 micro-batch(es) of 8 each per step: "
+    "global batch 16 kept"
+)
+
+
+def test_a_world_size_change_is_one_event_on_the_run(
+    kube: Any,
+    crd_installed: Any,
+    namespace: str,
+    control_plane: Any,
+    volume_root: Path,
+    standin_kubelet: ProcessKubelet,
+) -> None:
+    spec = {
+        "dataset": {"source": "demo"},
+        "resources": {"cpu": "1", "memory": "1Gi"},
+        "terminationGracePeriodSeconds": 5,
+    }
+    name = f"ws-{uuid.uuid4().hex[:6]}"
+    uid = make_training_run(kube, namespace, name, spec)
+    leg = LegSpec(
+        namespace=namespace,
+        name=name,
+        leg=1,
+        run_path=f"runs/{namespace}/{name}",
+        snapshot_path=f"snapshots/{'ab' * 32}",
+        spec=TrainingRunSpec.model_validate(spec),
+        owner_uid=uid,
+        extra_env={"RELAY_STANDIN_STEPS": "40", "RELAY_STANDIN_STEP_S": "0.25"},
+    )
+    layout = volume.RunLayout.for_run(volume_root, namespace, name)
+
+    def told() -> list[str]:
+        selector = f"involvedObject.name={name},reason=WorldSizeChanged"
+        return [
+            e.message
+            for e in kubernetes.client.CoreV1Api(kube).list_namespaced_event(namespace, field_selector=selector).items
+        ]
+
+    async def scenario() -> None:
+        backends = [KubernetesBackend(control_plane.api_client(), conflict_wait_s=1.0, volume_root=volume_root)]
+        try:
+            await backends[0].launch(leg)
+            observation = await backends[0].observe(leg)
+            while observation.state != LegState.RUNNING:
+                observation = await backends[0].wait_for_change(leg, 1.0)
+            assert told() == []  # the stand-in's progress says nothing of the world size
+            for backend in (backends[0], backends[0]):  # the trainer's report, seen twice
+                await asyncio.to_thread(volume.write_progress, layout, {"step": 5, "message": f"resumed; {CHANGED}"})
+                await backend.observe(leg)
+            assert told() == [f"leg 1: {CHANGED}"]
+            backends.append(KubernetesBackend(control_plane.api_client(), volume_root=volume_root))  # a restart
+            await asyncio.to_thread(volume.write_progress, layout, {"step": 6, "message": f"resumed; {CHANGED}"})
+            await backends[1].observe(leg)
+            assert told() == [f"leg 1: {CHANGED}"]
+            await backends[0].stop(leg, 5.0)
+        finally:
+            for backend in backends:
+                await backend.close()
+
+    asyncio.run(scenario())

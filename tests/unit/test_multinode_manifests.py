@@ -282,3 +282,11 @@ def test_a_gang_waits_for_every_pod_to_exit() -> None:
 
     verdict = judge([exited(0, 75), pod(1, "Running", started_ago=100)])
     assert verdict.observation.state == LegState.RUNNING and verdict.halt  # no replacement; wait for pod 1
+
+
+def test_the_trainers_world_size_note_is_read_from_its_progress_message() -> None:
+    from controller.kubernetes.legs import world_size_change
+
+    note = "world size changed 2 -> 1 since checkpoint step 8; 1 process(es), 2 micro-batch(es) of 8 each per step"
+    assert world_size_change(f"resumed from checkpoint step 8; {note}") == note
+    assert world_size_change("resumed from checkpoint step 8") is None
