@@ -505,7 +505,8 @@ class KubernetesBackend:
             await self._patch_job(namespace, job["metadata"]["name"], patch)
 
     async def _lost_leg_limits(self, leg: LegSpec, pods: list[dict[str, Any]]) -> LostLegLimits:
-        """The leg pod's Node (read at most once a second per node) and when its progress last moved."""
+        """The leg pod's Node (read at most once a second per node; a gang's: each started pod's) and when its
+        progress last moved."""
         retries = leg.spec.retries
         limits = LostLegLimits(node_lost_after_s=retries.node_lost_after_seconds)
         started = [p for p in pods if p.get("status", {}).get("phase") in ("Running", "Unknown")]
@@ -521,11 +522,16 @@ class KubernetesBackend:
                 await self._tell_world_size_change(leg, progress.message)
             pod_started = parse_time(pod.get("status", {}).get("startTime")) or 0.0
             progress_at = max(pod_started, (progress.updated_at or 0.0) if progress is not None else 0.0) or None
+        nodes: dict[str, dict[str, Any] | None] = {}
+        if leg.spec.resources.nodes > 1:  # a gang: every started pod's own node
+            for name in sorted({p.get("spec", {}).get("nodeName") or "" for p in started} - {""}):
+                nodes[name] = await self._node(name)
         return LostLegLimits(
             node=node,
             node_lost_after_s=retries.node_lost_after_seconds,
             progress_at=progress_at,
             progress_stall_s=retries.progress_stall_seconds,
+            nodes=nodes,
         )
 
     async def _tell_world_size_change(self, leg: LegSpec, message: str) -> None:

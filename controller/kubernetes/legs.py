@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -168,6 +168,8 @@ class LostLegLimits:
     node_lost_after_s: float = 60.0
     progress_at: float | None = None
     progress_stall_s: float | None = None
+    # A multi-node leg's: the Node of each of its started pods by name (each pod is checked against its own).
+    nodes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
 
 def lost_leg(pod: dict[str, Any], limits: LostLegLimits, now: float) -> LegTermination | None:
@@ -299,6 +301,15 @@ def judge_leg(
     pod = live[0]
     name = pod["metadata"]["name"]
     gone = lost_leg(pod, lost, now) if lost is not None and not ended else None
+    if lost is not None and size > 1 and gone is None:
+        # A gang: any pod on a lost node loses the leg, even once its peers ended (they fail on the broken
+        # collective, while the lost pod never reports an exit and would keep the leg waiting for ever).
+        for member in live:
+            node = lost.nodes.get(member.get("spec", {}).get("nodeName") or "")
+            gone = lost_leg(member, replace(lost, node=node), now)
+            if gone is not None:
+                pod, name = member, member["metadata"]["name"]
+                break
     if gone is not None:
         detail = f"pod {name} lost: {gone.reason}"
         observation = LegObservation(state=LegState.TERMINATED, termination=gone, detail=detail)

@@ -290,3 +290,21 @@ def test_the_trainers_world_size_note_is_read_from_its_progress_message() -> Non
     note = "world size changed 2 -> 1 since checkpoint step 8; 1 process(es), 2 micro-batch(es) of 8 each per step"
     assert world_size_change(f"resumed from checkpoint step 8; {note}") == note
     assert world_size_change("resumed from checkpoint step 8") is None
+
+
+def test_a_gang_pod_on_a_lost_node_loses_the_leg_even_after_its_peer_ended() -> None:
+    from controller.kubernetes.legs import LostLegLimits
+    from controller.leg_model import LegOutcomeKind, LegState, classify_termination
+
+    not_ready = {"status": {"conditions": [{"type": "Ready", "status": "Unknown", "lastTransitionTime": at(90)}]}}
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": at(900)}]}}
+    # Node 1 went away: pod 1 never reports an exit; rank 0 failed on the broken collective and its pod ended.
+    pods = [exited(0, 1), pod(1, "Running", started_ago=300)]
+    limits = LostLegLimits(node_lost_after_s=60, nodes={"node-0": ready, "node-1": not_ready})
+    verdict = judge(pods, lost=limits)
+    termination = verdict.observation.termination
+    assert verdict.observation.state == LegState.TERMINATED and termination is not None
+    assert termination.reason == "NodeLost" and "node node-1 Ready=Unknown for 90s" in termination.message
+    assert classify_termination(termination) == LegOutcomeKind.PREEMPTED and verdict.force_delete
+    healthy = LostLegLimits(node_lost_after_s=60, nodes={"node-0": ready, "node-1": ready})
+    assert judge(pods, lost=healthy).observation.state == LegState.RUNNING  # waiting for pod 1's exit
