@@ -46,3 +46,63 @@ def test_the_writer_thread_and_the_threads_it_starts_run_at_nice_19() -> None:
     thread.join()
     assert seen == {"writer": ckpt.WRITER_NICE, "child": ckpt.WRITER_NICE}
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before, "the training thread keeps its own"
+
+
+OPENMP_PROBE = r"""
+import json, os, sys, threading
+import torch
+from trainer import checkpoint as ckpt
+
+def foreign_threads():  # native threads Python did not start: torch's OpenMP workers
+    python = {t.native_id for t in threading.enumerate()}
+    return {int(task) for task in os.listdir("/proc/self/task")} - python
+
+torch.set_num_threads(2)
+model = torch.nn.Linear(512, 512)  # 262k weights: above torch's grain for a parallel copy
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.randn(4, 512)).sum().backward()
+optimizer.step()
+before = foreign_threads()  # the training thread's own team exists by now
+writer = ckpt.AsyncCheckpointWriter(__import__("pathlib").Path(sys.argv[1]), keep_last=2)
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+state = ckpt.capture(model=model, optimizer=optimizer, scheduler=scheduler, trainer_state={"step": 1, "epoch": 0},
+    config_json="{}", config_hash="h", metrics={}, extra={}, buffers=writer.buffers)
+writer.submit(state)
+writer.wait()
+after_writer = foreign_threads()
+from safetensors.torch import load_file
+saved = load_file(writer.last_saved.path / ckpt.MODEL_FILE)
+equal = all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+control = threading.Thread(target=lambda: torch.empty(262144).copy_(torch.ones(262144)))
+control.start(); control.join()
+after_control = foreign_threads()
+print(json.dumps({"writer": len(after_writer - before), "control": len(after_control - after_writer), "equal": equal}))
+writer.close()
+os._exit(0)
+"""
+
+
+def test_the_writer_thread_starts_no_openmp_team(tmp_path: Path) -> None:
+    """A parallel torch op on a thread other than the training's gives that thread an OpenMP team of its own; libgomp
+    then throttles every team's spin-wait for good, and each later training step got slower (tiny: 15 -> 31 ms at
+    2 threads on 2 cores, from the first checkpoint on). The writer's copy of the tensors must start no thread."""
+    import json
+    import subprocess
+    import sys
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("one core: torch starts no OpenMP team on any thread here, so the probe cannot see one")
+    root = Path(__file__).resolve().parents[2]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(root / "trainer_image"), str(root)])}
+    done = subprocess.run(
+        [sys.executable, "-c", OPENMP_PROBE, str(tmp_path / "checkpoints")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["control"] > 0, f"the probe sees no team even for torch's own copy on a thread: {found}"
+    assert found["writer"] == 0, f"the checkpoint writer started {found['writer']} OpenMP thread(s)"
+    assert found["equal"], "the checkpoint does not hold the model's weights"
