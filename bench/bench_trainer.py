@@ -210,7 +210,7 @@ def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
     out["checkpoint_write_vs_disk"] = entry(
         dd_write_s / write_s,
         "ratio",
-        ">= 0.7",
+        ">= 0.85",
         f"MiniLM+AdamW checkpoint of {mb:.0f} MB: best of {REPS} saves (copy to host + files + sha256 + fsync + "
         f"manifest + rename) {write_s:.3f} s = {mb / write_s:.0f} MB/s vs dd bs=1M conv=fsync of the same size "
         f"on the same disk {dd_write_s:.3f} s = {mb / dd_write_s:.0f} MB/s, interleaved "
@@ -219,7 +219,7 @@ def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
     out["checkpoint_restore_vs_disk"] = entry(
         dd_read_s / restore_s,
         "ratio",
-        ">= 0.7",
+        ">= 0.85",
         f"{mb:.0f} MB, page cache dropped for the files (posix_fadvise DONTNEED): the trainer's resume path, find "
         f"+ sha256-verify every file + load from the verified bytes + apply to model/optimizer/scheduler/RNG, best "
         f"of {REPS} {restore_s:.3f} s = "
