@@ -115,23 +115,35 @@ class LeaseElector:
             body["metadata"]["resourceVersion"] = lease.metadata.resource_version
         return body
 
-    def try_acquire_or_renew(self) -> bool:
-        """One round of client-go's tryAcquireOrRenew; True when this replica holds the Lease afterwards."""
-        timeout = self.retry_period_s
+    def try_acquire_or_renew(self, deadline: float | None = None) -> bool:
+        """One round of client-go's tryAcquireOrRenew; True when this replica holds the Lease afterwards.
+
+        Its requests may take until `deadline` (time.monotonic(); default one retry period from now): a holder gives
+        them the time left before its renew deadline, as client-go does, so that an API server slow to answer
+        (hundreds of runs finishing at once) does not cost it the Lease while it still has time. A renewal counts
+        from when this round started, not from its answer: no later than the API server's write, which is where
+        the other replicas' expiry clocks start.
+        """
+        started = time.monotonic()
+        ends = deadline if deadline is not None else started + self.retry_period_s
+
+        def timeout() -> float:
+            return max(0.5, ends - time.monotonic())
+
         try:
-            lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=timeout)
+            lease = self.coordination.read_namespaced_lease(self.name, self.namespace, _request_timeout=timeout())
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
                 self.coordination.create_namespaced_lease(
-                    self.namespace, self._body(None, acquiring=True), _request_timeout=timeout
+                    self.namespace, self._body(None, acquiring=True), _request_timeout=timeout()
                 )
             except ApiException as create_exc:
                 if create_exc.status == 409:  # another candidate created it first
                     return False
                 raise
-            self._last_renewed = time.monotonic()
+            self._last_renewed = started
             return True
         spec = lease.spec
         holder = spec.holder_identity if spec is not None else None
@@ -148,13 +160,13 @@ class LeaseElector:
                 self.name,
                 self.namespace,
                 self._body(lease, acquiring=holder != self.identity),
-                _request_timeout=timeout,
+                _request_timeout=timeout(),
             )
         except ApiException as exc:
             if exc.status == 409:  # someone else wrote it between our read and write
                 return False
             raise
-        self._last_renewed = time.monotonic()
+        self._last_renewed = started
         return True
 
     async def _attempt(self) -> bool:
@@ -206,13 +218,13 @@ class LeaseElector:
         """The renewing thread: one try every retry period until `done`; calls `on_lost` once renewal is overdue."""
         while not done.wait(self.retry_period_s):
             try:
-                if self.try_acquire_or_renew():
+                if self.try_acquire_or_renew(deadline=self._last_renewed + self.renew_deadline_s):
                     continue
             except Exception as exc:  # an unreachable API server is one failed round, not a crash
                 log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
-            # Give up when the next try would start past the renew deadline: the last try then ends by the
-            # deadline + its request timeout (a retry period), 9 s with the defaults, before the 10 s Lease can
-            # expire for the others. And give up at once when another replica holds the Lease.
+            # Give up when the next try would start past the renew deadline (a try's requests end by the deadline,
+            # 7 s after the last renewal began with the defaults, before the 10 s Lease can expire for the others),
+            # and at once when another replica holds the Lease.
             overdue = time.monotonic() - self._last_renewed + self.retry_period_s > self.renew_deadline_s
             if overdue or self._other_holder:
                 log.error(
