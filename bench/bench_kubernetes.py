@@ -59,6 +59,10 @@ STANDIN_STEP_S = 3.0  # 500 legs at once: a step every 3 s each, a checkpoint ev
 WINDOW_S = 60.0  # steady window with every run of a level running: two status intervals of the controller
 FINISH_S = 150.0  # from the finish file to every run of a level Succeeded, at most
 NODE_PODS = 2000
+# The legs' processes run at this nice level: on a cluster they have nodes of their own, here they share 2 cores with
+# the API server, etcd, Temporal and the controllers. 500 of them finishing at once (load average above 100) kept the
+# API server from answering a Lease renewal within its 7 s deadline, a starvation no cluster's control plane sees.
+POD_NICE = 10
 CONTROLLER_MANAGER_QPS = ["--kube-api-qps=200", "--kube-api-burst=400"]
 AUDIT_POLICY = f"""\
 apiVersion: audit.k8s.io/v1
@@ -169,6 +173,7 @@ class Bench:
             self.scratch / "kubelet",
             gpus=1000,
             module_map={"trainer": "relay_testing.standin_trainer"},
+            pod_nice=POD_NICE,
         ).start()
         capacity = {"pods": str(NODE_PODS)}
         core = kubernetes.client.CoreV1Api(self.kube)
@@ -470,7 +475,8 @@ def run(out: dict[str, Any]) -> None:
         f"{who} (main(), default flags: .status progress every 30 s) on the envtest API "
         "server + Temporal dev server; a level applies N TrainingRuns at once, their legs the bench stand-in "
         f"(relay_testing/standin_leg.py: {STANDIN_STEP_S:g} s steps, a real checkpoint every 5) on the process "
-        f"kubelet, training until the level ends; levels: {tried}. The largest level where every run ran at once, "
+        f"kubelet at nice {POD_NICE} (on a cluster they run on other nodes), training until the level ends; "
+        f"levels: {tried}. The largest level where every run ran at once, "
         "advanced, and succeeded is reported"
         + (f"; not tried: {', '.join(map(str, untried))}" if untried else "")
         + ". Load averages are of this shared 2-core machine, other work included",

@@ -118,6 +118,7 @@ class ProcessKubelet:
         extra_env: dict[str, str] | None = None,
         module_map: dict[str, str] | None = None,
         restart_backoff_s: float = 10.0,
+        pod_nice: int = 0,
     ) -> None:
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.volume_root = volume_root
@@ -130,6 +131,10 @@ class ProcessKubelet:
         self.module_map = module_map or {}
         # A kubelet's crash-loop back-off: 10 s, doubling per restart, at most 300 s (tests pass less).
         self.restart_backoff_s = restart_backoff_s
+        # Nice level of the pods' processes. On a cluster they run on nodes of their own; the benchmarks that start
+        # hundreds of them on the machine of the control plane lower them so as not to starve it, which no real
+        # cluster's API server suffers from its workloads.
+        self.pod_nice = pod_nice
         self.pods: dict[str, LocalPod] = {}  # by uid
         # "<ns>/<name>" -> its process's (start, end) time.time(), end None while it runs; in start order.
         self.spans: dict[str, tuple[float, float | None]] = {}
@@ -412,8 +417,14 @@ class ProcessKubelet:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=die_with_parent,  # this thread waits for the process, so it outlives it
+            preexec_fn=self._preexec,
         )
+
+    def _preexec(self) -> None:
+        """In the pod's process before it starts: its nice level, and death with the thread that waits for it."""
+        if self.pod_nice:
+            os.nice(self.pod_nice)
+        die_with_parent()  # this thread waits for the process, so it outlives it
 
     @staticmethod
     def _container_status(
