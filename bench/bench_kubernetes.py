@@ -63,6 +63,10 @@ NODE_PODS = 2000
 # the API server, etcd, Temporal and the controllers. 500 of them finishing at once (load average above 100) kept the
 # API server from answering a Lease renewal within its 7 s deadline, a starvation no cluster's control plane sees.
 POD_NICE = 10
+# Lease timings of the replicas (seconds): the API server here answered a Lease request in 4-5 s while 500 legs
+# started on the same 2 cores, past the defaults' 7 s renew deadline (10/7/2, which bench_ha's failover figure
+# uses); a control plane that slow is given client-go's margin, scaled. `relay controller` takes the same flags.
+LEASE_TIMINGS = ("--lease-duration", "30", "--renew-deadline", "20", "--retry-period", "2")
 CONTROLLER_MANAGER_QPS = ["--kube-api-qps=200", "--kube-api-burst=400"]
 AUDIT_POLICY = f"""\
 apiVersion: audit.k8s.io/v1
@@ -192,7 +196,7 @@ class Bench:
         for namespace in self.namespaces:
             argv += ["--watch-namespace", namespace]
         if REPLICAS > 1:
-            argv += ["--leader-elect", "--leader-election-namespace", self.namespaces[0]]
+            argv += ["--leader-elect", "--leader-election-namespace", self.namespaces[0], *LEASE_TIMINGS]
         for replica in range(REPLICAS):
             log = open(self.scratch / f"controller-{replica}.log", "wb")  # noqa: SIM115 - lives as long as the process
             env = {**os.environ, "RELAY_POD_NAME": f"relay-bench-{replica}"}
@@ -463,8 +467,8 @@ def run(out: dict[str, Any]) -> None:
     untried = [n for n in LEVELS if n not in [lv["count"] for lv in levels]]
     suffix = f"_{REPLICAS}_replicas" if REPLICAS > 1 else ""
     who = (
-        f"{REPLICAS} `relay controller` processes (--leader-elect: one leader runs the handlers, every replica's "
-        "worker runs activities)"
+        f"{REPLICAS} `relay controller` processes (--leader-elect {' '.join(LEASE_TIMINGS)}: one leader runs the "
+        "handlers, every replica's worker runs activities)"
         if REPLICAS > 1
         else "one `relay controller` process"
     )
