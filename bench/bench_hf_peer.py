@@ -8,7 +8,8 @@ transformers 5). Runs alternate Relay / HF, so that the load of other processes 
 
 `run(out)` adds `samples_per_s_vs_hf_best` (training samples/s, Relay / HF) and `accuracy_vs_hf_best` (eval
 accuracy, Relay minus HF, in points). Needs the `bench` extra (accelerate, which the HF Trainer requires); the
-trainer image does not carry it. About 5 minutes on 2 quiet cores (150 steps); `python -m bench.bench_hf_peer --steps N`.
+trainer image does not carry it. About 5 minutes on 2 quiet cores;
+`python -m bench.bench_hf_peer --steps N`.
 """
 
 from __future__ import annotations
