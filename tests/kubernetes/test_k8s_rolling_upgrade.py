@@ -20,7 +20,8 @@ from relay_testing.ha_scenarios import rolling_upgrade
 from relay_testing.process_kubelet import ProcessKubelet
 from relay_testing.replicas import ControllerReplica, controller_args
 
-pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
+# `make drill` runs it (pytest -m drill), so that make test stays under 20 minutes on 2 cores.
+pytestmark = [pytest.mark.cluster, pytest.mark.anyio, pytest.mark.drill]
 
 
 async def test_a_rolling_upgrade_while_three_runs_train_restarts_no_leg(

@@ -23,7 +23,8 @@ from controller.status import Phase, RunStatus
 from controller.worker import build_worker
 from controller.workflows import CheckpointedBertTrainingWorkflow, TrainingRunInput
 
-pytestmark = pytest.mark.anyio
+# ~1 minute: `make drill` runs it (pytest -m drill), so that make test stays under 20 minutes on 2 cores.
+pytestmark = [pytest.mark.anyio, pytest.mark.drill]
 
 STEPS = 30
 
