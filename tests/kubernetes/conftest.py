@@ -15,6 +15,8 @@ from typing import Any
 import kubernetes
 import pytest
 
+from controller.leg_model import LegSpec
+from controller.spec import TrainingRunSpec
 from relay_testing.control_plane import ControlPlane, assets_dir, missing_binaries
 from relay_testing.objects import install_crd, make_namespace
 from relay_testing.process_kubelet import ProcessKubelet
@@ -97,6 +99,22 @@ def make_training_run(kube: kubernetes.client.ApiClient, namespace: str, name: s
         "relay.dev", "v1alpha1", namespace, "trainingruns", body
     )
     return str(created["metadata"]["uid"])
+
+
+def leg_of(
+    namespace: str, name: str, spec: dict[str, Any], *, owner_uid: str, leg: int = 0, env: dict[str, str] | None = None
+) -> LegSpec:
+    """Leg `leg` of TrainingRun `namespace/name` whose uid is `owner_uid` (the backend checks it against the object)."""
+    return LegSpec(
+        namespace=namespace,
+        name=name,
+        leg=leg,
+        run_path=f"runs/{namespace}/{name}",
+        snapshot_path=f"snapshots/{'ab' * 32}",
+        spec=TrainingRunSpec.model_validate(spec),
+        owner_uid=owner_uid,
+        extra_env=env or {},
+    )
 
 
 @pytest.fixture

@@ -13,13 +13,12 @@ from typing import Any
 
 import kubernetes
 import pytest
-from conftest import make_training_run
+from conftest import leg_of, make_training_run
 
 from controller.kubernetes.backend import KubernetesBackend, LegConflict
 from controller.kubernetes.jobs import ANNOTATION_TERMINATION, POD_FAILURE_POLICY
 from controller.kubernetes.server import evict_pod, server_features
 from controller.leg_model import LegOutcomeKind, LegSpec, LegState, classify_termination
-from controller.spec import TrainingRunSpec
 from relay_testing.process_kubelet import ProcessKubelet
 from trainer import volume
 
@@ -35,17 +34,8 @@ SPEC: dict[str, Any] = {
 def leg_spec(
     namespace: str, name: str, leg: int, env: dict[str, str] | None = None, *, owner_uid: str, **spec: Any
 ) -> LegSpec:
-    """A leg of TrainingRun `namespace/name` whose uid is `owner_uid` (the backend checks it against the object)."""
-    return LegSpec(
-        namespace=namespace,
-        name=name,
-        leg=leg,
-        run_path=f"runs/{namespace}/{name}",
-        snapshot_path=f"snapshots/{'ab' * 32}",
-        spec=TrainingRunSpec.model_validate({**SPEC, **spec}),
-        owner_uid=owner_uid,
-        extra_env=env or {},
-    )
+    """A leg of TrainingRun `namespace/name` with this file's SPEC, overridden by `spec`."""
+    return leg_of(namespace, name, {**SPEC, **spec}, owner_uid=owner_uid, leg=leg, env=env)
 
 
 async def until(backend: KubernetesBackend, leg: LegSpec, states: set[LegState], timeout_s: float = 30):

@@ -13,14 +13,13 @@ from typing import Any
 
 import kubernetes
 import pytest
-from conftest import make_training_run
+from conftest import leg_of, make_training_run
 from test_k8s_operator import Cluster, controller, phase, run_spec  # noqa: F401  (controller: a fixture)
 
 from controller.backends.base import RunIdentityMismatch
 from controller.kubernetes.backend import KubernetesBackend
 from controller.kubernetes.server import server_features
-from controller.leg_model import LegSpec, LegState
-from controller.spec import TrainingRunSpec
+from controller.leg_model import LegState
 from relay_testing.process_kubelet import ProcessKubelet
 from trainer import volume
 
@@ -67,15 +66,7 @@ def test_the_backend_refuses_a_multi_node_leg_and_creates_nothing(
     spec = {"dataset": {"source": "demo"}, "resources": {"cpu": "1", "memory": "1Gi", "nodes": 2}}
     name = f"mn-{uuid.uuid4().hex[:6]}"
     uid = make_training_run(kube, namespace, name, spec)
-    leg = LegSpec(
-        namespace=namespace,
-        name=name,
-        leg=0,
-        run_path=f"runs/{namespace}/{name}",
-        snapshot_path=f"snapshots/{'ab' * 32}",
-        spec=TrainingRunSpec.model_validate(spec),
-        owner_uid=uid,
-    )
+    leg = leg_of(namespace, name, spec, owner_uid=uid)
 
     async def scenario() -> None:
         backend = KubernetesBackend(control_plane.api_client(), conflict_wait_s=1.0)
@@ -112,15 +103,8 @@ def test_a_world_size_change_is_one_event_on_the_run(
     }
     name = f"ws-{uuid.uuid4().hex[:6]}"
     uid = make_training_run(kube, namespace, name, spec)
-    leg = LegSpec(
-        namespace=namespace,
-        name=name,
-        leg=1,
-        run_path=f"runs/{namespace}/{name}",
-        snapshot_path=f"snapshots/{'ab' * 32}",
-        spec=TrainingRunSpec.model_validate(spec),
-        owner_uid=uid,
-        extra_env={"RELAY_STANDIN_STEPS": "40", "RELAY_STANDIN_STEP_S": "0.25"},
+    leg = leg_of(
+        namespace, name, spec, owner_uid=uid, leg=1, env={"RELAY_STANDIN_STEPS": "40", "RELAY_STANDIN_STEP_S": "0.25"}
     )
     layout = volume.RunLayout.for_run(volume_root, namespace, name)
 
