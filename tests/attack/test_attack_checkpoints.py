@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from tests.trainer.trainer_helpers import build_snapshot, make_rows, sha256, write_config
 from trainer.__main__ import main
@@ -110,7 +111,7 @@ def test_a_bogus_newest_checkpoint_listing_another_folders_files_is_quarantined(
     evil = tmp_path / "evil"  # outside the run; its hash is right, so only its name gives it away
     evil.write_bytes(b"planted")
     manifest = json.loads((bogus / "manifest.json").read_text(encoding="utf-8"))
-    entry = {"path": "../../../evil", "size": 7, "sha256_chunks": [hashlib.sha256(b"planted").hexdigest()]}
+    entry = {"path": "../../../evil", "size": 7, "xxh3_128_chunks": [xxhash.xxh3_128(b"planted").hexdigest()]}
     edit_manifest(bogus, step=999999998, files=[*manifest["files"], entry])
     log = resume(layout, snapshot, tmp_path, capsys)
     assert "start: resumed from checkpoint step 12 " in log

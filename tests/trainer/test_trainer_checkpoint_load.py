@@ -3,13 +3,13 @@ safetensors library reads), nothing unverified loaded, and the file never writte
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
 from trainer import checkpoint as ckpt
@@ -76,7 +76,7 @@ def test_resume_loads_the_verified_bytes_and_never_writes_the_file(tmp_path: Pat
         checkpoints, quarantine_dir=quarantine, required_files=ckpt.REQUIRED_FILES[:1]
     )
     assert verified is not None and verified.info.step == 1
-    assert [r.step for r in rejected] == [2] and "sha256 does not match manifest" in rejected[0].reason
+    assert [r.step for r in rejected] == [2] and "xxh3_128 does not match manifest" in rejected[0].reason
     path = verified.info.path / ckpt.MODEL_FILE
     assert isinstance(verified.contents[ckpt.MODEL_FILE], mmap.mmap)  # large files: no copy, no second read
     on_disk = path.read_bytes()
@@ -87,7 +87,7 @@ def test_resume_loads_the_verified_bytes_and_never_writes_the_file(tmp_path: Pat
     assert path.read_bytes() == on_disk
     manifest = json.loads((path.parent / "manifest.json").read_text())
     entry = next(e for e in manifest["files"] if e["path"] == ckpt.MODEL_FILE)
-    assert [hashlib.sha256(on_disk).hexdigest()] == entry["sha256_chunks"]  # 1.2 MB: one 64 MiB piece
+    assert [xxhash.xxh3_128(on_disk).hexdigest()] == entry["xxh3_128_chunks"]  # 1.2 MB: one 64 MiB piece
 
 
 def test_a_file_changed_while_verified_is_not_loaded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -100,8 +100,8 @@ def test_a_file_changed_while_verified_is_not_loaded(tmp_path: Path, monkeypatch
     real_hash = hashing._submit_spans
     weights = checkpoints / "step-000000001" / ckpt.MODEL_FILE
 
-    def hash_then_rewrite(data, spans):  # type: ignore[no-untyped-def]
-        pieces = real_hash(data, spans)
+    def hash_then_rewrite(data, spans, algorithm):  # type: ignore[no-untyped-def]
+        pieces = real_hash(data, spans, algorithm)
         for piece in pieces:
             piece.result()
         with open(weights, "ab") as other:  # another writer appends after the hash

@@ -83,7 +83,7 @@ def test_bad_checkpoints_quarantined_and_previous_used(
     for step in (12, 9, 6):
         assert f"checkpoint step {step} quarantined to " in log
     reasons = {q.step: q.reason for q in list_quarantined(RunLayout(run_dir).quarantine_dir)}
-    assert "model.safetensors: sha256 does not match manifest (corrupt)" in reasons[12]
+    assert "model.safetensors: xxh3_128 does not match manifest (corrupt)" in reasons[12]
     assert "optimizer.exp_avg.safetensors: size 1000 !=" in reasons[9]
     assert "manifest.json: missing" in reasons[6]
     assert read_progress(RunLayout(run_dir))["resumed_from_step"] == 3

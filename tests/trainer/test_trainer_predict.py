@@ -109,7 +109,7 @@ def test_corrupt_checkpoint_is_refused(finished: Path, tmp_path: Path, capsys: p
     content[-1] ^= 0xFF
     weights.write_bytes(bytes(content))
     assert main(["predict", "--model", str(weights.parent), "--text", "x"]) == ExitCode.INVALID_INPUT
-    assert "model.safetensors: sha256 does not match manifest" in capsys.readouterr().err
+    assert "model.safetensors: xxh3_128 does not match manifest" in capsys.readouterr().err
 
 
 def test_texts_starting_with_a_dash_are_texts_not_options(finished: Path) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,7 +81,10 @@ def test_manifest_round_trip_lists_every_file(tmp_path: Path) -> None:
         (lambda f: (f / "manifest.json").unlink(), "manifest.json: missing"),
         (lambda f: (f / "manifest.json").write_text("{"), "manifest.json: unreadable manifest"),
         (lambda f: (f / "model.safetensors").write_bytes(b"weights"), "model.safetensors: size 7 != 70"),
-        (lambda f: (f / "model.safetensors").write_bytes(b"WEIGHTS" * 10), "model.safetensors: sha256 does not match"),
+        (
+            lambda f: (f / "model.safetensors").write_bytes(b"WEIGHTS" * 10),
+            "model.safetensors: xxh3_128 does not match",
+        ),
         (lambda f: (f / "sub" / "state.json").unlink(), "state.json: listed in manifest but missing"),
     ],
     ids=["no manifest", "bad manifest", "truncated", "corrupt", "file missing"],
@@ -227,8 +231,9 @@ def test_shared_modules_do_not_import_torch() -> None:
 def test_large_files_are_listed_per_chunk_and_a_byte_in_a_later_chunk_is_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Manifest format 2: one sha256 per chunk_bytes piece, each equal to hashlib's over that piece; a flipped
-    byte in the third piece is caught, named by file and byte range, and the checkpoint is not used."""
+    """Manifest format 3: the manifest names its hash (XXH3-128) and lists one per chunk_bytes piece, each equal
+    to the xxhash library's over that piece; a flipped byte in the third piece is caught, named by file and byte
+    range, and the checkpoint is not used."""
     from trainer.volume import hashing, manifests
 
     monkeypatch.setattr(manifests, "CHUNK_BYTES", 4096)  # small pieces, so a small file has several
@@ -238,9 +243,9 @@ def test_large_files_are_listed_per_chunk_and_a_byte_in_a_later_chunk_is_named(
     (folder / "model.safetensors").write_bytes(payload)
     written = write_manifest(folder, step=7, epoch=0, config_hash="h")
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format"] == 2 and manifest["chunk_bytes"] == 4096
-    expected = [hashlib.sha256(payload[i : i + 4096]).hexdigest() for i in range(0, len(payload), 4096)]
-    assert manifest["files"] == [{"path": "model.safetensors", "size": len(payload), "sha256_chunks": expected}]
+    assert manifest["format"] == 3 and manifest["hash"] == "xxh3_128" and manifest["chunk_bytes"] == 4096
+    expected = [xxhash.xxh3_128(payload[i : i + 4096]).hexdigest() for i in range(0, len(payload), 4096)]
+    assert manifest["files"] == [{"path": "model.safetensors", "size": len(payload), "xxh3_128_chunks": expected}]
     assert read_checkpoint(folder, verify_hashes=True).files == written.files
     assert hashing.file_digests(folder / "model.safetensors", 4096) == tuple(expected)
 
@@ -250,11 +255,41 @@ def test_large_files_are_listed_per_chunk_and_a_byte_in_a_later_chunk_is_named(
     assert read_checkpoint(folder, verify_hashes=False).step == 7  # sizes alone cannot tell
     with pytest.raises(
         CheckpointInvalid,
-        match=r"model\.safetensors: sha256 does not match manifest \(corrupt; bytes 8192-10496, piece 3 of 3\)",
+        match=r"model\.safetensors: xxh3_128 does not match manifest \(corrupt; bytes 8192-10496, piece 3 of 3\)",
     ):
         read_checkpoint(folder, verify_hashes=True)
     with pytest.raises(CheckpointInvalid, match=r"piece 3 of 3"):
         open_verified_checkpoint(folder)
+
+
+def test_a_format_2_checkpoint_with_chunk_sha256s_still_loads_and_is_still_checked(tmp_path: Path) -> None:
+    """Checkpoints written before format 3 (one sha256 per 64 MiB piece, no "hash" key) verify and load, and a
+    changed byte is still caught, by sha256."""
+    folder = tmp_path / checkpoint_dir_name(5)
+    folder.mkdir()
+    weights = bytes(range(256)) * 8192  # 2 MiB: kept as a mapping of the file
+    (folder / "model.safetensors").write_bytes(weights)
+    files = [
+        {"path": "model.safetensors", "size": len(weights), "sha256_chunks": [hashlib.sha256(weights).hexdigest()]}
+    ]
+    manifest = {"format": 2, "chunk_bytes": 64 << 20, "step": 5, "epoch": 0, "created_at": 1.0, "config_hash": "h"}
+    atomic_write_json(folder / "manifest.json", manifest | {"metrics": {}, "extra": {}, "files": files})
+
+    verified = open_verified_checkpoint(folder, required_files=["model.safetensors"])
+    assert verified.info.step == 5 and bytes(verified.contents["model.safetensors"]) == weights
+    assert verified.info.files[0].algorithm == "sha256"
+
+    (folder / "model.safetensors").write_bytes(weights[:-1] + b"\x00")  # was 0xff
+    with pytest.raises(CheckpointInvalid, match=r"model\.safetensors: sha256 does not match manifest \(corrupt\)$"):
+        read_checkpoint(folder, verify_hashes=True)
+
+
+def test_a_manifest_naming_an_unknown_hash_is_refused_by_name(tmp_path: Path) -> None:
+    folder = make_checkpoint(tmp_path, 6)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    atomic_write_json(folder / "manifest.json", manifest | {"hash": "md4"})
+    with pytest.raises(CheckpointInvalid, match=r"manifest\.json: unknown hash 'md4' \(known: sha256, xxh3_128\)"):
+        read_checkpoint(folder, verify_hashes=False)
 
 
 def test_a_format_1_checkpoint_still_loads_and_is_still_checked(tmp_path: Path) -> None:
@@ -285,7 +320,7 @@ def test_a_format_1_checkpoint_still_loads_and_is_still_checked(tmp_path: Path) 
 def test_a_manifest_with_the_wrong_number_of_chunk_hashes_is_refused(tmp_path: Path) -> None:
     folder = make_checkpoint(tmp_path, 4)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["files"][0]["sha256_chunks"].append("0" * 64)
+    manifest["files"][0]["xxh3_128_chunks"].append("0" * 32)
     atomic_write_json(folder / "manifest.json", manifest)
     with pytest.raises(CheckpointInvalid, match=r"manifest\.json: unreadable manifest .*2 chunk hashes for 70 bytes"):
         read_checkpoint(folder, verify_hashes=False)

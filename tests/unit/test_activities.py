@@ -173,6 +173,6 @@ async def test_evaluate_needs_a_verified_final_model(tmp_path: Path):
     assert result.metrics == {"accuracy": 0.8125, "eval_rows": 16.0}
     assert result.model_path == "runs/default/r/final"
     (final / "model.safetensors").write_bytes(b"x" * 128)  # same size, corrupted
-    with pytest.raises(ApplicationError, match="sha256 does not match"):
+    with pytest.raises(ApplicationError, match="xxh3_128 does not match"):
         await ActivityEnvironment().run(activities.evaluate, ref)
     assert json.loads((final / "metrics.json").read_text())["accuracy"] == 0.8125

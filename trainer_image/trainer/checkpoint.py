@@ -11,8 +11,8 @@ A checkpoint folder `checkpoints/step-<9 digits>/` holds::
                             thread count, device, snapshot hash; what the data order is derived from
     config.json             the TrainerConfig the run was made with
     model_config.json       the model's config (lets `predict` load a checkpoint)
-    manifest.json           written last by volume.write_manifest: size + sha256 of each 64 MiB piece of
-                            each file above (manifest format 2; format 1 checkpoints, one sha256 per file, load too)
+    manifest.json           written last by volume.write_manifest: size + XXH3-128 hash of each 64 MiB piece
+                            of each file above (manifest format 3; formats 1 and 2, sha256, load too)
 
 It is written into `checkpoints/.tmp-g<leg>-step-<N>.<pid>.<thread>/` (`.tmp-step-...` for a leg without a
 generation), every file fsynced, the manifest written, then the folder renamed to `step-<N>` and the parent
@@ -24,7 +24,6 @@ retention, the fence is read again: a leg superseded by a newer one commits noth
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -45,6 +44,7 @@ import torch
 from trainer import faults
 from trainer.checkpoint_consistency import CONFIG_FILE, STATE_FILE
 from trainer.volume import (
+    CHECKPOINT_HASH,
     CHUNK_BYTES,
     CheckpointInfo,
     CheckpointInvalid,
@@ -55,6 +55,7 @@ from trainer.volume import (
     fencing,
     fsync_dir,
     list_checkpoint_dirs,
+    new_hasher,
     read_checkpoint,
     select_for_deletion,
     submit_digests,
@@ -264,7 +265,8 @@ def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> tuple[str, ...]:
     """Write a safetensors file straight from the tensors' host memory (no serialized copy), fsync it, and
-    return the sha256 of each of its pieces (volume.CHUNK_BYTES), hashed on this thread as it is written.
+    return the hash (volume.CHECKPOINT_HASH) of each of its pieces (volume.CHUNK_BYTES), hashed on this thread
+    as it is written.
 
     Same format as `safetensors.torch.save_file` (header, then each tensor's bytes in name order), so the
     safetensors library loads it; only the memory copy is avoided.
@@ -291,10 +293,11 @@ def write_safetensors(
     prefix = len(header_bytes).to_bytes(8, "little") + header_bytes
     # The tensors are private host copies, which no one changes. Each slice is hashed and then written while it is
     # still in the CPU cache, on this thread (the writer's, at the writer's low priority: AsyncCheckpointWriter),
-    # rather than on the shared sha256 pool, whose threads run at the training's priority.
+    # rather than on the shared hash pool, whose threads run at the training's priority.
     pieces: list[str] = []
-    digest, piece_left = hashlib.sha256(), CHUNK_BYTES
-    with open(path, "wb") as handle:
+    digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
+    written = flushed = 0
+    with open(path, "wb", buffering=0) as handle:
         for part in (memoryview(prefix), *views):
             for start in range(0, len(part), _WRITE_SLICE):
                 data = part[start : start + _WRITE_SLICE]
@@ -302,23 +305,41 @@ def write_safetensors(
                     taken = data[:piece_left]
                     digest.update(taken)
                     handle.write(taken)
+                    written += len(taken)
                     data, piece_left = data[len(taken) :], piece_left - len(taken)
                     if piece_left == 0:
                         pieces.append(digest.hexdigest())
-                        digest, piece_left = hashlib.sha256(), CHUNK_BYTES
+                        digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
+                if written - flushed >= _WRITE_BEHIND_BYTES:
+                    start_writeback(handle.fileno(), flushed, written - flushed)
+                    flushed = written
         if piece_left < CHUNK_BYTES or not pieces:
             pieces.append(digest.hexdigest())
-        handle.flush()
         os.fsync(handle.fileno())
     return tuple(pieces)
 
 
 # Hash-then-write granularity of write_safetensors: small enough to stay in a core's cache between the two.
 _WRITE_SLICE = 1 << 20
+# How much of a file is written before the disk is asked to start writing it out (start_writeback).
+_WRITE_BEHIND_BYTES = 8 << 20
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing these just-written bytes to the disk, without waiting for it.
+
+    POSIX_FADV_DONTNEED on dirty pages starts their writeback (Linux: mm/fadvise.c, WB_SYNC_NONE) and frees them
+    from the page cache once clean, as PostgreSQL's pg_flush_data does where it lacks sync_file_range. The disk
+    then writes while the rest of the checkpoint is hashed and copied, and the final fsync waits for a tail
+    instead of the whole file (MiniLM's 273 MB: 0.20 s vs 0.24 s for hash, write and fsync on 3 threads, dd
+    0.18 s), and a checkpoint does not crowd the page cache. Durability still rests on the fsync alone.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not on every platform or file system: only slower
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _write_durable(path: Path, payload: bytes) -> tuple[str, ...]:
-    """Write bytes, fsync, and return the sha256 of each piece (volume.CHUNK_BYTES)."""
+    """Write bytes, fsync, and return the hash (volume.CHECKPOINT_HASH) of each piece (volume.CHUNK_BYTES)."""
     digests = submit_digests([payload])
     with open(path, "wb") as handle:
         handle.write(payload)
@@ -509,7 +530,7 @@ class WriterStats:
 
 
 # The writer's nice level: on the busy cores of a training (every core runs a torch thread by default) the write's
-# sha256 and file copies then take the cores' idle moments instead of time slices from the steps; the file threads
+# hashing and file copies then take the cores' idle moments instead of time slices from the steps; the file threads
 # it starts inherit the level. Once lowered it stays (raising it back needs CAP_SYS_NICE); the writer's next copy
 # of the tensors then also runs at it, while the training thread only reads them.
 WRITER_NICE = 19

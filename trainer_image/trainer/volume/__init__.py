@@ -48,7 +48,16 @@ from trainer.volume.durable import SymlinkRefused, atomic_write_json, fsync_dir,
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.exitcodes import ExitCode
 from trainer.volume.fencing import Fenced, FenceRecord, FenceUnreadable, read_fence, write_fence
-from trainer.volume.hashing import CHUNK_BYTES, FileBytes, FileEntry, file_digests, sha256_file, submit_digests
+from trainer.volume.hashing import (
+    CHECKPOINT_HASH,
+    CHUNK_BYTES,
+    FileBytes,
+    FileEntry,
+    file_digests,
+    new_hasher,
+    sha256_file,
+    submit_digests,
+)
 from trainer.volume.layout import (
     TMP_PREFIX,
     RunLayout,
@@ -97,6 +106,7 @@ from trainer.volume.termination import (
 )
 
 __all__ = [
+    "CHECKPOINT_HASH",
     "CHUNK_BYTES",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
@@ -135,6 +145,7 @@ __all__ = [
     "list_quarantined",
     "load_progress",
     "model_folders",
+    "new_hasher",
     "open_verified_checkpoint",
     "parse_step",
     "quarantine",

@@ -1,8 +1,9 @@
 """Checkpoint manifests: written last into a checkpoint folder, they make it exist; read and verified before use.
 
-manifest.json lists every file's size and content hashes. Format 2 (written now) holds the sha256 of each
-`chunk_bytes`-long piece of a file (`"sha256_chunks"`), so that a file is hashed on every core and verified while
-it is read (see hashing.py); format 1 (checkpoints written before) holds one `"sha256"` per file and still loads.
+manifest.json lists every file's size and content hashes: the hash of each `chunk_bytes`-long piece of a file,
+so that a file is hashed on every core and verified while it is read (see hashing.py). Format 3 (written now)
+names its algorithm (`"hash": "xxh3_128"`) and lists `"<hash>_chunks"` per file; format 2 is the same with
+sha256 (`"sha256_chunks"`, no `"hash"`), format 1 holds one `"sha256"` per file. Both older formats still load.
 `"metrics"` holds numbers about the state it saved: the training loss, and the eval metrics (eval_loss, accuracy,
 f1_macro) when that step was evaluated during training (issue 15); a manifest without them loads as before.
 """
@@ -20,7 +21,9 @@ from typing import Any
 from trainer.volume.durable import atomic_write_json, fsync_file, read_json
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.hashing import (
+    CHECKPOINT_HASH,
     CHUNK_BYTES,
+    HASHES,
     FileBytes,
     FileEntry,
     chunk_spans,
@@ -30,7 +33,8 @@ from trainer.volume.hashing import (
 from trainer.volume.layout import TMP_PREFIX, parse_step
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3  # chunk hashes of the algorithm the manifest names
+SHA256_CHUNKS_FORMAT = 2  # chunk sha256s: checkpoints written before format 3
 WHOLE_FILE_FORMAT = 1  # one sha256 per file: older checkpoints, and dataset snapshots
 
 
@@ -102,21 +106,23 @@ def check_entries(manifest_path: Path, files: Sequence[FileEntry]) -> None:
 
 
 def entry_json(entry: FileEntry) -> dict[str, Any]:
-    """A file's line in a manifest: "sha256" for a whole-file hash (format 1), "sha256_chunks" otherwise."""
+    """A file's line in a manifest: `"<hash>_chunks"` (formats 2 and 3), or `"sha256"` for a whole-file hash."""
     if entry.chunk_bytes:
-        return {"path": entry.path, "size": entry.size, "sha256_chunks": list(entry.digests)}
+        return {"path": entry.path, "size": entry.size, f"{entry.algorithm}_chunks": list(entry.digests)}
+    if entry.algorithm != "sha256":
+        raise ValueError(f"{entry.path}: whole-file hashes are sha256, not {entry.algorithm}")
     return {"path": entry.path, "size": entry.size, "sha256": entry.digests[0]}
 
 
-def parse_entry(raw: Mapping[str, Any], chunk_bytes: int) -> FileEntry:
+def parse_entry(raw: Mapping[str, Any], chunk_bytes: int, algorithm: str = "sha256") -> FileEntry:
     """A manifest's file line (KeyError/TypeError/ValueError when malformed); chunk_bytes 0 for whole-file hashes."""
     path, size = str(raw["path"]), int(raw["size"])
     if not chunk_bytes:
         return FileEntry(path, size, (str(raw["sha256"]),))
-    digests = tuple(str(d) for d in raw["sha256_chunks"])
+    digests = tuple(str(d) for d in raw[f"{algorithm}_chunks"])
     if len(digests) != len(chunk_spans(size, chunk_bytes)):
         raise ValueError(f"{path}: {len(digests)} chunk hashes for {size} bytes in chunks of {chunk_bytes}")
-    return FileEntry(path, size, digests, chunk_bytes)
+    return FileEntry(path, size, digests, chunk_bytes, algorithm)
 
 
 def write_manifest(
@@ -131,18 +137,19 @@ def write_manifest(
 ) -> CheckpointInfo:
     """Hash every file in `folder`, fsync them, then write manifest.json last (atomically).
 
-    `hashes` may carry the chunk sha256s (pieces of CHUNK_BYTES) already computed while writing, by relative
-    path, to avoid reading those files back; sizes are always taken from the file system.
+    `hashes` may carry the chunk hashes (CHECKPOINT_HASH, pieces of CHUNK_BYTES) already computed while writing,
+    by relative path, to avoid reading those files back; sizes are always taken from the file system.
     """
     entries = []
     for file in walk_files(folder):
         rel = file.relative_to(folder).as_posix()
         fsync_file(file)
-        digests = (hashes or {}).get(rel) or file_digests(file, CHUNK_BYTES)
-        entries.append(FileEntry(rel, file.stat().st_size, tuple(digests), CHUNK_BYTES))
+        digests = (hashes or {}).get(rel) or file_digests(file, CHUNK_BYTES, CHECKPOINT_HASH)
+        entries.append(FileEntry(rel, file.stat().st_size, tuple(digests), CHUNK_BYTES, CHECKPOINT_HASH))
     created_at = time.time()
     manifest = {
         "format": MANIFEST_FORMAT,
+        "hash": CHECKPOINT_HASH,
         "chunk_bytes": CHUNK_BYTES,
         "step": step,
         "epoch": epoch,
@@ -204,12 +211,15 @@ def _read_manifest(folder: Path, required_files: Collection[str]) -> CheckpointI
     try:
         manifest = read_json(manifest_path)
         version = manifest.get("format")
-        if version not in (WHOLE_FILE_FORMAT, MANIFEST_FORMAT):
+        if version not in (WHOLE_FILE_FORMAT, SHA256_CHUNKS_FORMAT, MANIFEST_FORMAT):
             raise CheckpointInvalid(f"{manifest_path}: unknown format {version!r}")
-        chunk_bytes = int(manifest["chunk_bytes"]) if version == MANIFEST_FORMAT else 0
-        if version == MANIFEST_FORMAT and chunk_bytes <= 0:
+        algorithm = str(manifest["hash"]) if version == MANIFEST_FORMAT else "sha256"
+        if algorithm not in HASHES:
+            raise CheckpointInvalid(f"{manifest_path}: unknown hash {algorithm!r} (known: {', '.join(sorted(HASHES))})")
+        chunk_bytes = int(manifest["chunk_bytes"]) if version != WHOLE_FILE_FORMAT else 0
+        if version != WHOLE_FILE_FORMAT and chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes {chunk_bytes} is not positive")
-        files = tuple(parse_entry(raw, chunk_bytes) for raw in manifest["files"])
+        files = tuple(parse_entry(raw, chunk_bytes, algorithm) for raw in manifest["files"])
         step, epoch = int(manifest["step"]), int(manifest["epoch"])
     except CheckpointInvalid:
         raise
