@@ -134,16 +134,19 @@ def write_manifest(
     metrics: dict[str, float] | None = None,
     extra: dict[str, Any] | None = None,
     hashes: Mapping[str, tuple[str, ...]] | None = None,
+    fsynced: Collection[str] = (),
 ) -> CheckpointInfo:
     """Hash every file in `folder`, fsync them, then write manifest.json last (atomically).
 
     `hashes` may carry the chunk hashes (CHECKPOINT_HASH, pieces of CHUNK_BYTES) already computed while writing,
-    by relative path, to avoid reading those files back; sizes are always taken from the file system.
+    by relative path, to avoid reading those files back; sizes are always taken from the file system. Files in
+    `fsynced` (relative paths) were fsynced by the caller after their last write and are not fsynced again.
     """
     entries = []
     for file in walk_files(folder):
         rel = file.relative_to(folder).as_posix()
-        fsync_file(file)
+        if rel not in fsynced:
+            fsync_file(file)
         digests = (hashes or {}).get(rel) or file_digests(file, CHUNK_BYTES, CHECKPOINT_HASH)
         entries.append(FileEntry(rel, file.stat().st_size, tuple(digests), CHUNK_BYTES, CHECKPOINT_HASH))
     created_at = time.time()
