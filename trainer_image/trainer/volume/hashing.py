@@ -265,4 +265,3 @@ def verify_files(folder: Path, files: Sequence[FileEntry], *, keep: bool) -> dic
         for verification in started:
             verification.wait()  # no piece still reads the file once this returns or raises
             verification.handle.close()
-
