@@ -5,7 +5,7 @@ MiniLM on bench_trainer's Rotten Tomatoes snapshot, through the real trainer (tr
 real checkpoint writer. The HF side is bench_hf_peer's best configuration (group_by_length, its default fused
 AdamW, the same checkpoint cadence, seed and hyperparameters) with bf16 autocast on the same device; runs
 alternate. The with/without-checkpointing pairs are bench_trainer.training_pairs, with the device, precision
-and shape of this module added to every config it writes (see `trainer_configs_with`).
+and shape of this module added to every config it writes.
 
 NOT yet run on a GPU: it was written and checked end to end on CPU only (`--cpu-smoke`). hack/gpu-trainer-bench.sh
 runs it; about 2-3 minutes on one H100 by estimate (GPU_SHAPE), within the script's 300 s limit.
@@ -19,24 +19,22 @@ markdown table beside it (same name, .md), so a run cut short by its time limit 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
-import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import bench_trainer
-from bench.bench_hf_peer import LEARNING_RATE, SEED, WARMUP_RATIO, WEIGHT_DECAY
-from bench.bench_trainer import MINILM, entry, rotten_tomatoes_snapshot, training_pairs, write_config
+from bench import bench_hf_peer
+from bench.bench_hf_peer import LEARNING_RATE, WEIGHT_DECAY
+from bench.bench_trainer import MINILM, entry, rotten_tomatoes_snapshot, training_pairs
 
 EXIT_NO_CUDA = 2
 
@@ -60,6 +58,19 @@ class Shape:
     @property
     def key_prefix(self) -> str:
         return "cpu_smoke_" if self.smoke else "gpu_"
+
+    @property
+    def peer(self) -> bench_hf_peer.PeerShape:
+        """This shape as bench_hf_peer's runs take it."""
+        return bench_hf_peer.PeerShape(
+            device=self.device,
+            precision=self.precision,
+            batch=self.batch,
+            max_length=self.max_length,
+            steps=self.steps,
+            checkpoint_every=self.checkpoint_every,
+            threads=torch_threads(self),
+        )
 
 
 # One H100, by estimate (not measured: no GPU was available when this was written): a MiniLM step at batch 32,
@@ -126,150 +137,9 @@ def describe_device(shape: Shape) -> str:
 # ---------------------------------------------------------------- Relay vs the HF Trainer
 
 
-def relay_side(scratch: Path, snapshot: Path, shape: Shape, name: str) -> tuple[float, float]:
-    """(training samples/s, eval accuracy) of one Relay leg, bench_hf_peer.relay_run's work on this shape.
-
-    bench_hf_peer.relay_run fixes the batch shape, cadence and device (CPU); this is it with those from `shape`.
-    Samples/s is the loop's: in-loop checkpoints included, the final save after the loop not."""
-    from trainer.train import run_leg
-
-    config = write_config(
-        scratch / f"{name}.json",
-        model=MINILM,
-        maxSteps=shape.steps,
-        checkpointEverySteps=shape.checkpoint_every,
-        torchThreads=torch_threads(shape),
-        learningRate=LEARNING_RATE,
-        weightDecay=WEIGHT_DECAY,
-        warmupRatio=WARMUP_RATIO,
-        seed=SEED,
-        **trainer_settings(shape),
-    )
-    run_dir = scratch / name
-    result = run_leg(run_dir, snapshot, config, install_signals=False)
-    if result.exit_code != 0:
-        raise RuntimeError(f"Relay run {name} failed: {result.message}")
-    accuracy = json.loads((run_dir / "final" / "metrics.json").read_text())["accuracy"]
-    shutil.rmtree(run_dir)
-    return result.stats.samples / result.stats.train_seconds, float(accuracy)
-
-
-def hf_side(scratch: Path, snapshot: Path, shape: Shape, name: str) -> tuple[float, float, float]:
-    """(training samples/s of the loop, HF's own train_samples_per_second, eval accuracy) of the HF Trainer,
-    best-configured as in bench_hf_peer.hf_run (which fixes CPU and fp32), on this shape's device with bf16.
-
-    The loop's samples/s counts as Relay's does: from the start of training to the end of the last step (a
-    callback), in-loop checkpoints included, the final save not. HF's train_runtime also holds its final save,
-    one synchronous 273 MB write, which on a GPU is a large share of a short run; it is reported beside."""
-    import datasets
-    import numpy as np
-    import torch
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
-
-    from trainer import modeling
-    from trainer.volume import SNAPSHOT_DATA_DIR
-
-    modeling.quiet_transformers()
-    torch.set_num_threads(torch_threads(shape))
-    if shape.device == "cuda":
-        # The Relay legs before this one made the process deterministic (trainer.train._set_up_torch); the HF
-        # Trainer's default (full_determinism=False) leaves torch's own setting, which is this.
-        torch.use_deterministic_algorithms(False)
-    source = modeling.resolve_model_source(MINILM)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    splits = datasets.load_from_disk(str(snapshot / SNAPSHOT_DATA_DIR))
-
-    def encode(split: Any) -> Any:
-        return split.map(
-            lambda rows: tokenizer(rows["text"], truncation=True, max_length=shape.max_length),
-            batched=True,
-            remove_columns=["text"],
-        )
-
-    class LoopClock(TrainerCallback):
-        """Seconds from on_train_begin to the end of the last optimizer step (before its save)."""
-
-        def __init__(self) -> None:
-            self.started = 0.0
-            self.seconds = float("nan")
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self.started = time.perf_counter()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step == state.max_steps:
-                if shape.device == "cuda":
-                    torch.cuda.synchronize()  # HF keeps the loss on the device: the queued work is the step's
-                self.seconds = time.perf_counter() - self.started
-
-    train, evaluation = encode(splits["train"]), encode(splits["eval"])
-    torch.manual_seed(SEED)  # the classifier head's initialisation, as Relay seeds it
-    model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
-    arguments = TrainingArguments(
-        output_dir=str(scratch / name),
-        max_steps=shape.steps,
-        per_device_train_batch_size=shape.batch,
-        per_device_eval_batch_size=64,
-        learning_rate=LEARNING_RATE,
-        weight_decay=WEIGHT_DECAY,
-        lr_scheduler_type="linear",
-        warmup_steps=math.ceil(WARMUP_RATIO * shape.steps),
-        seed=SEED,
-        train_sampling_strategy="group_by_length",
-        save_strategy="steps",
-        save_steps=shape.checkpoint_every,
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        use_cpu=shape.device == "cpu",
-        bf16=shape.precision == "bf16",
-        dataloader_num_workers=0,
-    )
-    clock = LoopClock()
-    trainer = Trainer(
-        model=model,
-        args=arguments,
-        train_dataset=train,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=[clock],
-    )
-    trained = trainer.train()
-    predictions = trainer.predict(evaluation)
-    accuracy = float(np.mean(np.argmax(predictions.predictions, axis=-1) == predictions.label_ids))
-    if trainer.optimizer is None:
-        raise RuntimeError(f"HF run {name}: the Trainer built no optimizer")
-    group = trainer.optimizer.param_groups[0]
-    if not group.get("fused"):  # the point of the comparison: HF at its best
-        raise RuntimeError(f"the HF Trainer did not use fused AdamW: its param group {group}")
-    if not math.isfinite(clock.seconds):
-        raise RuntimeError(f"HF run {name}: the last step ({shape.steps}) was never reported to the callback")
-    shutil.rmtree(scratch / name, ignore_errors=True)
-    del trainer, model
-    if shape.device == "cuda":
-        torch.cuda.empty_cache()
-    loop_rate = shape.steps * shape.batch / clock.seconds
-    return loop_rate, float(trained.metrics["train_samples_per_second"]), accuracy
-
-
-def bench_hf_peer(scratch: Path, snapshot: Path, shape: Shape, device: str, out: dict[str, Any]) -> None:
+def versus_hf(scratch: Path, snapshot: Path, shape: Shape, device: str, out: dict[str, Any]) -> None:
     """`rounds` alternating Relay / HF runs; the samples/s ratio of the loops and both accuracies."""
-    relay: list[tuple[float, float]] = []
-    hf: list[tuple[float, float, float]] = []
-    for round_index in range(shape.rounds):
-        order = ("relay", "hf") if round_index % 2 == 0 else ("hf", "relay")
-        for side in order:
-            if side == "relay":
-                relay.append(relay_side(scratch, snapshot, shape, f"relay-{round_index}"))
-            else:
-                hf.append(hf_side(scratch, snapshot, shape, f"hf-{round_index}"))
+    relay, hf, _ = bench_hf_peer.compare(scratch, snapshot, shape.peer, shape.rounds)
     relay_rate = statistics.mean(rate for rate, _ in relay)
     hf_rate = statistics.mean(rate for rate, _, _ in hf)
     hf_own = statistics.mean(own for _, own, _ in hf)
@@ -300,30 +170,6 @@ def bench_hf_peer(scratch: Path, snapshot: Path, shape: Shape, device: str, out:
 
 
 # ---------------------------------------------------------------- with vs without checkpointing, the stall
-
-
-@contextlib.contextmanager
-def trainer_configs_with(settings: dict[str, Any]) -> Iterator[None]:
-    """For the duration, every config bench_trainer.write_config writes also carries `settings`.
-
-    bench_trainer.training_pairs writes its configs through that function and has no parameter for the device,
-    precision or batch shape; this adds them without copying training_pairs. A setting training_pairs itself
-    sets is refused (ValueError naming it) rather than silently overridden."""
-    original = bench_trainer.write_config
-
-    def write_with_settings(path: Path, **given: Any) -> Path:
-        clash = sorted(set(given) & set(settings))
-        if clash:
-            raise ValueError(
-                f"bench_trainer.training_pairs now sets {clash} itself: trainer_configs_with needs updating"
-            )
-        return original(path, **given, **settings)
-
-    setattr(bench_trainer, "write_config", write_with_settings)  # noqa: B010 (mypy: a module's function)
-    try:
-        yield
-    finally:
-        setattr(bench_trainer, "write_config", original)  # noqa: B010
 
 
 def synchronous_save_seconds(scratch: Path, shape: Shape) -> list[float]:
@@ -390,16 +236,16 @@ def bench_checkpointing(
     """bench_trainer.training_pairs on this shape: throughput with / without checkpoints, and the median cost to
     training per checkpoint (the trainer's checkpoint lines, via bench_trainer.CheckpointCosts) over one
     synchronous save of the same checkpoint (`saves`: synchronous_save_seconds)."""
-    with trainer_configs_with(trainer_settings(shape)):
-        found = training_pairs(
-            scratch,
-            snapshot,
-            model=MINILM,
-            steps=shape.steps,
-            every=shape.checkpoint_every,
-            rounds=shape.rounds,
-            threads=torch_threads(shape),
-        )
+    found = training_pairs(
+        scratch,
+        snapshot,
+        model=MINILM,
+        steps=shape.steps,
+        every=shape.checkpoint_every,
+        rounds=shape.rounds,
+        threads=torch_threads(shape),
+        settings=trainer_settings(shape),
+    )
     setup = (
         f"{device}: MiniLM on Rotten Tomatoes, batch {shape.batch}, max length {shape.max_length}, "
         f"{torch_threads(shape)} torch threads on {os.cpu_count()} CPUs, {shape.rounds} interleaved pairs of "
@@ -477,7 +323,7 @@ def run(out_path: Path, shape: Shape) -> dict[str, Any]:
         )
         saves = synchronous_save_seconds(scratch, shape)
         parts: dict[str, Callable[[], None]] = {
-            "Relay vs the HF Trainer": lambda: bench_hf_peer(scratch, snapshot, shape, device, results),
+            "Relay vs the HF Trainer": lambda: versus_hf(scratch, snapshot, shape, device, results),
             "with vs without checkpointing": lambda: bench_checkpointing(
                 scratch, snapshot, shape, device, saves, results
             ),

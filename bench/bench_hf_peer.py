@@ -20,6 +20,8 @@ import os
 import shutil
 import statistics
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,18 +40,38 @@ WARMUP_RATIO = 0.06
 SEED = 42
 
 
-def relay_run(scratch: Path, snapshot: Path, threads: int, steps: int, name: str) -> tuple[float, float]:
-    """(training samples/s, eval accuracy) of one Relay leg from scratch to its final model."""
+@dataclass(frozen=True)
+class PeerShape:
+    """Where and at what shape both sides train: the CPU bench here, bench_gpu_trainer on a CUDA device."""
+
+    device: str = "cpu"
+    precision: str = "fp32"  # or "bf16" (autocast on both sides)
+    batch: int = BATCH
+    max_length: int = MAX_LENGTH
+    steps: int = STEPS
+    checkpoint_every: int = CHECKPOINT_EVERY
+    threads: int = 0  # torch threads; 0: every usable core (the trainer's default)
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or len(os.sched_getaffinity(0))
+
+
+def relay_run(scratch: Path, snapshot: Path, shape: PeerShape, name: str) -> tuple[float, float]:
+    """(training samples/s, eval accuracy) of one Relay leg from scratch to its final model. Samples/s is the
+    training loop's, in-loop checkpoints included, the final save after the loop not."""
     from trainer.train import run_leg
 
     config = write_config(
         scratch / f"{name}.json",
         model=MINILM,
-        maxSteps=steps,
-        checkpointEverySteps=CHECKPOINT_EVERY,
-        torchThreads=threads,
-        batchSize=BATCH,
-        maxSeqLength=MAX_LENGTH,
+        device=shape.device,
+        precision=shape.precision,
+        maxSteps=shape.steps,
+        checkpointEverySteps=shape.checkpoint_every,
+        torchThreads=shape.torch_threads,
+        batchSize=shape.batch,
+        maxSeqLength=shape.max_length,
         learningRate=LEARNING_RATE,
         weightDecay=WEIGHT_DECAY,
         warmupRatio=WARMUP_RATIO,
@@ -58,14 +80,19 @@ def relay_run(scratch: Path, snapshot: Path, threads: int, steps: int, name: str
     run_dir = scratch / name
     result = run_leg(run_dir, snapshot, config, install_signals=False)
     if result.exit_code != 0:
-        raise RuntimeError(f"Relay run failed: {result.message}")
+        raise RuntimeError(f"Relay run {name} failed: {result.message}")
     accuracy = json.loads((run_dir / "final" / "metrics.json").read_text())["accuracy"]
     shutil.rmtree(run_dir)
     return result.stats.samples / result.stats.train_seconds, float(accuracy)
 
 
-def hf_run(scratch: Path, snapshot: Path, threads: int, steps: int, name: str) -> tuple[float, float]:
-    """(training samples/s, eval accuracy) of the HF Trainer, best-configured, on the same work."""
+def hf_run(scratch: Path, snapshot: Path, shape: PeerShape, name: str) -> tuple[float, float, float]:
+    """(training samples/s of the loop, HF's own train_samples_per_second, eval accuracy) of the HF Trainer,
+    best-configured, on the same work.
+
+    The loop's samples/s counts as Relay's does: from the start of training to the end of the last step (a
+    callback), in-loop checkpoints included, the final save not. HF's train_samples_per_second also holds its
+    final save, one synchronous 273 MB write; it is reported beside."""
     import datasets
     import numpy as np
     import torch
@@ -74,6 +101,7 @@ def hf_run(scratch: Path, snapshot: Path, threads: int, steps: int, name: str) -
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
     )
 
@@ -81,87 +109,132 @@ def hf_run(scratch: Path, snapshot: Path, threads: int, steps: int, name: str) -
     from trainer.volume import SNAPSHOT_DATA_DIR
 
     modeling.quiet_transformers()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(shape.torch_threads)
+    # A Relay leg before this one in the process made torch deterministic (trainer.train); the HF Trainer's
+    # default (full_determinism=False) leaves torch's own setting, which is this.
+    torch.use_deterministic_algorithms(False)
     source = modeling.resolve_model_source(MINILM)
     tokenizer = AutoTokenizer.from_pretrained(source)
     splits = datasets.load_from_disk(str(snapshot / SNAPSHOT_DATA_DIR))
 
     def encode(split: Any) -> Any:
         return split.map(
-            lambda rows: tokenizer(rows["text"], truncation=True, max_length=MAX_LENGTH),
+            lambda rows: tokenizer(rows["text"], truncation=True, max_length=shape.max_length),
             batched=True,
             remove_columns=["text"],
         )
+
+    class LoopClock(TrainerCallback):
+        """Seconds from on_train_begin to the end of the last optimizer step (before its save)."""
+
+        def __init__(self) -> None:
+            self.started = 0.0
+            self.seconds = float("nan")
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == state.max_steps:
+                if shape.device == "cuda":
+                    torch.cuda.synchronize()  # HF keeps the loss on the device: the queued work is the step's
+                self.seconds = time.perf_counter() - self.started
 
     train, evaluation = encode(splits["train"]), encode(splits["eval"])
     torch.manual_seed(SEED)  # the classifier head's initialisation, as Relay seeds it
     model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=2)
     arguments = TrainingArguments(
         output_dir=str(scratch / name),
-        max_steps=steps,
-        per_device_train_batch_size=BATCH,
+        max_steps=shape.steps,
+        per_device_train_batch_size=shape.batch,
         per_device_eval_batch_size=64,
         learning_rate=LEARNING_RATE,
         weight_decay=WEIGHT_DECAY,
         lr_scheduler_type="linear",
-        warmup_steps=math.ceil(WARMUP_RATIO * steps),
+        warmup_steps=math.ceil(WARMUP_RATIO * shape.steps),
         seed=SEED,
         train_sampling_strategy="group_by_length",
         save_strategy="steps",
-        save_steps=CHECKPOINT_EVERY,
+        save_steps=shape.checkpoint_every,
         eval_strategy="no",
         logging_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        use_cpu=True,
+        use_cpu=shape.device == "cpu",
+        bf16=shape.precision == "bf16",
         dataloader_num_workers=0,
     )
+    clock = LoopClock()
     trainer = Trainer(
-        model=model, args=arguments, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer)
+        model=model,
+        args=arguments,
+        train_dataset=train,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        callbacks=[clock],
     )
     trained = trainer.train()
     predictions = trainer.predict(evaluation)
     accuracy = float(np.mean(np.argmax(predictions.predictions, axis=-1) == predictions.label_ids))
+    if trainer.optimizer is None:
+        raise RuntimeError(f"HF run {name}: the Trainer built no optimizer")
     group = trainer.optimizer.param_groups[0]
     if not group.get("fused"):  # the point of the comparison: HF at its best
         raise RuntimeError(f"the HF Trainer did not use fused AdamW: its param group {group}")
+    if not math.isfinite(clock.seconds):
+        raise RuntimeError(f"HF run {name}: the last step ({shape.steps}) was never reported to the callback")
     shutil.rmtree(scratch / name, ignore_errors=True)
-    return float(trained.metrics["train_samples_per_second"]), accuracy
+    del trainer, model
+    if shape.device == "cuda":
+        torch.cuda.empty_cache()
+    return shape.steps * shape.batch / clock.seconds, float(trained.metrics["train_samples_per_second"]), accuracy
+
+
+def compare(
+    scratch: Path, snapshot: Path, shape: PeerShape, rounds: int
+) -> tuple[list[tuple[float, float]], list[tuple[float, float, float]], list[float]]:
+    """`rounds` alternating Relay / HF runs (the order flips each round, so that other processes' load hits both
+    alike): Relay's (samples/s, accuracy), HF's (loop samples/s, its own samples/s, accuracy), load averages."""
+    relay: list[tuple[float, float]] = []
+    hf: list[tuple[float, float, float]] = []
+    loads: list[float] = []
+    for round_index in range(rounds):
+        for side in ("relay", "hf") if round_index % 2 == 0 else ("hf", "relay"):
+            loads.append(os.getloadavg()[0])
+            if side == "relay":
+                relay.append(relay_run(scratch, snapshot, shape, f"relay-{round_index}"))
+            else:
+                hf.append(hf_run(scratch, snapshot, shape, f"hf-{round_index}"))
+    return relay, hf, loads
 
 
 def run(out: dict[str, Any], steps: int = STEPS, rounds: int = ROUNDS) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    threads = len(os.sched_getaffinity(0))
+    shape = PeerShape(steps=steps)
     root = os.environ.get("RELAY_BENCH_DIR") or None
     scratch = Path(tempfile.mkdtemp(prefix="relay-bench-hf-", dir=root))
-    relay: list[tuple[float, float]] = []
-    hf: list[tuple[float, float]] = []
-    loads: list[float] = []
     try:
         snapshot = rotten_tomatoes_snapshot(scratch / "snapshot", train_rows=3200, eval_rows=400)
-        for round_index in range(rounds):
-            sides = [("relay", relay_run, relay), ("hf", hf_run, hf)]
-            for name, side, found in sides if round_index % 2 == 0 else sides[::-1]:
-                loads.append(os.getloadavg()[0])
-                found.append(side(scratch, snapshot, threads, steps, f"{name}-{round_index}"))
+        relay, hf, loads = compare(scratch, snapshot, shape, rounds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     relay_rate = statistics.mean(rate for rate, _ in relay)
-    hf_rate = statistics.mean(rate for rate, _ in hf)
-    relay_accuracy, hf_accuracy = relay[0][1], hf[0][1]  # each side is deterministic: every round gives the same
+    hf_rate = statistics.mean(rate for rate, _, _ in hf)
+    hf_own = statistics.mean(own for _, own, _ in hf)
+    relay_accuracy, hf_accuracy = relay[0][1], hf[0][2]  # each side is deterministic: every round gives the same
     setup = (
-        f"MiniLM on Rotten Tomatoes (3200 train rows, 400 eval), {steps} steps of batch {BATCH}, max length "
-        f"{MAX_LENGTH}, lr {LEARNING_RATE}, {threads} torch threads on {os.cpu_count()} CPUs, checkpoints every "
-        f"{CHECKPOINT_EVERY} steps; HF Trainer with group_by_length and its default fused AdamW; {rounds} "
-        f"alternating rounds, load average before each run {', '.join(f'{load:.1f}' for load in loads)}"
+        f"MiniLM on Rotten Tomatoes (3200 train rows, 400 eval), {steps} steps of batch {shape.batch}, max length "
+        f"{shape.max_length}, lr {LEARNING_RATE}, {shape.torch_threads} torch threads on {os.cpu_count()} CPUs, "
+        f"checkpoints every {shape.checkpoint_every} steps; HF Trainer with group_by_length and its default fused "
+        f"AdamW; {rounds} alternating rounds, load average before each run {', '.join(f'{x:.1f}' for x in loads)}"
     )
     out["samples_per_s_vs_hf_best"] = entry(
         relay_rate / hf_rate,
         "ratio",
         ">= 1.0",
-        f"{setup}: Relay {relay_rate:.2f} training samples/s (each {', '.join(f'{r:.2f}' for r, _ in relay)}; "
-        f"training loop incl. checkpoints) vs HF {hf_rate:.2f} (each {', '.join(f'{r:.2f}' for r, _ in hf)}; "
-        f"its train_samples_per_second, incl. checkpoints)",
+        f"{setup}: Relay {relay_rate:.2f} training samples/s (each {', '.join(f'{r:.2f}' for r, _ in relay)}) "
+        f"vs HF {hf_rate:.2f} (each {', '.join(f'{r:.2f}' for r, _, _ in hf)}), both the training loop from its "
+        f"start to the end of the last step, in-loop checkpoints included, the final save not; HF's own "
+        f"train_samples_per_second (its final save included) {hf_own:.2f}, ratio {relay_rate / hf_own:.3f}",
     )
     out["accuracy_vs_hf_best"] = entry(
         100 * (relay_accuracy - hf_accuracy),

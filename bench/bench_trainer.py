@@ -257,11 +257,20 @@ class CheckpointCosts(logging.Handler):
 
 
 def training_pairs(
-    scratch: Path, snapshot: Path, *, model: str, steps: int, every: int, rounds: int, threads: int
+    scratch: Path,
+    snapshot: Path,
+    *,
+    model: str,
+    steps: int,
+    every: int,
+    rounds: int,
+    threads: int,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`rounds` interleaved pairs of runs with and without checkpoints (the order alternates, so that the load of
     other processes hits both alike); samples/s of the training loop, the load average before each run, and the
-    cost to training of each off-thread checkpoint from the trainer's own checkpoint lines."""
+    cost to training of each off-thread checkpoint from the trainer's own checkpoint lines. `settings`: more
+    TrainerConfig fields for every run (a device, precision, batch shape)."""
     from trainer.train import run_leg
 
     costs = CheckpointCosts()
@@ -278,8 +287,10 @@ def training_pairs(
             rates = {}
             for label in labels:
                 cadence = {"checkpointEverySteps": every} if label == "with" else {"checkpointEverySeconds": 1e9}
-                settings: dict[str, Any] = {"maxSteps": steps, "checkpointEverySteps": None} | cadence
-                config = write_config(scratch / f"config-{label}.json", model=model, torchThreads=threads, **settings)
+                run_settings = (settings or {}) | {"maxSteps": steps, "checkpointEverySteps": None} | cadence
+                config = write_config(
+                    scratch / f"config-{label}.json", model=model, torchThreads=threads, **run_settings
+                )
                 run_dir = scratch / f"run-{label}-{round_index}"
                 loads.append(os.getloadavg()[0])
                 result = run_leg(run_dir, snapshot, config, install_signals=False)
@@ -309,7 +320,7 @@ def bench_training(scratch: Path, snapshot: Path, sync_save_s: float, out: dict[
     """Throughput with vs without checkpoints at the default thread count (every core trains, as the quickstart's
     2 threads on 2 cores do: the writer gets no free core), for MiniLM and the tiny preset."""
     threads = len(os.sched_getaffinity(0))
-    shapes = {
+    shapes: dict[str, dict[str, Any]] = {
         "MiniLM": {"model": MINILM, "steps": 110, "every": 50, "rounds": 2},
         "tiny": {"model": "tiny", "steps": 600, "every": 50, "rounds": 4},
     }
