@@ -158,6 +158,12 @@ class Bench:
         self.kubelet: ProcessKubelet | None = None
         self.controllers: list[subprocess.Popen[bytes]] = []
         self.jobs: JobWatcher | None = None
+        self._argv: list[str] = []
+        self.restarts: list[str] = []  # why each replica restart happened (its last lease log line)
+        self._retired_cpu_s = 0.0
+        self._last_cpu_s: dict[int, float] = {}
+        self._last_peak_mb: dict[int, float] = {}
+        self._retired_peaks_mb: list[float] = []
 
     def start(self) -> Bench:
         from controller.snapshot import write_rows_file
@@ -197,15 +203,17 @@ class Bench:
             argv += ["--watch-namespace", namespace]
         if REPLICAS > 1:
             argv += ["--leader-elect", "--leader-election-namespace", self.namespaces[0], *LEASE_TIMINGS]
+        self._argv = argv
         for replica in range(REPLICAS):
-            log = open(self.scratch / f"controller-{replica}.log", "wb")  # noqa: SIM115 - lives as long as the process
-            env = {**os.environ, "RELAY_POD_NAME": f"relay-bench-{replica}"}
-            self.controllers.append(
-                subprocess.Popen(
-                    argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, preexec_fn=die_with_parent
-                )
-            )
+            self.controllers.append(self._launch(replica))
         return self
+
+    def _launch(self, replica: int) -> subprocess.Popen[bytes]:
+        log = open(self.scratch / f"controller-{replica}.log", "ab")  # noqa: SIM115 - lives as long as the process
+        env = {**os.environ, "RELAY_POD_NAME": f"relay-bench-{replica}"}
+        return subprocess.Popen(
+            self._argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, preexec_fn=die_with_parent
+        )
 
     def stop(self) -> None:
         for controller in self.controllers:
@@ -227,29 +235,51 @@ class Bench:
     def peak_rss_per_replica_mb(self) -> list[float]:
         """VmHWM of each controller process, in replica order."""
         peaks = []
-        for controller in self.controllers:
+        for replica, controller in enumerate(self.controllers):
             lines = Path(f"/proc/{controller.pid}/status").read_text().splitlines()
             peaks += [int(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM:")]
+            self._last_peak_mb[replica] = peaks[-1] if peaks else 0.0
         if len(peaks) != len(self.controllers):
             raise RuntimeError("no VmHWM in /proc status")
         return peaks
 
     def peak_rss_mb(self) -> float:
-        return max(self.peak_rss_per_replica_mb())
+        """The largest VmHWM of any controller process so far, restarted replicas' earlier ones included (as
+        last sampled)."""
+        return max([*self.peak_rss_per_replica_mb(), *self._retired_peaks_mb])
 
     def controller_cpu_s(self) -> float:
-        """CPU seconds (user + system) the controller processes have used so far, together."""
-        total = 0.0
-        for controller in self.controllers:
-            fields = Path(f"/proc/{controller.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU seconds (user + system) the controller processes have used so far, together (a restarted replica's
+        earlier processes counted as last sampled)."""
+        total = self._retired_cpu_s
+        for replica, controller in enumerate(self.controllers):
+            try:
+                fields = Path(f"/proc/{controller.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except FileNotFoundError:
+                total += self._last_cpu_s.get(replica, 0.0)
+                continue
+            self._last_cpu_s[replica] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += self._last_cpu_s[replica]
         return total
 
     def assert_controller_alive(self) -> None:
+        """One replica: its exit fails the benchmark. Several: an exited replica is started again, as its
+        Deployment's restart policy would (a leader that lost its Lease exits on purpose), and counted."""
         for replica, controller in enumerate(self.controllers):
-            if controller.poll() is not None:
-                tail = (self.scratch / f"controller-{replica}.log").read_text(errors="replace")[-2000:]
+            if controller.poll() is None:
+                continue
+            tail = (self.scratch / f"controller-{replica}.log").read_text(errors="replace")[-2000:]
+            if REPLICAS == 1:
                 raise RuntimeError(f"controller replica {replica} exited with {controller.returncode}:\n{tail}")
+            reason = next(
+                (line for line in reversed(tail.splitlines()) if "lease" in line), f"exit {controller.returncode}"
+            )
+            print(f"controller replica {replica} exited ({reason.strip()}); restarting it", flush=True)
+            self.restarts.append(reason.strip())
+            self.controller_cpu_s()  # its last sample stays in _last_cpu_s
+            self._retired_cpu_s += self._last_cpu_s.pop(replica, 0.0)
+            self._retired_peaks_mb.append(self._last_peak_mb.get(replica, 0.0))
+            self.controllers[replica] = self._launch(replica)
 
     # ------------------------------------------------------------ cluster helpers
 
@@ -464,6 +494,13 @@ def run(out: dict[str, Any]) -> None:
         f"{lv['succeeded']} Succeeded {lv['finish_s']:.0f} s after the finish, VmHWM {lv['peak_rss_mb']:.0f} MB"
         for lv in levels
     )
+    restarts = (
+        f" Replica restarts (each as its Deployment would restart it): {len(bench.restarts)}"
+        + (f" ({'; '.join(bench.restarts)})" if bench.restarts else "")
+        + "."
+        if REPLICAS > 1
+        else ""
+    )
     untried = [n for n in LEVELS if n not in [lv["count"] for lv in levels]]
     suffix = f"_{REPLICAS}_replicas" if REPLICAS > 1 else ""
     who = (
@@ -483,7 +520,8 @@ def run(out: dict[str, Any]) -> None:
         f"levels: {tried}. The largest level where every run ran at once, "
         "advanced, and succeeded is reported"
         + (f"; not tried: {', '.join(map(str, untried))}" if untried else "")
-        + ". Load averages are of this shared 2-core machine, other work included",
+        + ". Load averages are of this shared 2-core machine, other work included."
+        + restarts,
     )
     out[f"controller_peak_rss_mb{suffix}"] = entry(
         peak,

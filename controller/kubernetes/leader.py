@@ -217,11 +217,24 @@ class LeaseElector:
     def _renew_until(self, done: threading.Event, on_lost: Callable[[], None]) -> None:
         """The renewing thread: one try every retry period until `done`; calls `on_lost` once renewal is overdue."""
         while not done.wait(self.retry_period_s):
+            started = time.monotonic()
             try:
-                if self.try_acquire_or_renew(deadline=self._last_renewed + self.renew_deadline_s):
-                    continue
+                renewed = self.try_acquire_or_renew(deadline=self._last_renewed + self.renew_deadline_s)
             except Exception as exc:  # an unreachable API server is one failed round, not a crash
                 log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
+                renewed = False
+            took = time.monotonic() - started
+            if took > self.retry_period_s:  # the warning before a loss: an API server (or this process) this slow
+                log.warning(
+                    "lease %s/%s: a renewal took %.1f s (%s; renew deadline %.0f s)",
+                    self.namespace,
+                    self.name,
+                    took,
+                    "renewed" if renewed else "not renewed",
+                    self.renew_deadline_s,
+                )
+            if renewed:
+                continue
             # Give up when the next try would start past the renew deadline (a try's requests end by the deadline,
             # 7 s after the last renewal began with the defaults, before the 10 s Lease can expire for the others),
             # and at once when another replica holds the Lease.
