@@ -302,6 +302,32 @@ async def test_a_leader_whose_event_loop_is_blocked_still_renews_its_lease(
     assert lease.spec.holder_identity == "a"
 
 
+async def test_a_renewal_slower_than_the_retry_period_is_logged_while_the_lease_is_kept(
+    kube: kubernetes.client.ApiClient, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An API server slow to answer (0.8 s a write, past the 0.5 s retry period, within the 2 s renew deadline):
+    the leader keeps its Lease and says how long each renewal took, the warning an operator sees before a loss."""
+    a = elector(kube, namespace, "a")
+    assert await asyncio.to_thread(a.try_acquire_or_renew)
+    replace = a.coordination.replace_namespaced_lease
+
+    def slow_replace(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.8)
+        return replace(*args, **kwargs)
+
+    a.coordination.replace_namespaced_lease = slow_replace  # type: ignore[method-assign]
+    stop, lost = asyncio.Event(), asyncio.Event()
+    caplog.set_level("WARNING", logger="relay.controller.leader")
+    holding = asyncio.create_task(a.hold(stop, lost))
+    await asyncio.sleep(3.5)
+    stop.set()
+    await asyncio.wait_for(holding, 5)
+    assert not lost.is_set(), "a gave up a Lease it renewed in time"
+    slow = [r.getMessage() for r in caplog.records if "a renewal took" in r.getMessage()]
+    assert slow and all("(renewed; renew deadline 2 s)" in line for line in slow), caplog.text
+    assert all(0.8 <= float(line.split("took ")[1].split(" s")[0]) < 2 for line in slow), slow
+
+
 async def test_a_worker_only_process_polls_both_queues_and_never_takes_the_lease(
     temporal_env: Any,
     control_plane: ControlPlane,
