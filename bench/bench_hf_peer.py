@@ -9,7 +9,7 @@ both alike.
 
 `run(out)` adds `samples_per_s_vs_hf_best` (training samples/s, Relay / HF) and `accuracy_vs_hf_best` (eval
 accuracy on 2000 reviews, mean over the rounds, Relay minus HF, in points). Needs the `bench` extra (accelerate,
-which the HF Trainer requires); the trainer image does not carry it. About 6 minutes on 2 quiet cores;
+which the HF Trainer requires); the trainer image does not carry it. About 8 minutes on 2 quiet cores;
 `python -m bench.bench_hf_peer --steps N`.
 """
 
@@ -29,9 +29,11 @@ from typing import Any
 
 from bench.bench_trainer import MINILM, entry, rotten_tomatoes_snapshot, write_config
 
-# 150 steps, as in the issue's measurement: at 60 both sides are barely trained and their accuracies differ by
-# several points with the data order alone (measured: 0.5925 vs 0.5400), which says nothing about either trainer.
-STEPS = 150
+# One epoch of the 3200 training rows at batch 16: both sides then train on the same reviews, only in another
+# order, so their samples/s compare the same work. At 150 steps (3/4 of an epoch) each side saw its own subset,
+# whose lengths differ with the order: Relay's samples/s moved by 14% between two seeds, HF's by 1%. At 60 steps
+# both are barely trained and their accuracies differ by several points with the data order alone.
+STEPS = 200
 CHECKPOINT_EVERY = 25
 ROUNDS = 2
 BATCH = 16

@@ -325,8 +325,8 @@ def bench_training(scratch: Path, snapshot: Path, sync_save_s: float, out: dict[
     2 threads on 2 cores do: the writer gets no free core), for MiniLM and the tiny preset."""
     threads = len(os.sched_getaffinity(0))
     shapes: dict[str, dict[str, Any]] = {
-        "MiniLM": {"model": MINILM, "steps": 110, "every": 50, "rounds": 2},
-        "tiny": {"model": "tiny", "steps": 600, "every": 50, "rounds": 4},
+        "MiniLM": {"model": MINILM, "steps": 110, "every": 50, "rounds": 3},
+        "tiny": {"model": "tiny", "steps": 600, "every": 50, "rounds": 6},
     }
     results = {name: training_pairs(scratch, snapshot, threads=threads, **shape) for name, shape in shapes.items()}
     minilm = results["MiniLM"]
