@@ -29,7 +29,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.bench_trainer import MINILM, REPO, entry, minilm_training_state, rotten_tomatoes_snapshot, write_config
+from bench.bench_trainer import (
+    MINILM,
+    REPO,
+    capture_bench_state,
+    entry,
+    minilm_training_state,
+    rotten_tomatoes_snapshot,
+    write_config,
+)
 
 TOLERANCE = 1e-5
 
@@ -77,16 +85,7 @@ def bench_stall(scratch: Path, snapshot: Path, out: dict[str, Any]) -> None:
     model, optimizer, scheduler = minilm_training_state()
     saves = []
     for rep in range(3):
-        state = ckpt.capture(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            trainer_state={"step": rep + 1, "epoch": 0},
-            config_json="{}",
-            config_hash="bench",
-            metrics={"loss": 1.0},
-            extra={},
-        )
+        state = capture_bench_state(model, optimizer, scheduler, rep + 1)
         started = time.perf_counter()
         ckpt.write_checkpoint(state, scratch / f"sync-{rep}")
         saves.append(time.perf_counter() - started)

@@ -34,7 +34,7 @@ from typing import Any
 
 from bench import bench_hf_peer
 from bench.bench_hf_peer import LEARNING_RATE, WEIGHT_DECAY
-from bench.bench_trainer import MINILM, entry, rotten_tomatoes_snapshot, training_pairs
+from bench.bench_trainer import MINILM, capture_bench_state, entry, rotten_tomatoes_snapshot, training_pairs
 
 EXIT_NO_CUDA = 2
 
@@ -208,17 +208,7 @@ def synchronous_save_seconds(scratch: Path, shape: Shape) -> list[float]:
     try:
         for rep in range(shape.save_reps):
             started = time.perf_counter()
-            state = ckpt.capture(
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                trainer_state={"step": rep + 1, "epoch": 0},
-                config_json="{}",
-                config_hash="bench",
-                metrics={"loss": 1.0},
-                extra={},
-                buffers=writer.buffers,
-            )
+            state = capture_bench_state(model, optimizer, scheduler, rep + 1, writer.buffers)
             writer.save_now(state)
             seconds.append(time.perf_counter() - started)
     finally:

@@ -154,6 +154,24 @@ def minilm_training_state() -> tuple[Any, Any, Any]:
     return model, optimizer, scheduler
 
 
+def capture_bench_state(model: Any, optimizer: Any, scheduler: Any, step: int, buffers: Any = None) -> Any:
+    """The trainer's capture (checkpoint.capture) of this training state as step `step`, with a placeholder
+    config: what the benchmarks' synchronous saves write."""
+    from trainer import checkpoint as ckpt
+
+    return ckpt.capture(
+        buffers=buffers,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        trainer_state={"step": step, "epoch": 0},
+        config_json="{}",
+        config_hash="bench",
+        metrics={"loss": 1.0},
+        extra={},
+    )
+
+
 def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
     """Write and restore vs dd; returns the median time of writing one checkpoint synchronously (seconds)."""
     from trainer import checkpoint as ckpt
@@ -162,25 +180,12 @@ def bench_checkpoint_io(scratch: Path, out: dict[str, Any]) -> float:
     model, optimizer, scheduler = minilm_training_state()
     buffers = ckpt.HostBuffers()
 
-    def capture(step: int) -> Any:
-        return ckpt.capture(
-            buffers=buffers,
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            trainer_state={"step": step, "epoch": 0},
-            config_json="{}",
-            config_hash="bench",
-            metrics={"loss": 1.0},
-            extra={},
-        )
-
     dd_file = scratch / "dd.bin"
     writes, dd_writes, restores, dd_reads, verifies = [], [], [], [], []
     size = 0
     for rep in range(REPS):
         checkpoints = scratch / f"write-{rep}"
-        state = capture(rep + 1)
+        state = capture_bench_state(model, optimizer, scheduler, rep + 1, buffers)
         started = time.perf_counter()
         info = ckpt.write_checkpoint(state, checkpoints)
         writes.append(time.perf_counter() - started)
