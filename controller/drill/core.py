@@ -316,7 +316,8 @@ class Drill(abc.ABC):
 
     @abc.abstractmethod
     def leg_ended(self, leg: int) -> dict[str, Any] | None:
-        """How the leg ended ({"exit_code", "reason"}), or None while it runs."""
+        """How the leg ended ({"exit_code", "reason", and "message" where the backend keeps one}), or None while
+        it runs."""
 
     @abc.abstractmethod
     def check_legs_disjoint(self) -> Check:
@@ -553,8 +554,10 @@ class Drill(abc.ABC):
             filler.unlink()
         await self.wait_for("the failed leg to exit", lambda: not alive(pid), 60)
         fault.at_step = int(self.progress().get("step") or fault.at_step)
-        saw = "No space left on device" in self.leg_log(leg)
         ended = await self.wait_for("the leg's end to be recorded", lambda: self.leg_ended(leg), 30)
+        # The error line may not fit on the full volume itself (its log's last page filled up too): the leg's end
+        # record, written once the filler is gone, carries the trainer's termination message.
+        saw = any("No space left on device" in text for text in (self.leg_log(leg), json.dumps(ended)))
         how = f"exit {ended['exit_code']}" if ended.get("exit_code") is not None else str(ended.get("reason") or "?")
         fault.detail = f"leg {leg}: volume filled to {margin // 1024} KiB free; " + (
             f"checkpoint write failed with ENOSPC, leg ended: {how}" if saw else "leg ended WITHOUT ENOSPC [miss]"

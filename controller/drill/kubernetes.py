@@ -398,7 +398,7 @@ class KubernetesDrill(Drill):
             terminated = (container.get("state") or {}).get("terminated")
             if terminated is not None:
                 reason = status.get("reason") or terminated.get("reason")
-                return {"exit_code": terminated.get("exitCode"), "reason": reason}
+                return {"exit_code": terminated.get("exitCode"), "reason": reason, "message": terminated.get("message")}
         return None  # the kubelet has not reported it yet
 
     async def lose_node(self, fault: FaultRecord, leg: int, pid: int) -> None:

@@ -106,3 +106,41 @@ def test_the_writer_thread_starts_no_openmp_team(tmp_path: Path) -> None:
     assert found["control"] > 0, f"the probe sees no team even for torch's own copy on a thread: {found}"
     assert found["writer"] == 0, f"the checkpoint writer started {found['writer']} OpenMP thread(s)"
     assert found["equal"], "the checkpoint does not hold the model's weights"
+
+
+_FULL_DISK_PROBE = """
+import resource, signal, sys, torch
+from pathlib import Path
+from trainer import checkpoint as ckpt
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
+limit = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+tensors = {"w": torch.ones(3 * (1 << 18), dtype=torch.float32)}  # 3 MiB: slices of 1 MiB, the last one cut short
+try:
+    ckpt.write_safetensors(Path(sys.argv[1]), tensors)
+except OSError as exc:
+    print("raised", exc.errno)
+else:
+    print("returned")
+"""
+
+
+def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_file(tmp_path: Path) -> None:
+    """A volume that fills up in the middle of a file's last write: the kernel writes what fits and says so. A
+    writer that took that count for success left a short file and a manifest of hashes it does not match; the
+    write must raise (ENOSPC on a full volume; EFBIG here, where a file-size limit plays the full disk)."""
+    import errno
+    import subprocess
+    import sys
+
+    path = tmp_path / "model.safetensors"
+    limit = (5 << 19) + 4096  # 2.5 MiB and a page: inside the third 1 MiB slice
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK_PROBE, str(path), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.split() == ["raised", str(errno.EFBIG)], done.stdout + done.stderr
+    assert path.stat().st_size <= limit

@@ -298,7 +298,9 @@ def write_safetensors(
     pieces: list[str] = []
     digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
     written = flushed = 0
-    with open(path, "wb", buffering=0) as handle:
+    # Buffered, so that a write either writes everything or raises (a raw write may write part and say so, and a
+    # full volume would then leave a short file behind instead of ENOSPC); slices this big go straight through.
+    with open(path, "wb") as handle:
         for part in (memoryview(prefix), *views):
             for start in range(0, len(part), _WRITE_SLICE):
                 data = part[start : start + _WRITE_SLICE]
@@ -316,6 +318,7 @@ def write_safetensors(
                     flushed = written
         if piece_left < CHUNK_BYTES or not pieces:
             pieces.append(digest.hexdigest())
+        handle.flush()
         if fsync:
             os.fsync(handle.fileno())
     return tuple(pieces)
@@ -349,7 +352,7 @@ def _write_document(path: Path, payload: bytes) -> tuple[str, ...]:
     else:  # the JSON documents: one piece, hashed here rather than through the pool's queue
         digest = new_hasher(CHECKPOINT_HASH)
         digest.update(payload)
-    with open(path, "wb", buffering=0) as handle:
+    with open(path, "wb") as handle:  # buffered: all of it is written, or an error (ENOSPC) is raised
         handle.write(payload)
     if len(payload) > CHUNK_BYTES:
         return tuple(future.result() for future in digests)
