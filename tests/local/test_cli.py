@@ -4,7 +4,6 @@ nothing started; `relay run` starts and stops its embedded Temporal server, show
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -169,10 +168,16 @@ def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
     address = f"127.0.0.1:{_free_port()}"
     file = _write(tmp_path / "run.yaml", TINY.replace("maxSteps: 120", "maxSteps: 600"), name="ctrl-c")
     command = [sys.executable, "-m", "controller.cli", "run", str(file), "--volume", str(volume), "--address", address]
-    # 50 ms a step (the trainer's test hook): the tiny run would otherwise end its 600 steps between two progress
-    # records, before the Ctrl-C this test is about could land in the middle of it.
-    env = {**os.environ, "RELAY_TEST_STEP_SLEEP_S": "0.05"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    # As from a terminal: Ctrl-C's SIGINT in its default disposition. A test session started in the background by
+    # a shell without job control inherits SIGINT ignored, and so would `relay run` (the interrupt never landed).
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     progress = volume / "runs/default/ctrl-c/progress.json"
     deadline = time.monotonic() + 120
     while not (
