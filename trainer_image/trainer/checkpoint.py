@@ -52,6 +52,7 @@ from trainer.volume import (
     FileBytes,
     VerifiedCheckpoint,
     checkpoint_dir_name,
+    chunk_spans,
     fencing,
     fsync_dir,
     fsync_file,
@@ -59,7 +60,6 @@ from trainer.volume import (
     new_hasher,
     read_checkpoint,
     select_for_deletion,
-    submit_digests,
     write_manifest,
 )
 
@@ -346,17 +346,17 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
 
 
 def _write_document(path: Path, payload: bytes) -> tuple[str, ...]:
-    """Write bytes (not yet fsynced) and return the hash (volume.CHECKPOINT_HASH) of each piece (CHUNK_BYTES)."""
-    if len(payload) > CHUNK_BYTES:
-        digests = submit_digests([payload])
-    else:  # the JSON documents: one piece, hashed here rather than through the pool's queue
+    """Write bytes (not yet fsynced) and return the hash (volume.CHECKPOINT_HASH) of each piece (CHUNK_BYTES),
+    hashed on this thread: the documents are JSON of a few KB, for which the pool's queue costs more."""
+    view = memoryview(payload)
+    digests = []
+    for start, end in chunk_spans(len(view), CHUNK_BYTES):
         digest = new_hasher(CHECKPOINT_HASH)
-        digest.update(payload)
+        digest.update(view[start:end])
+        digests.append(digest.hexdigest())
     with open(path, "wb") as handle:  # buffered: all of it is written, or an error (ENOSPC) is raised
         handle.write(payload)
-    if len(payload) > CHUNK_BYTES:
-        return tuple(future.result() for future in digests)
-    return (digest.hexdigest(),)
+    return tuple(digests)
 
 
 def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
