@@ -144,3 +144,57 @@ def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_fil
     )
     assert done.stdout.split() == ["raised", str(errno.EFBIG)], done.stdout + done.stderr
     assert path.stat().st_size <= limit
+
+
+def test_a_file_laid_out_in_one_buffer_is_written_whole_and_loads_as_the_library_reads_it(tmp_path: Path) -> None:
+    """HostBuffers lays a checkpoint file's tensors out in one buffer, in the file's order, so the writer writes
+    its data section as one piece; the file must still load, every tensor aligned for its type."""
+    import json
+
+    from safetensors.torch import load_file
+
+    live = {
+        "bias": torch.arange(5, dtype=torch.float32),
+        "counts": torch.arange(3, dtype=torch.int64),
+        "flags": torch.tensor([True, False, True]),
+        "half": torch.randn(3, 5).to(torch.bfloat16),
+        "weight": torch.randn(64, 33),
+        "empty": torch.zeros(0, 4),
+    }
+    buffers = ckpt.HostBuffers()
+    targets = buffers.file_targets(ckpt.MODEL_FILE, live)
+    for name, tensor in live.items():
+        targets[name].copy_(tensor)
+    assert ckpt.data_section([targets[name] for name in ckpt.file_layout(targets)])[0].nbytes == sum(
+        t.nbytes for t in live.values()
+    ), "the tensors were not written as one piece"
+    path = tmp_path / ckpt.MODEL_FILE
+    pieces = ckpt.write_safetensors(path, targets)
+    assert pieces == file_digests(path, ckpt.CHUNK_BYTES)
+    loaded = load_file(str(path))
+    assert loaded.keys() == live.keys()
+    for name, tensor in live.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+    header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
+    for name, tensor in live.items():
+        assert header[name]["data_offsets"][0] % tensor.element_size() == 0, f"{name} starts unaligned"
+    # the same names and shapes reuse the buffer; a changed shape gets a new one
+    assert buffers.file_targets(ckpt.MODEL_FILE, live)["weight"].data_ptr() == targets["weight"].data_ptr()
+    grown = buffers.file_targets(ckpt.MODEL_FILE, live | {"weight": torch.randn(65, 33)})
+    assert grown["weight"].shape == (65, 33)
+
+
+def test_fsyncing_a_folders_files_never_goes_through_a_planted_symlink(tmp_path: Path) -> None:
+    from trainer.volume import fsync_files
+    from trainer.volume.durable import SymlinkRefused
+
+    folder = tmp_path / "step"
+    folder.mkdir()
+    (folder / "a.json").write_text("{}")
+    (tmp_path / "elsewhere").write_text("x")
+    (folder / "b.json").symlink_to(tmp_path / "elsewhere")
+    fsync_files(folder, ["a.json"])
+    with pytest.raises(SymlinkRefused, match=r"b\.json"):
+        fsync_files(folder, ["a.json", "b.json"])
+    with pytest.raises(FileNotFoundError, match=r"c\.json"):
+        fsync_files(folder, ["c.json"])

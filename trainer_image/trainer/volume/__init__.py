@@ -44,7 +44,7 @@ from trainer.volume.checkpoints import (
     remove_stale_temp_dirs,
     select_for_deletion,
 )
-from trainer.volume.durable import SymlinkRefused, atomic_write_json, fsync_dir, fsync_file, read_json
+from trainer.volume.durable import SymlinkRefused, atomic_write_json, fsync_dir, fsync_file, fsync_files, read_json
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.exitcodes import ExitCode
 from trainer.volume.fencing import Fenced, FenceRecord, FenceUnreadable, read_fence, write_fence
@@ -143,6 +143,7 @@ __all__ = [
     "find_latest_verified",
     "fsync_dir",
     "fsync_file",
+    "fsync_files",
     "list_checkpoint_dirs",
     "list_quarantined",
     "load_progress",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,22 @@ def fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_files(folder: Path, names: Iterable[str]) -> None:
+    """fsync the files `names` of `folder`, the folder reached once (no symlink followed, none at the names)."""
+    with opened_dir(folder) as dir_fd:
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise _refused(folder / name, "the file is a symlink") from None
+                raise type(exc)(exc.errno, exc.strerror, str(folder / name)) from None
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
