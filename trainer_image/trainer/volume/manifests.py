@@ -84,25 +84,27 @@ def walk_files(folder: Path) -> list[Path]:
     )
 
 
-def check_entries(manifest_path: Path, files: Sequence[FileEntry]) -> None:
+def check_entries(manifest_path: Path, files: Sequence[FileEntry]) -> dict[str, int]:
     """CheckpointInvalid unless every entry is a plain name inside the manifest's folder (`a` or `a/b`, never
     absolute, empty, `.` or `..`), listed once, and a regular file there that is not a symlink: a manifest is
-    data the run's pod can write, and it must not make a reader hash or load anything outside (issue 11)."""
-    seen: set[str] = set()
+    data the run's pod can write, and it must not make a reader hash or load anything outside (issue 11). Returns
+    each entry's size on disk, from the same lstat."""
+    seen: dict[str, int] = {}
     for entry in files:
         parts = entry.path.split("/")
         if entry.path in seen or any(part in ("", ".", "..") or "\\" in part for part in parts):
             raise CheckpointInvalid(f"{manifest_path}: entry {entry.path!r} is not a plain name inside the folder")
-        seen.add(entry.path)
         file = manifest_path.parent / entry.path
         try:
-            mode = os.lstat(file).st_mode
+            found = os.lstat(file)
         except OSError:
             raise CheckpointInvalid(f"{file}: listed in manifest but missing") from None
-        if stat.S_ISLNK(mode):
+        if stat.S_ISLNK(found.st_mode):
             raise CheckpointInvalid(f"{file}: a symlink (never followed)")
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(found.st_mode):
             raise CheckpointInvalid(f"{file}: listed in manifest but not a file")
+        seen[entry.path] = found.st_size
+    return seen
 
 
 def entry_json(entry: FileEntry) -> dict[str, Any]:
@@ -233,16 +235,15 @@ def _read_manifest(folder: Path, required_files: Collection[str]) -> CheckpointI
         raise CheckpointInvalid(f"{manifest_path}: says step {step} but folder is {folder.name}")
     if not files:
         raise CheckpointInvalid(f"{manifest_path}: lists no files")
-    check_entries(manifest_path, files)
+    sizes = check_entries(manifest_path, files)
     listed = {entry.path for entry in files}
     for name in required_files:
         if name not in listed:
             raise CheckpointInvalid(f"{folder / name}: required but not in the manifest (another checkpoint format?)")
     for entry in files:
-        file = folder / entry.path
-        size = file.lstat().st_size
-        if size != entry.size:
-            raise CheckpointInvalid(f"{file}: size {size} != {entry.size} in manifest (truncated?)")
+        if sizes[entry.path] != entry.size:
+            file = folder / entry.path
+            raise CheckpointInvalid(f"{file}: size {sizes[entry.path]} != {entry.size} in manifest (truncated?)")
     return CheckpointInfo(
         folder,
         step,

@@ -82,10 +82,10 @@ def read_snapshot(folder: Path, *, verify_hashes: bool) -> SnapshotInfo:
         )
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointInvalid(f"{manifest_path}: unreadable snapshot manifest ({exc})") from exc
-    check_entries(manifest_path, files)
+    sizes = check_entries(manifest_path, files)
     for entry in files:
         file = folder / entry.path
-        if file.lstat().st_size != entry.size:
+        if sizes[entry.path] != entry.size:
             raise CheckpointInvalid(f"{file}: size differs from snapshot manifest (truncated?)")
         if verify_hashes and sha256_file(file) != entry.digests[0]:
             raise CheckpointInvalid(f"{file}: sha256 does not match snapshot manifest (corrupt)")
