@@ -69,17 +69,15 @@ log = logging.getLogger("trainer")
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_META_FILE = "optimizer.json"
 _OPTIMIZER_FILE = re.compile(r"^optimizer\.([A-Za-z0-9_]+)\.safetensors$")
-
-
-def optimizer_file(key: str) -> str:
-    """The file of one optimizer state key (exp_avg, ...): a tensor per parameter index."""
-    return f"optimizer.{key}.safetensors"
-
-
 RNG_FILE = "rng.json"  # rank 0's (the only one of a single-process leg); ranks > 0: rank_rng_file
 MODEL_CONFIG_FILE = "model_config.json"
 # What load_checkpoint reads besides the optimizer tensors: a checkpoint whose manifest lacks one is invalid.
 REQUIRED_FILES = (MODEL_FILE, OPTIMIZER_META_FILE, RNG_FILE, STATE_FILE)
+
+
+def optimizer_file(key: str) -> str:
+    """The file of one optimizer state key (exp_avg, ...): a tensor per parameter index (_OPTIMIZER_FILE)."""
+    return f"optimizer.{key}.safetensors"
 
 
 def rank_rng_file(rank: int) -> str:
@@ -114,6 +112,8 @@ class HostState:
 
 @dataclass(frozen=True)
 class ModelFacts:
+    """What a checkpoint takes from the model that its training never changes (HostBuffers.model_facts)."""
+
     parameter_names: frozenset[str]
     config_json: str  # model_config.json
 

@@ -72,15 +72,20 @@ def opened_dir(path: Path, *, create: bool = False) -> Iterator[int]:
         os.close(fd)
 
 
+def _open_in(dir_fd: int, path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
+    """An fd of file `path`, whose folder is open as `dir_fd`, opened with `flags`; no symlink followed there."""
+    try:
+        return os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _refused(path, "the file is a symlink") from None
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+
+
 def open_file(path: Path, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
     """An fd of file `path` opened with `flags`, no symlink followed on the way or at the end."""
     with opened_dir(path.parent) as dir_fd:
-        try:
-            return os.open(path.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _refused(path, "the file is a symlink") from None
-            raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        return _open_in(dir_fd, path, flags, mode)
 
 
 def fsync_dir(path: Path) -> None:
@@ -89,23 +94,14 @@ def fsync_dir(path: Path) -> None:
 
 
 def fsync_file(path: Path) -> None:
-    fd = open_file(path)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_files(path.parent, [path.name])
 
 
 def fsync_files(folder: Path, names: Iterable[str]) -> None:
     """fsync the files `names` of `folder`, the folder reached once (no symlink followed, none at the names)."""
     with opened_dir(folder) as dir_fd:
         for name in names:
-            try:
-                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise _refused(folder / name, "the file is a symlink") from None
-                raise type(exc)(exc.errno, exc.strerror, str(folder / name)) from None
+            fd = _open_in(dir_fd, folder / name)
             try:
                 os.fsync(fd)
             finally:

@@ -89,10 +89,10 @@ def check_entries(manifest_path: Path, files: Sequence[FileEntry]) -> dict[str, 
     absolute, empty, `.` or `..`), listed once, and a regular file there that is not a symlink: a manifest is
     data the run's pod can write, and it must not make a reader hash or load anything outside (issue 11). Returns
     each entry's size on disk, from the same lstat."""
-    seen: dict[str, int] = {}
+    sizes: dict[str, int] = {}
     for entry in files:
         parts = entry.path.split("/")
-        if entry.path in seen or any(part in ("", ".", "..") or "\\" in part for part in parts):
+        if entry.path in sizes or any(part in ("", ".", "..") or "\\" in part for part in parts):
             raise CheckpointInvalid(f"{manifest_path}: entry {entry.path!r} is not a plain name inside the folder")
         file = manifest_path.parent / entry.path
         try:
@@ -103,8 +103,8 @@ def check_entries(manifest_path: Path, files: Sequence[FileEntry]) -> dict[str, 
             raise CheckpointInvalid(f"{file}: a symlink (never followed)")
         if not stat.S_ISREG(found.st_mode):
             raise CheckpointInvalid(f"{file}: listed in manifest but not a file")
-        seen[entry.path] = found.st_size
-    return seen
+        sizes[entry.path] = found.st_size
+    return sizes
 
 
 def entry_json(entry: FileEntry) -> dict[str, Any]:
