@@ -13,6 +13,7 @@ import xxhash
 from safetensors.torch import load_file, save_file
 
 from trainer import checkpoint as ckpt
+from trainer import checkpoint_files
 from trainer.volume import CheckpointInvalid, find_latest_verified, write_manifest
 
 
@@ -31,20 +32,25 @@ def sample_tensors() -> dict[str, torch.Tensor]:
 
 def write_checkpoint_of(folder: Path, step: int, tensors: dict[str, torch.Tensor]) -> None:
     folder.mkdir(parents=True)
-    ckpt.write_safetensors(folder / ckpt.MODEL_FILE, tensors)
+    checkpoint_files.write_safetensors(folder / ckpt.MODEL_FILE, tensors)
     (folder / ckpt.STATE_FILE).write_text(json.dumps({"step": step}))
     write_manifest(folder, step=step, epoch=0, config_hash="h")
 
 
-@pytest.mark.parametrize("writer", ["trainer", "safetensors library"])
+@pytest.mark.parametrize("writer", ["trainer", "trainer, composed image", "safetensors library"])
 def test_tensors_parsed_from_memory_equal_the_library_load(tmp_path: Path, writer: str) -> None:
     path = tmp_path / "t.safetensors"
     tensors = sample_tensors()
     if writer == "trainer":
-        ckpt.write_safetensors(path, tensors, {"format": "pt"})
+        checkpoint_files.write_safetensors(path, tensors, {"format": "pt"})
+    elif writer == "trainer, composed image":
+        image = checkpoint_files.compose_file_image(tensors, {"format": "pt"}, path.name)
+        for name, tensor in tensors.items():
+            image.tensors[name].copy_(tensor)
+        checkpoint_files.write_file_image(path, image)
     else:
         save_file(tensors, str(path), {"format": "pt"})
-    parsed = ckpt.tensors_from_safetensors(bytearray(path.read_bytes()), path)
+    parsed = checkpoint_files.tensors_from_safetensors(bytearray(path.read_bytes()), path)
     expected = load_file(str(path))
     assert parsed.keys() == expected.keys() == tensors.keys()
     for name, tensor in expected.items():
@@ -64,7 +70,7 @@ def test_a_tensor_stored_unaligned_for_its_type_is_copied_out_equal(tmp_path: Pa
     data = bytearray(
         len(raw).to_bytes(8, "little") + raw + bytes([1, 2, 3]) + torch.tensor([1.5, -2.0]).numpy().tobytes()
     )
-    parsed = ckpt.tensors_from_safetensors(data, tmp_path / "t.safetensors")
+    parsed = checkpoint_files.tensors_from_safetensors(data, tmp_path / "t.safetensors")
     assert torch.equal(parsed["a_odd"], torch.tensor([1, 2, 3], dtype=torch.int8))
     assert torch.equal(parsed["b_float"], torch.tensor([1.5, -2.0]))
 
@@ -72,11 +78,11 @@ def test_a_tensor_stored_unaligned_for_its_type_is_copied_out_equal(tmp_path: Pa
 def test_a_malformed_safetensors_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     with pytest.raises(ValueError, match=r"model\.safetensors: not a safetensors file"):
-        ckpt.tensors_from_safetensors(bytearray(b"\xff" * 16), path)
+        checkpoint_files.tensors_from_safetensors(bytearray(b"\xff" * 16), path)
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}).encode()
     data = bytearray(len(header).to_bytes(8, "little") + header + bytes(8))
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor w: data offsets do not fit shape"):
-        ckpt.tensors_from_safetensors(data, path)
+        checkpoint_files.tensors_from_safetensors(data, path)
 
 
 def test_resume_loads_the_verified_bytes_and_never_writes_the_file(tmp_path: Path) -> None:
@@ -97,7 +103,7 @@ def test_resume_loads_the_verified_bytes_and_never_writes_the_file(tmp_path: Pat
     path = verified.info.path / ckpt.MODEL_FILE
     assert isinstance(verified.contents[ckpt.MODEL_FILE], mmap.mmap)  # large files: no copy, no second read
     on_disk = path.read_bytes()
-    loaded = ckpt.tensors_from_safetensors(verified.contents[ckpt.MODEL_FILE], path)
+    loaded = checkpoint_files.tensors_from_safetensors(verified.contents[ckpt.MODEL_FILE], path)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
     loaded["big"].add_(1.0)  # the optimizer updates its moments in place: the checkpoint must not change
     del loaded, verified

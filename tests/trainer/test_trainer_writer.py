@@ -3,6 +3,8 @@ manifest wants, and runs at a low priority (nice 19) after the copy, a level the
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import threading
 from pathlib import Path
@@ -11,18 +13,31 @@ import pytest
 import torch
 
 from trainer import checkpoint as ckpt
+from trainer import checkpoint_files
 from trainer.volume import file_digests
 
 
+def composed(tensors: dict[str, torch.Tensor], name: str = "t.safetensors") -> checkpoint_files.FileImage:
+    """A file image of `tensors`, filled in as a capture fills it."""
+    image = checkpoint_files.compose_file_image(tensors, None, name)
+    for key, tensor in tensors.items():
+        image.tensors[key].copy_(tensor)
+    return image
+
+
+@pytest.mark.parametrize("writer", ["tensors", "composed image"])
 @pytest.mark.parametrize("chunk_bytes", [1000, 4096, 1 << 30])
 def test_hashing_while_writing_gives_the_manifests_pieces(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, writer: str
 ) -> None:
-    monkeypatch.setattr(ckpt, "CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(ckpt, "_WRITE_SLICE", 1536)  # slices that straddle the piece boundaries
+    monkeypatch.setattr(checkpoint_files, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(checkpoint_files, "_WRITE_SLICE", 1536)  # slices that straddle the piece boundaries
     tensors = {"a": torch.arange(3000, dtype=torch.float32), "b": torch.ones(1024, dtype=torch.int64)}
     path = tmp_path / "t.safetensors"
-    pieces = ckpt.write_safetensors(path, tensors)
+    if writer == "tensors":
+        pieces = checkpoint_files.write_safetensors(path, tensors)
+    else:
+        pieces = checkpoint_files.write_file_image(path, composed(tensors))
     assert pieces == file_digests(path, chunk_bytes)
     assert len(pieces) == max(1, -(-path.stat().st_size // chunk_bytes))
 
@@ -111,13 +126,17 @@ def test_the_writer_thread_starts_no_openmp_team(tmp_path: Path) -> None:
 _FULL_DISK_PROBE = """
 import resource, signal, sys, torch
 from pathlib import Path
-from trainer import checkpoint as ckpt
+from trainer import checkpoint_files
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails with EFBIG instead of killing us
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 tensors = {"w": torch.ones(3 * (1 << 18), dtype=torch.float32)}  # 3 MiB: slices of 1 MiB, the last one cut short
 try:
-    ckpt.write_safetensors(Path(sys.argv[1]), tensors)
+    if sys.argv[3] == "image":  # O_DIRECT
+        image = checkpoint_files.compose_file_image(tensors, None, "w")
+        checkpoint_files.write_file_image(Path(sys.argv[1]), image)
+    else:
+        checkpoint_files.write_safetensors(Path(sys.argv[1]), tensors)
 except OSError as exc:
     print("raised", exc.errno)
 else:
@@ -125,7 +144,8 @@ else:
 """
 
 
-def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["tensors", "composed image"])
+def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_file(tmp_path: Path, writer: str) -> None:
     """A volume that fills up in the middle of a file's last write: the kernel writes what fits and says so. A
     writer that took that count for success left a short file and a manifest of hashes it does not match; the
     write must raise (ENOSPC on a full volume; EFBIG here, where a file-size limit plays the full disk)."""
@@ -136,7 +156,7 @@ def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_fil
     path = tmp_path / "model.safetensors"
     limit = (5 << 19) + 4096  # 2.5 MiB and a page: inside the third 1 MiB slice
     done = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK_PROBE, str(path), str(limit)],
+        [sys.executable, "-c", _FULL_DISK_PROBE, str(path), str(limit), "image" if writer != "tensors" else "-"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -146,9 +166,10 @@ def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_fil
     assert path.stat().st_size <= limit
 
 
-def test_a_file_laid_out_in_one_buffer_is_written_whole_and_loads_as_the_library_reads_it(tmp_path: Path) -> None:
-    """HostBuffers lays a checkpoint file's tensors out in one buffer, in the file's order, so the writer writes
-    its data section as one piece; the file must still load, every tensor aligned for its type."""
+def test_a_composed_file_is_the_library_s_file_with_every_tensor_aligned(tmp_path: Path) -> None:
+    """HostBuffers composes each checkpoint file whole in one buffer (header, then the tensors in the file's order),
+    which the writer writes as it is: the same bytes as writing the tensors one by one, a file the safetensors
+    library loads, every tensor aligned for its type."""
     import json
 
     from safetensors.torch import load_file
@@ -162,15 +183,14 @@ def test_a_file_laid_out_in_one_buffer_is_written_whole_and_loads_as_the_library
         "empty": torch.zeros(0, 4),
     }
     buffers = ckpt.HostBuffers()
-    targets = buffers.file_targets(ckpt.MODEL_FILE, live)
+    image = buffers.file_image(ckpt.MODEL_FILE, live, {"format": "pt"})
     for name, tensor in live.items():
-        targets[name].copy_(tensor)
-    assert ckpt.data_section([targets[name] for name in ckpt.file_layout(targets)])[0].nbytes == sum(
-        t.nbytes for t in live.values()
-    ), "the tensors were not written as one piece"
+        image.tensors[name].copy_(tensor)
     path = tmp_path / ckpt.MODEL_FILE
-    pieces = ckpt.write_safetensors(path, targets)
-    assert pieces == file_digests(path, ckpt.CHUNK_BYTES)
+    pieces = checkpoint_files.write_file_image(path, image)
+    assert pieces == file_digests(path, checkpoint_files.CHUNK_BYTES)
+    checkpoint_files.write_safetensors(tmp_path / "one-by-one", live, {"format": "pt"})
+    assert path.read_bytes() == (tmp_path / "one-by-one").read_bytes()
     loaded = load_file(str(path))
     assert loaded.keys() == live.keys()
     for name, tensor in live.items():
@@ -178,10 +198,78 @@ def test_a_file_laid_out_in_one_buffer_is_written_whole_and_loads_as_the_library
     header = json.loads(path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")])
     for name, tensor in live.items():
         assert header[name]["data_offsets"][0] % tensor.element_size() == 0, f"{name} starts unaligned"
-    # the same names and shapes reuse the buffer; a changed shape gets a new one
-    assert buffers.file_targets(ckpt.MODEL_FILE, live)["weight"].data_ptr() == targets["weight"].data_ptr()
-    grown = buffers.file_targets(ckpt.MODEL_FILE, live | {"weight": torch.randn(65, 33)})
-    assert grown["weight"].shape == (65, 33)
+    # the same names, shapes and metadata reuse the buffer; a changed shape gets a new one
+    assert buffers.file_image(ckpt.MODEL_FILE, live, {"format": "pt"}) is image
+    grown = buffers.file_image(ckpt.MODEL_FILE, live | {"weight": torch.randn(65, 33)}, {"format": "pt"})
+    assert grown.tensors["weight"].shape == (65, 33)
+
+
+class WriteSpy:
+    """The `os` of checkpoint_files, its writes recorded as (bytes, whether O_DIRECT was on); `refuse` plays the
+    kernel's EINVAL for O_DIRECT: "open" at the open, "second" at the second direct write."""
+
+    def __init__(self, refuse: str = "") -> None:
+        self.writes: list[tuple[int, bool]] = []
+        self.refuse = refuse
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(os, name)
+
+    def open(self, path: Path, flags: int, mode: int = 0o777) -> int:
+        if self.refuse == "open" and flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return os.open(path, flags, mode)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        direct = bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT)
+        if direct and self.refuse == "second" and sum(d for _, d in self.writes) == 1:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        count = os.write(fd, data)
+        self.writes.append((count, direct))
+        return count
+
+
+needs_direct_io = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
+
+
+@needs_direct_io
+def test_a_composed_file_goes_to_the_disk_direct_but_for_its_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_DIRECT: the disk reads the buffer itself, with no copy into the page cache and no writeback after; only
+    the last bytes, less than a page, go through the page cache."""
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError as exc:
+        pytest.skip(f"SKIPPED LOUDLY: the file system of {tmp_path} refuses O_DIRECT ({exc})")
+    spy = WriteSpy()
+    monkeypatch.setattr(checkpoint_files, "os", spy)
+    tensors = {"w": torch.randn(3 * (1 << 18) + 5)}  # 3 MiB and a bit: three direct slices, then a tail
+    path = tmp_path / "t.safetensors"
+    pieces = checkpoint_files.write_file_image(path, composed(tensors))
+    assert [direct for _, direct in spy.writes] == [True, True, True, False], spy.writes
+    assert all(count % checkpoint_files.PAGE == 0 for count, _ in spy.writes[:-1])
+    assert spy.writes[-1][0] < checkpoint_files.PAGE
+    assert pieces == file_digests(path, checkpoint_files.CHUNK_BYTES)
+    assert checkpoint_files.tensors_from_safetensors(bytearray(path.read_bytes()), path)["w"].equal(tensors["w"])
+
+
+@needs_direct_io
+@pytest.mark.parametrize("refused", ["open", "second"])
+def test_a_file_system_that_refuses_direct_io_gets_the_file_through_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """EINVAL for O_DIRECT, at the open (a file system without it) or at a write (one that wants larger blocks):
+    the file is written buffered from there on, whole and hashed as before."""
+    spy = WriteSpy(refuse=refused)
+    monkeypatch.setattr(checkpoint_files, "os", spy)
+    tensors = {"w": torch.randn(3 * (1 << 18) + 5)}
+    path = tmp_path / "t.safetensors"
+    pieces = checkpoint_files.write_file_image(path, composed(tensors))
+    assert sum(direct for _, direct in spy.writes) == (0 if refused == "open" else 1), spy.writes
+    assert sum(count for count, _ in spy.writes) == path.stat().st_size
+    assert pieces == file_digests(path, checkpoint_files.CHUNK_BYTES)
+    assert checkpoint_files.tensors_from_safetensors(bytearray(path.read_bytes()), path)["w"].equal(tensors["w"])
 
 
 def test_fsyncing_a_folders_files_never_goes_through_a_planted_symlink(tmp_path: Path) -> None:

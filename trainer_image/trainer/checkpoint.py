@@ -11,13 +11,14 @@ A checkpoint folder `checkpoints/step-<9 digits>/` holds::
                             thread count, device, snapshot hash; what the data order is derived from
     config.json             the TrainerConfig the run was made with
     model_config.json       the model's config (lets `predict` load a checkpoint)
-    manifest.json           written last by volume.write_manifest: size + XXH3-128 hash of each 64 MiB piece
+    manifest.json           written last (volume.compose_manifest): size + XXH3-128 hash of each 64 MiB piece
                             of each file above (manifest format 3; formats 1 and 2, sha256, load too)
 
 It is written into `checkpoints/.tmp-g<leg>-step-<N>.<pid>.<thread>/` (`.tmp-step-...` for a leg without a
-generation), every file fsynced, the manifest written, then the folder renamed to `step-<N>` and the parent
-fsynced: a SIGKILL at any instant leaves either no `step-<N>` or a complete one (stale `.tmp-*` folders of
-older generations are removed at the next start). Right before the rename, and before each deletion of
+generation), every file and the folder fsynced, then the folder renamed to `step-<N>` and the parent fsynced: a
+SIGKILL or a crash at any instant leaves either no `step-<N>` or a complete one (stale `.tmp-*` folders of
+older generations are removed at the next start). The tensor files are composed in host memory and written with
+O_DIRECT (checkpoint_files). Right before the rename, and before each deletion of
 retention, the fence is read again: a leg superseded by a newer one commits nothing (volume.fencing).
 """
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -44,30 +44,35 @@ import torch
 
 from trainer import faults
 from trainer.checkpoint_consistency import CONFIG_FILE, STATE_FILE
+from trainer.checkpoint_files import (
+    FileImage,
+    compose_file_image,
+    tensors_from_safetensors,
+    write_bytes,
+    write_file_image,
+)
 from trainer.volume import (
-    CHECKPOINT_HASH,
-    CHUNK_BYTES,
+    MANIFEST_NAME,
     CheckpointInfo,
     CheckpointInvalid,
     Fenced,
-    FileBytes,
     VerifiedCheckpoint,
     checkpoint_dir_name,
-    chunk_spans,
+    compose_manifest,
     fencing,
     fsync_dir,
     fsync_files,
+    json_document,
     list_checkpoint_dirs,
-    new_hasher,
     read_checkpoint,
     select_for_deletion,
-    write_manifest,
 )
 
 log = logging.getLogger("trainer")
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_META_FILE = "optimizer.json"
+_OPTIMIZER_KEY = re.compile(r"[A-Za-z0-9_]+")  # an optimizer state key that can name its file
 _OPTIMIZER_FILE = re.compile(r"^optimizer\.([A-Za-z0-9_]+)\.safetensors$")
 RNG_FILE = "rng.json"  # rank 0's (the only one of a single-process leg); ranks > 0: rank_rng_file
 MODEL_CONFIG_FILE = "model_config.json"
@@ -94,8 +99,9 @@ class HostState:
 
     step: int
     epoch: int
-    model: dict[str, torch.Tensor]
-    optimizer_tensors: dict[str, dict[str, torch.Tensor]]  # state key -> parameter index -> tensor
+    # MODEL_FILE (the model's state_dict), then optimizer_file(key) for each optimizer state key (its tensors named
+    # by parameter index), each composed in host memory
+    tensor_files: dict[str, FileImage]
     optimizer_meta: dict[str, Any]
     rng: dict[str, Any]
     trainer_state: dict[str, Any]
@@ -118,25 +124,20 @@ class ModelFacts:
     config_json: str  # model_config.json
 
 
-def file_layout(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The order of a tensor file's data section: larger elements first, then by name, as the safetensors library
-    writes it. Every tensor then starts at an offset aligned for its type, with no gap between tensors."""
-    return sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
-
-
 class HostBuffers:
-    """Host tensors reused from one checkpoint to the next: copying into memory that is already mapped costs a
+    """Host memory reused from one checkpoint to the next: copying into memory that is already mapped costs a
     plain memcpy, where fresh allocations would also pay a page fault per page (the larger part of the stall).
 
-    The tensors of one checkpoint file are views of one buffer laid out as the file's data section (file_layout),
-    so the writer writes and hashes the file in large slices instead of tensor by tensor (a small model has
-    ~160 tensors of a few KB: that per-tensor work was a third of the writer's CPU).
+    Each checkpoint file is composed whole in one page-aligned buffer (checkpoint_files.FileImage: header, then the
+    data section, into which a capture copies the tensors), so the writer hashes and writes the file in large
+    slices instead of tensor by tensor (a small model has ~160 tensors of a few KB: that per-tensor work was a
+    third of the writer's CPU), and with O_DIRECT, straight from that buffer.
 
     Safe because a capture only happens once the previous write has finished (AsyncCheckpointWriter).
     """
 
     def __init__(self) -> None:
-        self._files: dict[str, tuple[tuple[Any, ...], dict[str, torch.Tensor]]] = {}
+        self._files: dict[str, tuple[tuple[Any, ...], FileImage]] = {}
         self._models: weakref.WeakKeyDictionary[torch.nn.Module, ModelFacts] = weakref.WeakKeyDictionary()
 
     def model_facts(self, model: torch.nn.Module) -> ModelFacts:
@@ -152,27 +153,21 @@ class HostBuffers:
             self._models[model] = facts
         return facts
 
-    def file_targets(self, file: str, sources: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The host tensors that hold `sources`' copies in checkpoint file `file`, in file_layout order: views of
-        one buffer, allocated on first use and again when the names, shapes or dtypes change."""
-        signature = tuple((name, tuple(t.shape), t.dtype, t.is_cuda) for name, t in sorted(sources.items()))
+    def file_image(
+        self, file: str, sources: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> FileImage:
+        """The image of checkpoint file `file` that holds `sources`' copies: composed on first use, and again when
+        the names, shapes, dtypes or metadata change."""
+        signature = (
+            tuple((name, tuple(t.shape), t.dtype, t.is_cuda) for name, t in sorted(sources.items())),
+            tuple(sorted((metadata or {}).items())),
+        )
         cached = self._files.get(file)
         if cached is not None and cached[0] == signature:
             return cached[1]
-        order = file_layout(sources)
-        arena = torch.empty(
-            sum(sources[name].nbytes for name in order),
-            dtype=torch.uint8,
-            pin_memory=any(t.is_cuda for t in sources.values()),
-        )
-        targets: dict[str, torch.Tensor] = {}
-        offset = 0
-        for name in order:
-            source = sources[name]
-            targets[name] = arena[offset : offset + source.nbytes].view(source.dtype).view(source.shape)
-            offset += source.nbytes
-        self._files[file] = (signature, targets)
-        return targets
+        image = compose_file_image(sources, metadata, file, pinned=any(t.is_cuda for t in sources.values()))
+        self._files[file] = (signature, image)
+        return image
 
 
 # at::internal::GRAIN_SIZE: torch runs an elementwise CPU op on the calling thread alone below this many elements.
@@ -255,15 +250,17 @@ def capture(
     extra: dict[str, Any],
     emergency: bool = False,
     buffers: HostBuffers | None = None,
+    rng: dict[str, Any] | None = None,
 ) -> HostState:
-    """Take the state of this step boundary: RNGs, scheduler, counters and module buffers now; parameters and
-    optimizer tensors are only referenced here (`deferred`) and copied by `finish_copies` on the writer
-    thread, since nothing changes them before the next optimizer.step()."""
+    """Take the state of this step boundary: RNGs (`rng` when the caller took them: capture_rng), scheduler,
+    counters and module buffers now; parameters and optimizer tensors are only referenced here (`deferred`) and
+    copied by `finish_copies` on the writer thread, since nothing changes them before the next optimizer.step()."""
     buffers = buffers or HostBuffers()
     facts = buffers.model_facts(model)
     deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
     live_model = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    model_tensors = buffers.file_targets(MODEL_FILE, live_model)
+    model_image = buffers.file_image(MODEL_FILE, live_model, {"format": "pt"})
+    model_tensors = model_image.tensors
     for name, tensor in live_model.items():
         if name in facts.parameter_names:
             deferred.append((model_tensors[name], tensor))
@@ -274,25 +271,24 @@ def capture(
     scalars: dict[str, dict[str, Any]] = {}
     for param_id, entries in opt_state["state"].items():
         for key, value in entries.items():
-            if isinstance(value, torch.Tensor) and re.fullmatch(r"[A-Za-z0-9_]+", key):
+            if isinstance(value, torch.Tensor):
                 live_optimizer.setdefault(key, {})[str(param_id)] = value.detach()
-            elif isinstance(value, torch.Tensor):
-                raise ValueError(f"optimizer state key {key!r} cannot name a checkpoint file")
             else:
                 scalars.setdefault(str(param_id), {})[key] = value
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, live in live_optimizer.items():
-        tensors[key] = buffers.file_targets(optimizer_file(key), live)
-        deferred.extend((tensors[key][index], tensor) for index, tensor in live.items())
+    tensor_files = {MODEL_FILE: model_image}
+    for key, live in sorted(live_optimizer.items()):
+        if not _OPTIMIZER_KEY.fullmatch(key):
+            raise ValueError(f"optimizer state key {key!r} cannot name a checkpoint file")
+        image = tensor_files[optimizer_file(key)] = buffers.file_image(optimizer_file(key), live)
+        deferred.extend((image.tensors[index], tensor) for index, tensor in live.items())
     meta = {"param_groups": opt_state["param_groups"], "scalars": scalars}
     full_state = {**trainer_state, "scheduler": scheduler.state_dict()}
     return HostState(
         step=int(trainer_state["step"]),
         epoch=int(trainer_state["epoch"]),
-        model=model_tensors,
-        optimizer_tensors=tensors,
+        tensor_files=tensor_files,
         optimizer_meta=meta,
-        rng=capture_rng(),
+        rng=rng if rng is not None else capture_rng(),
         trainer_state=json.loads(json.dumps(full_state)),
         config_json=config_json,
         model_config_json=facts.config_json,
@@ -302,137 +298,6 @@ def capture(
         emergency=emergency,
         deferred=deferred,
     )
-
-
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
-def write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *, fsync: bool = True
-) -> tuple[str, ...]:
-    """Write a safetensors file straight from the tensors' host memory (no serialized copy), fsync it (unless
-    the caller does), and return the hash (volume.CHECKPOINT_HASH) of each of its pieces (volume.CHUNK_BYTES),
-    hashed on this thread as it is written.
-
-    Same format and order as `safetensors.torch.save_file` (header, then the tensors' bytes in file_layout order),
-    so the safetensors library loads it; only the memory copy is avoided.
-    """
-    header: dict[str, Any] = {}
-    ordered = file_layout(tensors)
-    offset = 0
-    for name in ordered:
-        tensor = tensors[name]
-        if tensor.dtype not in _SAFETENSORS_DTYPES:
-            raise TypeError(f"{path.name}: tensor {name} has unsupported dtype {tensor.dtype}")
-        header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + tensor.nbytes],
-        }
-        offset += tensor.nbytes
-    views = data_section([tensors[name] for name in ordered])
-    if metadata:
-        header["__metadata__"] = metadata
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    prefix = len(header_bytes).to_bytes(8, "little") + header_bytes
-    # The tensors are private host copies, which no one changes. Each slice is hashed and then written while it is
-    # still in the CPU cache, on this thread (the writer's, at the writer's low priority: AsyncCheckpointWriter),
-    # rather than on the shared hash pool, whose threads run at the training's priority.
-    pieces: list[str] = []
-    digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
-    written = flushed = 0
-    # Buffered, so that a write either writes everything or raises (a raw write may write part and say so, and a
-    # full volume would then leave a short file behind instead of ENOSPC); slices this big go straight through.
-    with open(path, "wb") as handle:
-        for part in (memoryview(prefix), *views):
-            for start in range(0, len(part), _WRITE_SLICE):
-                data = part[start : start + _WRITE_SLICE]
-                while len(data):
-                    taken = data[:piece_left]
-                    digest.update(taken)
-                    handle.write(taken)
-                    written += len(taken)
-                    data, piece_left = data[len(taken) :], piece_left - len(taken)
-                    if piece_left == 0:
-                        pieces.append(digest.hexdigest())
-                        digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
-                if written - flushed >= _WRITE_BEHIND_BYTES:
-                    start_writeback(handle.fileno(), flushed, written - flushed)
-                    flushed = written
-        if piece_left < CHUNK_BYTES or not pieces:
-            pieces.append(digest.hexdigest())
-        handle.flush()
-        if fsync:
-            os.fsync(handle.fileno())
-    return tuple(pieces)
-
-
-def data_section(ordered: list[torch.Tensor]) -> list[memoryview]:
-    """The bytes of a tensor file's data section, in order: one view of the whole buffer when the tensors are its
-    consecutive views from start to end (HostBuffers lays each file out so), else one view per tensor."""
-    shown = [t for t in ordered if t.nbytes]
-    if shown and all(t.device.type == "cpu" and t.is_contiguous() for t in shown):
-        storage = shown[0].untyped_storage()
-        start = end = storage.data_ptr()
-        for tensor in shown:
-            if tensor.data_ptr() != end or tensor.untyped_storage().data_ptr() != start:
-                break
-            end += tensor.nbytes
-        else:
-            if end - start == storage.nbytes():
-                whole = torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[call-overload]
-                return [memoryview(whole.numpy())]  # type: ignore[arg-type]
-    return [
-        memoryview(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-        for t in ordered
-    ]
-
-
-# Hash-then-write granularity of write_safetensors: small enough to stay in a core's cache between the two.
-_WRITE_SLICE = 1 << 20
-# Tensor files of a checkpoint at least this big in all are written on a thread each (see _write_checkpoint).
-_PARALLEL_FILES_MIN_BYTES = 32 << 20
-# How much of a file is written before the disk is asked to start writing it out (start_writeback).
-_WRITE_BEHIND_BYTES = 8 << 20
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing these just-written bytes to the disk, without waiting for it.
-
-    POSIX_FADV_DONTNEED on dirty pages starts their writeback (Linux: mm/fadvise.c, WB_SYNC_NONE) and frees them
-    from the page cache once clean, as PostgreSQL's pg_flush_data does where it lacks sync_file_range. The disk
-    then writes while the rest of the checkpoint is hashed and copied, and the final fsync waits for a tail
-    instead of the whole file (MiniLM's 273 MB: 0.20 s vs 0.24 s for hash, write and fsync on 3 threads, dd
-    0.18 s), and a checkpoint does not crowd the page cache. Durability still rests on the fsync alone.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not on every platform or file system: only slower
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-
-def _write_document(path: Path, payload: bytes) -> tuple[str, ...]:
-    """Write bytes (not yet fsynced) and return the hash (volume.CHECKPOINT_HASH) of each piece (CHUNK_BYTES),
-    hashed on this thread: the documents are JSON of a few KB, for which the pool's queue costs more."""
-    view = memoryview(payload)
-    digests = []
-    for start, end in chunk_spans(len(view), CHUNK_BYTES):
-        digest = new_hasher(CHECKPOINT_HASH)
-        digest.update(view[start:end])
-        digests.append(digest.hexdigest())
-    with open(path, "wb") as handle:  # buffered: all of it is written, or an error (ENOSPC) is raised
-        handle.write(payload)
-    return tuple(digests)
 
 
 def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
@@ -451,6 +316,10 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
         raise
 
 
+# Tensor files of a checkpoint at least this big in all are written on a thread each (see _write_checkpoint).
+_PARALLEL_FILES_MIN_BYTES = 32 << 20
+
+
 def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fence) -> CheckpointInfo:
     finish_copies(state)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -459,18 +328,13 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     hashes: dict[str, tuple[str, ...]] = {}
-    tensor_files = {MODEL_FILE: (state.model, {"format": "pt"})} | {
-        optimizer_file(key): (tensors, None) for key, tensors in sorted(state.optimizer_tensors.items())
-    }
     unsynced: list[str] = []  # written, fsynced below together
-    tensor_bytes = sum(t.nbytes for tensors, _ in tensor_files.values() for t in tensors.values())
-    if tensor_bytes >= _PARALLEL_FILES_MIN_BYTES:
+    if sum(len(image.data) for image in state.tensor_files.values()) >= _PARALLEL_FILES_MIN_BYTES:
         # Every tensor file is written and fsynced on a thread of its own: the disk flushes them together, where
         # one after the other it waited for each file's fsync in turn (MiniLM: 0.29 s vs dd's 0.2 s, same bytes).
-        with ThreadPoolExecutor(max_workers=len(tensor_files), thread_name_prefix="checkpoint-file") as files:
+        with ThreadPoolExecutor(max_workers=len(state.tensor_files), thread_name_prefix="checkpoint-file") as files:
             written = {
-                name: files.submit(write_safetensors, tmp / name, tensors, metadata)
-                for name, (tensors, metadata) in tensor_files.items()
+                name: files.submit(write_file_image, tmp / name, image) for name, image in state.tensor_files.items()
             }
             hashes[MODEL_FILE] = written[MODEL_FILE].result()
             faults.active().in_checkpoint_write(state.step)  # tests only: a slow write, or a SIGKILL inside it
@@ -478,8 +342,8 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
     else:
         # A small model: starting threads and handing the GIL between them costs the training more than writing
         # the files one after the other here, and one journal commit below makes them all durable.
-        for name, (tensors, metadata) in tensor_files.items():
-            hashes[name] = write_safetensors(tmp / name, tensors, metadata, fsync=False)
+        for name, image in state.tensor_files.items():
+            hashes[name] = write_file_image(tmp / name, image, fsync=False)
             unsynced.append(name)
             if name == MODEL_FILE:
                 faults.active().in_checkpoint_write(state.step)
@@ -491,13 +355,11 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
         (MODEL_CONFIG_FILE, state.model_config_json),
         *((rank_rng_file(rank), json.dumps(rng)) for rank, rng in enumerate(state.rank_rngs, start=1)),
     ):
-        hashes[name] = _write_document(tmp / name, document.encode("utf-8"))
+        hashes[name] = write_bytes(tmp / name, document.encode("utf-8"))
         unsynced.append(name)
-    # fsynced once all are written: the first fsync's journal commit takes the others' data along (ext4 and XFS
-    # write a transaction's ordered data with it), and the rest find nothing left to do; one by one each paid a
-    # commit of its own.
-    fsync_files(tmp, unsynced)
-    info = write_manifest(
+    # The manifest is written like the rest (no rename of its own): the folder is published by its rename below,
+    # once everything in it is durable, so no reader ever sees it without its manifest.
+    manifest, info = compose_manifest(
         tmp,
         step=state.step,
         epoch=state.epoch,
@@ -506,7 +368,13 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
         extra=state.extra,
         hashes=hashes,
         fsynced=hashes.keys(),
-    )  # the manifest is written by atomic_write_json, which fsyncs `tmp` after its rename
+    )
+    write_bytes(tmp / MANIFEST_NAME, json_document(manifest).encode("utf-8"))
+    # fsynced once all are written, their blocks allocated (checkpoint_files.start_writeback): the first fsync's
+    # journal commit takes every file's metadata along, and the rest find nothing left to do; one by one, each
+    # paid a commit of its own. Then the folder, whose entries that commit holds too.
+    fsync_files(tmp, [*unsynced, MANIFEST_NAME])
+    fsync_dir(tmp)
     if final.exists():
         # Same step already saved (e.g. resumed from it): the content is identical by construction.
         shutil.rmtree(tmp, ignore_errors=True)
@@ -546,8 +414,8 @@ def apply_retention(
         os.replace(info.path, doomed)  # first out of sight, then removed; a kill in between leaves a .tmp-
         shutil.rmtree(doomed, ignore_errors=True)
         deleted.append(info.step)
-    if deleted:
-        fsync_dir(checkpoints_dir)
+    # Not fsynced: a deletion lost in a crash only brings back a checkpoint retention deletes again (or a .tmp-
+    # folder the next start removes); the next checkpoint's commit makes it durable anyway.
     return deleted
 
 
@@ -558,46 +426,6 @@ class LoadedCheckpoint:
     optimizer: dict[str, Any]
     rng: dict[str, Any]
     trainer_state: dict[str, Any]
-
-
-def tensors_from_safetensors(data: FileBytes, where: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in memory, as views of `data` (no copy); ValueError naming `where`.
-
-    `data` is writable (a bytearray, or a private copy-on-write mapping), so the tensors may be changed in
-    place, as the optimizer does with its moments, without touching the file.
-    """
-    buffer = memoryview(data)
-    if len(buffer) < 8:
-        raise ValueError(f"{where}: not a safetensors file ({len(buffer)} bytes)")
-    start = 8 + int.from_bytes(buffer[:8], "little")
-    if start > len(buffer):
-        raise ValueError(f"{where}: not a safetensors file (header longer than the file)")
-    try:
-        header = json.loads(bytes(buffer[8:start]))
-    except ValueError as exc:
-        raise ValueError(f"{where}: unreadable safetensors header ({exc})") from exc
-    if not isinstance(header, dict):
-        raise ValueError(f"{where}: not a safetensors file (header is not an object)")
-    header.pop("__metadata__", None)
-    dtypes = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, spec in header.items():
-        try:
-            dtype = dtypes[spec["dtype"]]
-            shape = [int(n) for n in spec["shape"]]
-            begin, end = (start + int(n) for n in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: tensor {name}: bad header entry {spec!r}") from exc
-        count = math.prod(shape)
-        if not start <= begin <= end <= len(buffer) or end - begin != count * dtype.itemsize:
-            raise ValueError(f"{where}: tensor {name}: data offsets do not fit shape {shape} and dtype {dtype}")
-        if count == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        elif begin % dtype.itemsize:  # unaligned for its type (not written by this trainer): copy it out
-            tensors[name] = torch.frombuffer(bytearray(buffer[begin:end]), dtype=dtype).reshape(shape)
-        else:
-            tensors[name] = torch.frombuffer(data, dtype=dtype, count=count, offset=begin).reshape(shape)
-    return tensors
 
 
 def load_checkpoint(verified: VerifiedCheckpoint) -> LoadedCheckpoint:

@@ -182,6 +182,7 @@ class CheckpointPolicy:
             | self.tracker.metrics_at(step),
             extra={key: state[key] for key in MANIFEST_EXTRA_FIELDS if key in state} | {"emergency": emergency},
             buffers=self.writer.buffers,
+            rng=rngs[0],
         )
         host.rank_rngs = rngs[1:]
         return host

@@ -254,10 +254,11 @@ EARLY_STOPPED = "EarlyStopped"
 def load_checkpoint_weights(learner: Learner, layout: RunLayout, step: int) -> None:
     """Load the model weights of checkpoint `step` (hashes verified) into the learner's model (loadBestAtEnd)."""
     from trainer import checkpoint as ckpt
+    from trainer.checkpoint_files import tensors_from_safetensors
 
     folder = layout.checkpoints_dir / checkpoint_dir_name(step)
     verified = open_verified_checkpoint(folder, required_files=(ckpt.MODEL_FILE,))
-    weights = ckpt.tensors_from_safetensors(verified.contents[ckpt.MODEL_FILE], folder / ckpt.MODEL_FILE)
+    weights = tensors_from_safetensors(verified.contents[ckpt.MODEL_FILE], folder / ckpt.MODEL_FILE)
     learner.model.load_state_dict({k: v.to(learner.device) for k, v in weights.items()})
     log.info("loadBestAtEnd: final model from checkpoint step %d", step)
 

@@ -44,7 +44,15 @@ from trainer.volume.checkpoints import (
     remove_stale_temp_dirs,
     select_for_deletion,
 )
-from trainer.volume.durable import SymlinkRefused, atomic_write_json, fsync_dir, fsync_file, fsync_files, read_json
+from trainer.volume.durable import (
+    SymlinkRefused,
+    atomic_write_json,
+    fsync_dir,
+    fsync_file,
+    fsync_files,
+    json_document,
+    read_json,
+)
 from trainer.volume.errors import CheckpointInvalid
 from trainer.volume.exitcodes import ExitCode
 from trainer.volume.fencing import Fenced, FenceRecord, FenceUnreadable, read_fence, write_fence
@@ -73,6 +81,7 @@ from trainer.volume.manifests import (
     MANIFEST_NAME,
     CheckpointInfo,
     VerifiedCheckpoint,
+    compose_manifest,
     open_verified_checkpoint,
     read_checkpoint,
     write_manifest,
@@ -138,12 +147,14 @@ __all__ = [
     "atomic_write_json",
     "checkpoint_dir_name",
     "chunk_spans",
+    "compose_manifest",
     "file_digests",
     "find_latest_checkpoint",
     "find_latest_verified",
     "fsync_dir",
     "fsync_file",
     "fsync_files",
+    "json_document",
     "list_checkpoint_dirs",
     "list_quarantined",
     "load_progress",

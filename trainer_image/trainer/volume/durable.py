@@ -108,12 +108,17 @@ def fsync_files(folder: Path, names: Iterable[str]) -> None:
                 os.close(fd)
 
 
+def json_document(data: Any) -> str:
+    """The text of a JSON file the volume holds (manifests, records): indented, keys sorted, a final newline."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write JSON to a temp file made (O_EXCL) in the same folder, fsync, rename over `path`, fsync the folder.
 
     A symlink at `path` is replaced, not followed (rename swaps the name); one at the temp name is removed.
     """
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    text = json_document(data)
     tmp = f"{TMP_PREFIX}{path.name}.{os.getpid()}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     with opened_dir(path.parent, create=True) as dir_fd:

@@ -144,6 +144,34 @@ def write_manifest(
     by relative path, to avoid reading those files back; sizes are always taken from the file system. Files in
     `fsynced` (relative paths) were fsynced by the caller after their last write and are not fsynced again.
     """
+    manifest, info = compose_manifest(
+        folder,
+        step=step,
+        epoch=epoch,
+        config_hash=config_hash,
+        metrics=metrics,
+        extra=extra,
+        hashes=hashes,
+        fsynced=fsynced,
+    )
+    atomic_write_json(folder / MANIFEST_NAME, manifest)
+    return info
+
+
+def compose_manifest(
+    folder: Path,
+    *,
+    step: int,
+    epoch: int,
+    config_hash: str,
+    metrics: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+    hashes: Mapping[str, tuple[str, ...]] | None = None,
+    fsynced: Collection[str] = (),
+) -> tuple[dict[str, Any], CheckpointInfo]:
+    """The manifest of the files in `folder` (as write_manifest, which writes it), not yet written: for a caller
+    that writes it inside a folder no one sees yet and makes it durable with the other files, before publishing
+    the folder by a rename (the checkpoint writer). Files in `fsynced` are fsynced by the caller."""
     entries = []
     for file in walk_files(folder):
         rel = file.relative_to(folder).as_posix()
@@ -164,8 +192,7 @@ def write_manifest(
         "extra": extra or {},
         "files": [entry_json(entry) for entry in entries],
     }
-    atomic_write_json(folder / MANIFEST_NAME, manifest)
-    return CheckpointInfo(
+    return manifest, CheckpointInfo(
         folder, step, epoch, created_at, config_hash, dict(metrics or {}), tuple(entries), extra or {}
     )
 
