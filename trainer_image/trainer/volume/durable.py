@@ -113,10 +113,12 @@ def json_document(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:
     """Write JSON to a temp file made (O_EXCL) in the same folder, fsync, rename over `path`, fsync the folder.
 
     A symlink at `path` is replaced, not followed (rename swaps the name); one at the temp name is removed.
+    `durable=False`: no fsync, for a report rewritten every few seconds (progress.json): readers still see the
+    old document or the new one, never part of one, and a crash loses at most the last reports.
     """
     text = json_document(data)
     tmp = f"{TMP_PREFIX}{path.name}.{os.getpid()}"
@@ -132,13 +134,15 @@ def atomic_write_json(path: Path, data: Any) -> None:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
                 handle.flush()
-                os.fsync(handle.fileno())
+                if durable:
+                    os.fsync(handle.fileno())
             os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException:
             with suppress(FileNotFoundError):
                 os.unlink(tmp, dir_fd=dir_fd)
             raise
-        os.fsync(dir_fd)
+        if durable:
+            os.fsync(dir_fd)
 
 
 def read_json(path: Path) -> Any:
