@@ -25,7 +25,7 @@ def composed(tensors: dict[str, torch.Tensor], name: str = "t.safetensors") -> c
     return image
 
 
-@pytest.mark.parametrize("writer", ["tensors", "composed image"])
+@pytest.mark.parametrize("writer", ["document", "composed image"])
 @pytest.mark.parametrize("chunk_bytes", [1000, 4096, 1 << 30])
 def test_hashing_while_writing_gives_the_manifests_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, writer: str
@@ -34,8 +34,8 @@ def test_hashing_while_writing_gives_the_manifests_pieces(
     monkeypatch.setattr(checkpoint_files, "_WRITE_SLICE", 1536)  # slices that straddle the piece boundaries
     tensors = {"a": torch.arange(3000, dtype=torch.float32), "b": torch.ones(1024, dtype=torch.int64)}
     path = tmp_path / "t.safetensors"
-    if writer == "tensors":
-        pieces = checkpoint_files.write_safetensors(path, tensors)
+    if writer == "document":  # buffered, each slice hashed right before it is written
+        pieces = checkpoint_files.write_bytes(path, bytes(composed(tensors).data))
     else:
         pieces = checkpoint_files.write_file_image(path, composed(tensors))
     assert pieces == file_digests(path, chunk_bytes)
@@ -132,11 +132,11 @@ limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 tensors = {"w": torch.ones(3 * (1 << 18), dtype=torch.float32)}  # 3 MiB: slices of 1 MiB, the last one cut short
 try:
+    image = checkpoint_files.compose_file_image(tensors, None, "w")
     if sys.argv[3] == "image":  # O_DIRECT
-        image = checkpoint_files.compose_file_image(tensors, None, "w")
         checkpoint_files.write_file_image(Path(sys.argv[1]), image)
-    else:
-        checkpoint_files.write_safetensors(Path(sys.argv[1]), tensors)
+    else:  # buffered
+        checkpoint_files.write_bytes(Path(sys.argv[1]), bytes(image.data), fsync=True)
 except OSError as exc:
     print("raised", exc.errno)
 else:
@@ -144,7 +144,7 @@ else:
 """
 
 
-@pytest.mark.parametrize("writer", ["tensors", "composed image"])
+@pytest.mark.parametrize("writer", ["document", "composed image"])
 def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_file(tmp_path: Path, writer: str) -> None:
     """A volume that fills up in the middle of a file's last write: the kernel writes what fits and says so. A
     writer that took that count for success left a short file and a manifest of hashes it does not match; the
@@ -156,7 +156,7 @@ def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_fil
     path = tmp_path / "model.safetensors"
     limit = (5 << 19) + 4096  # 2.5 MiB and a page: inside the third 1 MiB slice
     done = subprocess.run(
-        [sys.executable, "-c", _FULL_DISK_PROBE, str(path), str(limit), "image" if writer != "tensors" else "-"],
+        [sys.executable, "-c", _FULL_DISK_PROBE, str(path), str(limit), "image" if writer == "composed image" else "-"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -168,8 +168,8 @@ def test_a_write_the_disk_cannot_take_whole_fails_instead_of_leaving_a_short_fil
 
 def test_a_composed_file_is_the_library_s_file_with_every_tensor_aligned(tmp_path: Path) -> None:
     """HostBuffers composes each checkpoint file whole in one buffer (header, then the tensors in the file's order),
-    which the writer writes as it is: the same bytes as writing the tensors one by one, a file the safetensors
-    library loads, every tensor aligned for its type."""
+    which the writer writes as it is: the header, then each tensor's bytes in the file's order, a file the
+    safetensors library loads, every tensor aligned for its type."""
     import json
 
     from safetensors.torch import load_file
@@ -189,8 +189,11 @@ def test_a_composed_file_is_the_library_s_file_with_every_tensor_aligned(tmp_pat
     path = tmp_path / ckpt.MODEL_FILE
     pieces = checkpoint_files.write_file_image(path, image)
     assert pieces == file_digests(path, checkpoint_files.CHUNK_BYTES)
-    checkpoint_files.write_safetensors(tmp_path / "one-by-one", live, {"format": "pt"})
-    assert path.read_bytes() == (tmp_path / "one-by-one").read_bytes()
+    one_by_one = b"".join(
+        live[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        for name in checkpoint_files.file_layout(live)
+    )
+    assert path.read_bytes() == checkpoint_files.safetensors_prefix(live, {"format": "pt"}, path.name) + one_by_one
     loaded = load_file(str(path))
     assert loaded.keys() == live.keys()
     for name, tensor in live.items():

@@ -6,9 +6,10 @@ with spaces to 8 bytes, then the data section in `file_layout` order. A file com
 buffer (`FileImage`, built by checkpoint.HostBuffers) goes to the disk with O_DIRECT: the disk reads the buffer
 itself, with no copy into the page cache and no writeback later. For the tiny model's 7.2 MB that took the
 writer's CPU for write and fsync from 3.1 to 0.9 ms; for MiniLM's three 91 MB files written at once, from 112 to
-39 ms (XXH3 included), in the same wall time. Anything else, and any file system that refuses O_DIRECT, is written
-buffered, and its writeback started as soon as it is written (start_writeback), so that the blocks of all of a
-checkpoint's files are allocated before the first fsync, whose journal commit then makes them all durable.
+39 ms (XXH3 included), in the same wall time. The documents, and every file on a file system that refuses
+O_DIRECT, are written buffered, each one's writeback started as soon as it is written (start_writeback), so that
+the blocks of all of a checkpoint's files are allocated before the first fsync, whose journal commit then makes
+them all durable.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,59 +113,41 @@ def compose_file_image(
 
 
 def write_file_image(path: Path, image: FileImage, *, fsync: bool = True) -> tuple[str, ...]:
-    """Write a composed file (O_DIRECT where the file system takes it) and return its pieces' hashes, as
-    write_safetensors does."""
-    return _write_hashed(path, [image.data], direct=True, fsync=fsync)
-
-
-def write_safetensors(
-    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, *, fsync: bool = True
-) -> tuple[str, ...]:
-    """Write a safetensors file straight from the tensors' host memory (no serialized copy), fsync it (unless
-    the caller does), and return the hash (volume.CHECKPOINT_HASH) of each of its pieces (volume.CHUNK_BYTES),
-    hashed on this thread as it is written.
-
-    Same format and order as `safetensors.torch.save_file`, so the safetensors library loads it.
-    """
-    prefix = safetensors_prefix(tensors, metadata, path.name)
-    views = [
-        memoryview(tensors[name].detach().contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-        for name in file_layout(tensors)
-    ]
-    return _write_hashed(path, [memoryview(prefix), *views], direct=False, fsync=fsync)
+    """Write a composed file (O_DIRECT where the file system takes it), fsync it (unless the caller does), and
+    return the hash (volume.CHECKPOINT_HASH) of each of its pieces (volume.CHUNK_BYTES)."""
+    return _write_hashed(path, image.data, direct=True, fsync=fsync)
 
 
 def write_bytes(path: Path, payload: bytes, *, fsync: bool = False) -> tuple[str, ...]:
     """Write a small file (a JSON document) whole, not fsynced unless asked; its pieces' hashes."""
-    return _write_hashed(path, [memoryview(payload)], direct=False, fsync=fsync)
+    return _write_hashed(path, memoryview(payload), direct=False, fsync=fsync)
 
 
-def _write_hashed(path: Path, parts: Sequence[memoryview], *, direct: bool, fsync: bool) -> tuple[str, ...]:
-    """Write `parts` one after the other into a new file at `path`; the hash of each CHUNK_BYTES piece of the file.
-    The parts are private host copies, which no one changes.
+def _write_hashed(path: Path, data: memoryview, *, direct: bool, fsync: bool) -> tuple[str, ...]:
+    """Write `data` into a new file at `path`; the hash of each CHUNK_BYTES piece of it. `data` is a private host
+    copy, which no one changes.
 
-    Buffered, each slice is hashed right before it is written, while in cache. Direct, a part is hashed first and
+    Buffered, each slice is hashed right before it is written, while in cache. Direct, all of it is hashed first and
     then written in one request: the writer thread, at its low priority, then waits for the disk once per file,
     where each 1 MiB request cost it a wake-up, and the training a preempted thread.
     """
     pieces: list[str] = []
     digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
     with _NewFile(path, direct=direct) as out:
-        for part in parts:
-            whole = out.direct
-            for start in range(0, len(part), _WRITE_SLICE):
-                data = rest = part[start : start + _WRITE_SLICE]
-                while len(rest):
-                    taken = rest[:piece_left]
-                    digest.update(taken)
-                    rest, piece_left = rest[len(taken) :], piece_left - len(taken)
-                    if piece_left == 0:
-                        pieces.append(digest.hexdigest())
-                        digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
-                if not whole:
-                    out.write(data)
-            if whole:
+        whole = out.direct
+        for start in range(0, len(data), _WRITE_SLICE):
+            part = rest = data[start : start + _WRITE_SLICE]
+            while len(rest):
+                taken = rest[:piece_left]
+                digest.update(taken)
+                rest, piece_left = rest[len(taken) :], piece_left - len(taken)
+                if piece_left == 0:
+                    pieces.append(digest.hexdigest())
+                    digest, piece_left = new_hasher(CHECKPOINT_HASH), CHUNK_BYTES
+            if not whole:
                 out.write(part)
+        if whole:
+            out.write(data)
         if piece_left < CHUNK_BYTES or not pieces:
             pieces.append(digest.hexdigest())
         out.start_writeback()
