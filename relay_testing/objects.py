@@ -1,6 +1,6 @@
 """Cluster objects a Relay run needs on a bare control plane: the TrainingRun CRD, and a namespace with a bound claim.
 
-envtest runs no storage provisioner, so the namespace's `relay-shared` claim is pre-bound to a PersistentVolume,
+envtest runs no storage provisioner, so the namespace's `relay-shared` claim is bound to a PersistentVolume here,
 as the PV controller would leave it; pods are refused until the ServiceAccount controller has made `default`,
 so `make_namespace` waits for it.
 """
@@ -38,10 +38,32 @@ def install_crd(kube: kubernetes.client.ApiClient, timeout_s: float = 30) -> dic
     raise TimeoutError(f"CRD {name} not Established after {timeout_s:g}s")
 
 
-def create_bound_claim(kube: kubernetes.client.ApiClient, namespace: str, claim: str = "relay-shared") -> None:
-    """A PVC bound to a PV (no provisioner here), so the scheduler places pods that mount it."""
+def create_bound_claim(
+    kube: kubernetes.client.ApiClient, namespace: str, claim: str = "relay-shared", timeout_s: float = 30
+) -> None:
+    """A PVC bound to a PV (no provisioner here), as the PV controller leaves it: both Bound, each naming the other.
+
+    The PV names the claim by uid, so the PV controller's syncs keep it so. A PV that named the claim by name only,
+    created before it, raced the PV controller's cache: the claim was marked Lost (its volume not seen yet) and
+    stayed Lost, so every run showed VolumeReady=False. The controller binds a claim on its own only within its
+    15 s resync; the claim's status is set here once the controller has the volume (PV Bound), the same status
+    its next sync would write.
+    """
     core = kubernetes.client.CoreV1Api(kube)
     pv_name = f"pv-{namespace}-{claim}"[:63]
+    pvc: Any = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": claim, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": pv_name,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    created = core.create_namespaced_persistent_volume_claim(namespace, pvc)
+    claim_ref = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim}
     pv: Any = {
         "apiVersion": "v1",
         "kind": "PersistentVolume",
@@ -52,23 +74,17 @@ def create_bound_claim(kube: kubernetes.client.ApiClient, namespace: str, claim:
             "storageClassName": "",
             "persistentVolumeReclaimPolicy": "Retain",
             "hostPath": {"path": f"/tmp/{pv_name}"},
-            "claimRef": {"namespace": namespace, "name": claim},
-        },
-    }
-    pvc: Any = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        # Pre-bound, as the PV controller would leave it (its periodic sync takes up to 15 s here).
-        "metadata": {"name": claim, "annotations": {"pv.kubernetes.io/bind-completed": "yes"}},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "volumeName": pv_name,
-            "resources": {"requests": {"storage": "1Gi"}},
+            "claimRef": {**claim_ref, "uid": created.metadata.uid},
         },
     }
     core.create_persistent_volume(pv)
-    core.create_namespaced_persistent_volume_claim(namespace, pvc)
+    deadline = time.monotonic() + timeout_s
+    while core.read_persistent_volume(pv_name).status.phase != "Bound":
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"PersistentVolume {pv_name}: not Bound after {timeout_s:g}s")
+        time.sleep(0.02)
+    bound = {"phase": "Bound", "accessModes": ["ReadWriteMany"], "capacity": {"storage": "10Gi"}}
+    core.patch_namespaced_persistent_volume_claim_status(claim, namespace, {"status": bound})
 
 
 def make_namespace(

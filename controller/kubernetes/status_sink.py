@@ -52,6 +52,12 @@ def claim_problem(claim: str, namespace: str, pvc: dict[str, Any] | None) -> tup
     phase = (pvc.get("status") or {}).get("phase") or "Pending"
     if phase == "Bound":
         return None
+    if phase == "Lost":  # bound once; its volume is gone: no StorageClass setting brings the checkpoints back
+        volume = (pvc.get("spec") or {}).get("volumeName") or "(none)"
+        return "ClaimLost", (
+            f"claim {claim} is Lost: its PersistentVolume {volume} is gone; the checkpoints were on it. "
+            f"Restore that volume, or point spec.storage.claimName at another claim"
+        )
     storage_class = (pvc.get("spec") or {}).get("storageClassName")
     where = f" (StorageClass {storage_class})" if storage_class else " (the default StorageClass)"
     return "ClaimPending", f"claim {claim} is {phase}{where}: {CLAIM_HINT}"

@@ -218,6 +218,9 @@ async def test_evicted_leg_resumes_from_its_checkpoint_and_the_run_succeeds_with
     assert legs == [f"{name}-leg-0", f"{name}-leg-1"], "one pod per leg, no replacement pod ran"
     reasons = await cluster.events(name)
     assert {"LegStarted", "Preempted"} <= set(reasons), reasons
+    # Its claim is Bound: no VolumeReady condition ever, nor a claim Warning (the harness once left it Lost).
+    assert volume_ready(run) is None
+    assert not {"ClaimPending", "ClaimLost", "ClaimNotFound"} & set(reasons), reasons
 
 
 async def test_missing_claim_fails_the_run_naming_the_field_and_starts_no_job(

@@ -157,6 +157,12 @@ def test_claim_condition_names_the_claim_and_the_fix() -> None:
         "or persistence.existingClaim",
     )
     assert claim_problem("relay-shared", "ml", {"status": {"phase": "Bound"}}) is None
+    lost = {"spec": {"volumeName": "pv-ml"}, "status": {"phase": "Lost"}}
+    assert claim_problem("relay-shared", "ml", lost) == (
+        "ClaimLost",
+        "claim relay-shared is Lost: its PersistentVolume pv-ml is gone; the checkpoints were on it. "
+        "Restore that volume, or point spec.storage.claimName at another claim",
+    )
     status = CustomResourceStatus.from_run_status(RunStatus())
     status.conditions.append(ResourceCondition(type="VolumeReady", status="False", reason=reason))
     assert CustomResourceStatus.model_validate(status.model_dump()).conditions[0].type == "VolumeReady"
