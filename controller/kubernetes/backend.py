@@ -104,8 +104,19 @@ def _same_owner(where: str, owner_uid: str | None, uid: str) -> None:
 
 
 # How often a waiting leg is judged again without a watch event: the lost-leg checks (issue 13) then notice a
-# NotReady node within nodeLostAfterSeconds + this, where the workflow's poll alone took up to 10 s more.
+# NotReady node within nodeLostAfterSeconds + this + a node read's age, where the workflow's poll alone took up to
+# 10 s more.
 LOST_LEG_CHECK_S = 1.0
+# A leg's Node is read again once the last read is older than a tenth of its nodeLostAfterSeconds, within these
+# bounds: a NotReady node is then noticed at most 10% (at most 10 s) late. Each waiting leg is judged every second,
+# and with one GPU leg per node a read a second was 60 API requests per run per minute.
+NODE_READ_MAX_AGE_S = (1.0, 10.0)
+
+
+def node_read_max_age(node_lost_after_s: float) -> float:
+    """How old a cached Node may be for a leg whose node is lost after `node_lost_after_s` NotReady."""
+    low, high = NODE_READ_MAX_AGE_S
+    return min(max(node_lost_after_s / 10, low), high)
 
 
 class KubernetesBackend:
@@ -132,6 +143,7 @@ class KubernetesBackend:
         self._wakeups: dict[tuple[str, str], asyncio.Event] = {}
         self._job_uids: dict[tuple[str, str], str] = {}  # (namespace, Job) -> uid of the Job this backend created
         self._nodes: dict[str, tuple[float, dict[str, Any] | None]] = {}  # node name -> (read at, Node or None)
+        self._node_reads: dict[str, asyncio.Future[dict[str, Any] | None]] = {}  # node name -> the read in flight
         self._lost: dict[tuple[str, str], LegObservation] = {}  # (namespace, Job) -> the verdict that deleted it
         self._world_told: set[tuple[str, str]] = set()  # (namespace, Job) whose WorldSizeChanged Event is posted
         self.volume_root = Path(volume_root).resolve() if volume_root is not None else None  # the controller's mount
@@ -287,7 +299,7 @@ class KubernetesBackend:
             await self._wait_for_wake(key, min(remaining, LOST_LEG_CHECK_S))
             if self._generation.get(key, 0) == self._seen.get(key, -1):
                 # Nothing the Job/pod watch sees changes when a node goes NotReady or a leg stops progressing:
-                # judged again every LOST_LEG_CHECK_S (cache, one node read a second, progress.json).
+                # judged again every LOST_LEG_CHECK_S (cache, the node as read within node_read_max_age, progress.json).
                 observation = await self.observe(leg)
                 if observation.state == LegState.TERMINATED:
                     return observation
@@ -505,15 +517,16 @@ class KubernetesBackend:
             await self._patch_job(namespace, job["metadata"]["name"], patch)
 
     async def _lost_leg_limits(self, leg: LegSpec, pods: list[dict[str, Any]]) -> LostLegLimits:
-        """The leg pod's Node (read at most once a second per node; a gang's: each started pod's) and when its
-        progress last moved."""
+        """The leg pod's Node (a gang's: each started pod's), read when the last read is older than
+        node_read_max_age allows, and when its progress last moved."""
         retries = leg.spec.retries
         limits = LostLegLimits(node_lost_after_s=retries.node_lost_after_seconds)
         started = [p for p in pods if p.get("status", {}).get("phase") in ("Running", "Unknown")]
         if not started:
             return limits
+        max_age_s = node_read_max_age(retries.node_lost_after_seconds)
         pod = min(started, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
-        node = await self._node(pod.get("spec", {}).get("nodeName") or "")
+        node = await self._node(pod.get("spec", {}).get("nodeName") or "", max_age_s)
         progress_at = None
         if self.volume_root is not None:
             layout = volume.RunLayout.for_run(self.volume_root, leg.namespace, leg.name)
@@ -525,7 +538,7 @@ class KubernetesBackend:
         nodes: dict[str, dict[str, Any] | None] = {}
         if leg.spec.resources.nodes > 1:  # a gang: every started pod's own node
             for name in sorted({p.get("spec", {}).get("nodeName") or "" for p in started} - {""}):
-                nodes[name] = await self._node(name)
+                nodes[name] = await self._node(name, max_age_s)
         return LostLegLimits(
             node=node,
             node_lost_after_s=retries.node_lost_after_seconds,
@@ -559,13 +572,28 @@ class KubernetesBackend:
             log.info("leg %s/%s: %s", leg.namespace, leg.name, text)
         self._world_told.add(key)
 
-    async def _node(self, name: str) -> dict[str, Any] | None:
-        """The Node `name` (None when unnamed, gone or not readable: the pod-phase and progress checks remain)."""
+    async def _node(self, name: str, max_age_s: float) -> dict[str, Any] | None:
+        """The Node `name` as read at most `max_age_s` ago (None when unnamed, gone or not readable: the pod-phase
+        and progress checks remain). Legs that ask while a read is in flight share it: many legs judged at once
+        on one node made one request each."""
         if not name:
             return None
         cached = self._nodes.get(name)
-        if cached is not None and time.monotonic() - cached[0] < 1.0:
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
             return cached[1]
+        read = self._node_reads.get(name)
+        if read is None:
+            read = self._node_reads[name] = asyncio.ensure_future(self._read_node(name))
+            read.add_done_callback(lambda done: self._forget_node_read(name, done))
+        return await asyncio.shield(read)  # a cancelled caller leaves the read to the others
+
+    def _forget_node_read(self, name: str, done: asyncio.Future[dict[str, Any] | None]) -> None:
+        if self._node_reads.get(name) is done:
+            del self._node_reads[name]
+        if not done.cancelled():
+            done.exception()  # retrieved here too: the waiters got it, or were cancelled and nobody did
+
+    async def _read_node(self, name: str) -> dict[str, Any] | None:
         try:
             found = self._api_client.sanitize_for_serialization(await self.call(self._core.read_node, name))
         except ApiException as exc:

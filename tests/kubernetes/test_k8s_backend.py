@@ -198,3 +198,48 @@ def test_a_second_leg_is_refused_while_the_first_runs_and_stop_checkpoints_it(
     batch = kubernetes.client.BatchV1Api(kube)
     names = [j.metadata.name for j in batch.list_namespaced_job(namespace).items]
     assert names == [f"{name}-leg-0"]
+
+
+def test_legs_judged_together_share_one_node_read_and_reread_it_after_a_tenth_of_node_lost_after(
+    kube, crd_installed, standin_kubelet, namespace, backend, volume_root: Path
+) -> None:
+    """Every waiting leg is judged each second; on a cluster with a GPU leg per node, a Node read each time was
+    60 API requests per run per minute. Legs judged at once share one read, and a read is reused for a tenth of
+    their nodeLostAfterSeconds (here 20 s: 2 s)."""
+    name = f"run-{uuid.uuid4().hex[:6]}"
+    spec = {**SPEC, "retries": {**SPEC["retries"], "nodeLostAfterSeconds": 20}}
+    uid = make_training_run(kube, namespace, name, spec)
+    env = {"RELAY_STANDIN_STEPS": "1000", "RELAY_STANDIN_STEP_S": "0.05"}
+    leg = leg_spec(namespace, name, 0, env, owner_uid=uid, retries=spec["retries"])
+    reads: list[str] = []
+    read_node = backend._core.read_node
+
+    def counted_read_node(node: str, **kwargs: Any) -> Any:
+        reads.append(node)
+        return read_node(node, **kwargs)
+
+    backend._core.read_node = counted_read_node
+
+    async def scenario() -> list[int]:
+        await backend.launch(leg)
+        await until(backend, leg, {LegState.RUNNING})
+        counts = [len(reads)]  # the judgements until it ran read its node
+        await asyncio.sleep(2.1)
+        observations = await asyncio.gather(*(backend.observe(leg) for _ in range(20)))
+        assert {o.state for o in observations} == {LegState.RUNNING}
+        counts.append(len(reads))
+        for _ in range(5):
+            await backend.observe(leg)
+        counts.append(len(reads))
+        await asyncio.sleep(2.1)
+        await backend.observe(leg)
+        counts.append(len(reads))
+        await backend.stop(leg, grace_s=5)
+        await backend.close()
+        return counts
+
+    until_running, together, soon_after, later = run(scenario())
+    assert until_running >= 1 and set(reads) == {standin_kubelet.node_name}
+    assert together == until_running + 1, "20 legs judged at once: one Node read"
+    assert soon_after == together, "judged again within 2 s: the same read"
+    assert later == together + 1, "2 s later: read again"
