@@ -206,9 +206,17 @@ def test_run_dir_made_with_another_config(
 def test_operational_settings_may_change_between_legs(
     trained_run: tuple[Path, Path], snapshot: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Log and checkpoint cadence are not part of the run's identity: a leg with other values carries on."""
+    """Log and checkpoint cadence, retention and how checkpoints are written are not part of the run's identity: a
+    leg with other values carries on."""
     run_dir, _ = trained_run
-    config = write_config(tmp_path / "config.json", maxSteps=6, checkpointEverySteps=5, logEverySteps=1, keepLast=4)
+    config = write_config(
+        tmp_path / "config.json",
+        maxSteps=6,
+        checkpointEverySteps=5,
+        logEverySteps=1,
+        keepLast=4,
+        checkpointDirectWrites=False,
+    )
     code, _ = train(capsys, run_dir, snapshot, config)
     assert code == ExitCode.COMPLETE
     assert (run_dir / "final" / "manifest.json").is_file()

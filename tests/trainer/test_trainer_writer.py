@@ -11,10 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from trainer_helpers import write_config
 
 from trainer import checkpoint as ckpt
-from trainer import checkpoint_files
-from trainer.volume import file_digests
+from trainer import checkpoint_files, volume
+from trainer.faults import Faults
+from trainer.train import run_leg
+from trainer.volume import ExitCode, file_digests
 
 
 def composed(tensors: dict[str, torch.Tensor], name: str = "t.safetensors") -> checkpoint_files.FileImage:
@@ -292,3 +295,29 @@ def test_fsyncing_a_folders_files_never_goes_through_a_planted_symlink(tmp_path:
         fsync_files(folder, ["a.json", "b.json"])
     with pytest.raises(FileNotFoundError, match=r"c\.json"):
         fsync_files(folder, ["c.json"])
+
+
+@needs_direct_io
+@pytest.mark.parametrize("direct_writes", [True, False])
+def test_checkpoint_direct_writes_false_keeps_a_leg_s_checkpoints_in_the_page_cache(
+    snapshot: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_writes: bool
+) -> None:
+    """training.checkpointDirectWrites: false, for storage where O_DIRECT is slower (or misbehaves): no checkpoint
+    file of the leg is written direct; the default writes its tensor files direct. Either way they verify."""
+    try:
+        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
+    except OSError as exc:
+        pytest.skip(f"SKIPPED LOUDLY: the file system of {tmp_path} refuses O_DIRECT ({exc})")
+    spy = WriteSpy()
+    monkeypatch.setattr(checkpoint_files, "os", spy)
+    config = write_config(
+        tmp_path / "config.json", maxSteps=8, checkpointEverySteps=4, checkpointDirectWrites=direct_writes
+    )
+    result = run_leg(tmp_path / "run", snapshot, config, faults=Faults(), install_signals=False)
+    assert result.exit_code == ExitCode.COMPLETE, result.message
+    direct = sum(d for _, d in spy.writes)
+    assert (direct > 0) == direct_writes, spy.writes
+    saved = volume.list_checkpoint_dirs(tmp_path / "run" / "checkpoints")
+    assert [step for step, _ in saved] == [4, 8]
+    for _, folder in saved:
+        volume.read_checkpoint(folder, verify_hashes=True)

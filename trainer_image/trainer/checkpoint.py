@@ -300,15 +300,16 @@ def capture(
     )
 
 
-def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
-    """Serialize `state` into a temp folder, fsync, write the manifest last, rename into place.
+def write_checkpoint(state: HostState, checkpoints_dir: Path, *, direct_writes: bool = True) -> CheckpointInfo:
+    """Serialize `state` into a temp folder, fsync, write the manifest last, rename into place. `direct_writes`: the
+    tensor files with O_DIRECT where the file system takes it (TrainingSettings.checkpoint_direct_writes).
 
     Raises Fenced (and leaves no `step-<N>`) when a newer leg superseded this one: checked right before the
     rename, and after any error of the write (a newer leg's start removes this leg's temp folder).
     """
     fence = fencing.active()
     try:
-        return _write_checkpoint(state, checkpoints_dir, fence)
+        return _write_checkpoint(state, checkpoints_dir, fence, direct_writes)
     except Fenced:
         raise
     except Exception:
@@ -320,7 +321,9 @@ def write_checkpoint(state: HostState, checkpoints_dir: Path) -> CheckpointInfo:
 _PARALLEL_FILES_MIN_BYTES = 32 << 20
 
 
-def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fence) -> CheckpointInfo:
+def _write_checkpoint(
+    state: HostState, checkpoints_dir: Path, fence: fencing.Fence, direct_writes: bool
+) -> CheckpointInfo:
     finish_copies(state)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoints_dir / checkpoint_dir_name(state.step)
@@ -334,7 +337,8 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
         # one after the other it waited for each file's fsync in turn (MiniLM: 0.29 s vs dd's 0.2 s, same bytes).
         with ThreadPoolExecutor(max_workers=len(state.tensor_files), thread_name_prefix="checkpoint-file") as files:
             written = {
-                name: files.submit(write_file_image, tmp / name, image) for name, image in state.tensor_files.items()
+                name: files.submit(write_file_image, tmp / name, image, direct=direct_writes)
+                for name, image in state.tensor_files.items()
             }
             hashes[MODEL_FILE] = written[MODEL_FILE].result()
             faults.active().in_checkpoint_write(state.step)  # tests only: a slow write, or a SIGKILL inside it
@@ -343,7 +347,7 @@ def _write_checkpoint(state: HostState, checkpoints_dir: Path, fence: fencing.Fe
         # A small model: starting threads and handing the GIL between them costs the training more than writing
         # the files one after the other here, and one journal commit below makes them all durable.
         for name, image in state.tensor_files.items():
-            hashes[name] = write_file_image(tmp / name, image, fsync=False)
+            hashes[name] = write_file_image(tmp / name, image, fsync=False, direct=direct_writes)
             unsynced.append(name)
             if name == MODEL_FILE:
                 faults.active().in_checkpoint_write(state.step)
@@ -487,9 +491,12 @@ class AsyncCheckpointWriter:
         keep_last: int,
         best_metric: str = RETENTION_METRIC,
         higher_is_better: bool = False,
+        *,
+        direct_writes: bool = True,
     ) -> None:
         self.checkpoints_dir = checkpoints_dir
         self.keep_last = keep_last
+        self.direct_writes = direct_writes  # write_checkpoint's
         self.best_metric, self.higher_is_better = best_metric, higher_is_better  # retention's "the best"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
         self._pending: Future[CheckpointInfo] | None = None
@@ -506,7 +513,7 @@ class AsyncCheckpointWriter:
         finally:
             self._copied.set()
         lower_this_threads_priority()  # nothing waits on the rest but the next checkpoint
-        info = write_checkpoint(state, self.checkpoints_dir)
+        info = write_checkpoint(state, self.checkpoints_dir, direct_writes=self.direct_writes)
         self.stats.write_seconds.append(time.perf_counter() - started)
         self.stats.saves += 1
         deleted = apply_retention(self.checkpoints_dir, self.keep_last, self.best_metric, self.higher_is_better)

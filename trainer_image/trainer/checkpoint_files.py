@@ -112,10 +112,10 @@ def compose_file_image(
     return FileImage(tensors, memoryview(image.numpy()))  # type: ignore[arg-type]
 
 
-def write_file_image(path: Path, image: FileImage, *, fsync: bool = True) -> tuple[str, ...]:
-    """Write a composed file (O_DIRECT where the file system takes it), fsync it (unless the caller does), and
-    return the hash (volume.CHECKPOINT_HASH) of each of its pieces (volume.CHUNK_BYTES)."""
-    return _write_hashed(path, image.data, direct=True, fsync=fsync)
+def write_file_image(path: Path, image: FileImage, *, fsync: bool = True, direct: bool = True) -> tuple[str, ...]:
+    """Write a composed file (`direct`: with O_DIRECT where the file system takes it), fsync it (unless the caller
+    does), and return the hash (volume.CHECKPOINT_HASH) of each of its pieces (volume.CHUNK_BYTES)."""
+    return _write_hashed(path, image.data, direct=direct, fsync=fsync)
 
 
 def write_bytes(path: Path, payload: bytes, *, fsync: bool = False) -> tuple[str, ...]:

@@ -18,7 +18,14 @@ from pydantic.alias_generators import to_camel
 # Fields that change what is computed; a checkpoint made under one identity cannot resume another.
 # Everything else (logging, checkpoint cadence, retention, grace) may change between legs.
 _OPERATIONAL_FIELDS = frozenset(
-    {"log_every_steps", "checkpoint_every_steps", "checkpoint_every_seconds", "keep_last", "sigterm_grace_seconds"}
+    {
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "checkpoint_every_seconds",
+        "keep_last",
+        "sigterm_grace_seconds",
+        "checkpoint_direct_writes",
+    }
 )
 
 
@@ -60,6 +67,13 @@ class TrainingSettings(CamelModel):
     checkpoint_every_steps: int | None = Field(50, ge=1, description="Checkpoint every N optimizer steps.")
     checkpoint_every_seconds: float | None = Field(None, gt=0, description="Also checkpoint every N seconds.")
     keep_last: int = Field(3, ge=1, le=1000, description="Checkpoints kept besides the best and the newest.")
+    checkpoint_direct_writes: bool = Field(
+        True,
+        description=(
+            "Write checkpoint tensor files with O_DIRECT (buffered where the file system refuses it); false: "
+            "through the page cache, for storage where direct writes are slower."
+        ),
+    )
     log_every_steps: int = Field(10, ge=1, description="A progress line in the log every N steps.")
     sigterm_grace_seconds: float = Field(
         25.0, gt=0, le=3600, description="Budget for finishing the step and saving after SIGTERM."
