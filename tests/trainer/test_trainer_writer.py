@@ -241,18 +241,24 @@ class WriteSpy:
 needs_direct_io = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 
 
-@needs_direct_io
-def test_a_composed_file_goes_to_the_disk_direct_but_for_its_tail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """O_DIRECT: the disk reads the buffer itself, in one request, with no copy into the page cache and no
-    writeback after; only the last bytes, less than a page, go through the page cache."""
+def spy_on_direct_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WriteSpy:
+    """A WriteSpy as checkpoint_files' `os`, where the file system of `tmp_path` takes O_DIRECT (else: skipped)."""
     try:
         os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
     except OSError as exc:
         pytest.skip(f"SKIPPED LOUDLY: the file system of {tmp_path} refuses O_DIRECT ({exc})")
     spy = WriteSpy()
     monkeypatch.setattr(checkpoint_files, "os", spy)
+    return spy
+
+
+@needs_direct_io
+def test_a_composed_file_goes_to_the_disk_direct_but_for_its_tail(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """O_DIRECT: the disk reads the buffer itself, in one request, with no copy into the page cache and no
+    writeback after; only the last bytes, less than a page, go through the page cache."""
+    spy = spy_on_direct_writes(tmp_path, monkeypatch)
     tensors = {"w": torch.randn(3 * (1 << 18) + 5)}  # 3 MiB and a bit: three direct slices, then a tail
     path = tmp_path / "t.safetensors"
     pieces = checkpoint_files.write_file_image(path, composed(tensors))
@@ -304,12 +310,7 @@ def test_checkpoint_direct_writes_false_keeps_a_leg_s_checkpoints_in_the_page_ca
 ) -> None:
     """training.checkpointDirectWrites: false, for storage where O_DIRECT is slower (or misbehaves): no checkpoint
     file of the leg is written direct; the default writes its tensor files direct. Either way they verify."""
-    try:
-        os.close(os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT))
-    except OSError as exc:
-        pytest.skip(f"SKIPPED LOUDLY: the file system of {tmp_path} refuses O_DIRECT ({exc})")
-    spy = WriteSpy()
-    monkeypatch.setattr(checkpoint_files, "os", spy)
+    spy = spy_on_direct_writes(tmp_path, monkeypatch)
     config = write_config(
         tmp_path / "config.json", maxSteps=8, checkpointEverySteps=4, checkpointDirectWrites=direct_writes
     )
