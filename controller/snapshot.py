@@ -4,9 +4,9 @@
 a csv/jsonl/parquet file on the volume, or a hub dataset), keeps the text and label columns,
 checks them (one-line `InvalidDataset` errors naming the field or file), hashes the normalised rows
 plus the split settings, and writes `snapshots/<sha256>/` as `trainer.volume` documents it: the
-DatasetDict(train, eval) via `save_to_disk` under `data/`, then `snapshot.json` last. Writes go to
-`snapshots/.tmp-*` and are renamed into place, so a half-written snapshot is never used; an existing
-snapshot is reused only after every file's hash verifies. Pure module: no Temporal here.
+DatasetDict(train, eval) under `data/`, as `save_to_disk` writes it (with pyarrow alone), then `snapshot.json`
+last. Writes go to `snapshots/.tmp-*` and are renamed into place, so a half-written snapshot is never used; an
+existing snapshot is reused only after every file's hash verifies. Pure module: no Temporal here.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.ipc
 
 from controller.spec import DatasetSpec
 from trainer import volume
@@ -197,13 +198,43 @@ def _source_record(spec: DatasetSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def _write(folder: Path, parts: dict[str, pa.Table], sha: str, spec: DatasetSpec) -> volume.SnapshotInfo:
-    import datasets
+# What `datasets.DatasetDict.save_to_disk` writes for a table of plain columns, and `datasets.load_from_disk` (the
+# trainer's reader) reads: written here with pyarrow alone, since importing `datasets` (pandas with it) took the
+# controller process 57 MB more memory, for the rest of its life, at its first snapshot.
+_ARROW_FILE = "data-00000-of-00001.arrow"
+_HF_TYPES = {pa.string(): "string", pa.int64(): "int64"}
 
-    dataset = datasets.DatasetDict({name: datasets.Dataset(table) for name, table in parts.items()})
-    # Silence the progress bars of save_to_disk; they go to stderr of a Temporal worker.
-    datasets.disable_progress_bars()
-    dataset.save_to_disk(str(folder / volume.SNAPSHOT_DATA_DIR))
+
+def _features(schema: pa.Schema) -> dict[str, Any]:
+    return {field.name: {"dtype": _HF_TYPES[field.type], "_type": "Value"} for field in schema}
+
+
+def _write_split(folder: Path, table: pa.Table, fingerprint: str) -> None:
+    """One split as save_to_disk leaves it: the rows as an Arrow stream, dataset_info.json and state.json."""
+    folder.mkdir(parents=True)
+    features = _features(table.schema)
+    schema = table.schema.with_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    with pa.OSFile(str(folder / _ARROW_FILE), "wb") as sink, pa.ipc.new_stream(sink, schema) as stream:
+        stream.write_table(table.replace_schema_metadata(schema.metadata))
+    info = {"citation": "", "description": "", "features": features, "homepage": "", "license": ""}
+    state: dict[str, Any] = {
+        "_data_files": [{"filename": _ARROW_FILE}],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    for name, document in (("dataset_info.json", info), ("state.json", state)):
+        (folder / name).write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+
+def _write(folder: Path, parts: dict[str, pa.Table], sha: str, spec: DatasetSpec) -> volume.SnapshotInfo:
+    data = folder / volume.SNAPSHOT_DATA_DIR
+    for name, table in parts.items():  # each split's fingerprint (datasets' cache key) from the snapshot's content
+        _write_split(data / name, table, hashlib.sha256(f"{sha}/{name}".encode()).hexdigest()[:16])
+    (data / "dataset_dict.json").write_text(json.dumps({"splits": list(parts)}), encoding="utf-8")
     return volume.write_snapshot_manifest(
         folder,
         content_sha256=sha,

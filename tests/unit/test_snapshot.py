@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -51,6 +52,37 @@ def test_parquet_source(tmp_path: Path):
     spec = DatasetSpec(source="parquet", path="d.parquet", text_field="sentence", label_field="y", eval_fraction=0.1)
     info, _ = snapshot_dataset(tmp_path, spec, 2)
     assert info.rows == {"train": 45, "eval": 5} and info.fields == ["sentence", "y"]
+
+
+def test_a_snapshot_is_what_save_to_disk_writes_and_the_controller_never_imports_datasets(tmp_path: Path):
+    """The controller writes the DatasetDict with pyarrow alone (importing `datasets` cost it 57 MB for the rest of
+    its life): the files are save_to_disk's, byte for byte but for state.json's fingerprint (a random cache key
+    there, derived from the content here), and load_from_disk reads them."""
+    spec = DatasetSpec(source="csv", path=_csv(tmp_path), eval_fraction=0.3, split_seed=5)
+    spec_json, volume = spec.model_dump_json(), str(tmp_path)
+    probe = (
+        "import sys; from pathlib import Path; from controller.snapshot import snapshot_dataset; "
+        "from controller.spec import DatasetSpec; "
+        f"info, _ = snapshot_dataset(Path({volume!r}), DatasetSpec.model_validate_json({spec_json!r}), 2); "
+        "print(info.path, 'datasets' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    path, imported = result.stdout.split()
+    assert imported == "False", "the snapshot imported datasets"
+    data = Path(path) / "data"
+    loaded = datasets.load_from_disk(str(data))
+    parts = {name: loaded[name].data.table for name in ("train", "eval")}
+    assert {name: table.num_rows for name, table in parts.items()} == {"train": 35, "eval": 15}
+    reference = tmp_path / "reference"
+    datasets.DatasetDict({name: datasets.Dataset(table) for name, table in parts.items()}).save_to_disk(str(reference))
+    written = sorted(p.relative_to(data) for p in data.rglob("*") if p.is_file())
+    assert written == sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    for relative in written:
+        if relative.name != "state.json":
+            assert (data / relative).read_bytes() == (reference / relative).read_bytes(), relative
+    for split in ("train", "eval"):
+        ours, theirs = (json.loads((root / split / "state.json").read_text()) for root in (data, reference))
+        assert {**ours, "_fingerprint": None} == {**theirs, "_fingerprint": None}
 
 
 def test_corrupt_snapshot_is_moved_aside_and_rewritten(tmp_path: Path):
