@@ -233,7 +233,8 @@ def snapshots(scratch: Path, out: dict[str, Any]) -> None:
         "s",
         "report",
         f"1,000,000 rows of ~40 characters ({size_mb:.0f} MB csv): read (pyarrow), validate labels, sha256 of the "
-        f"normalised rows, seeded 80/20 split, save_to_disk, manifest with every file's sha256",
+        "normalised rows, seeded 80/20 split, the splits' Arrow files (save_to_disk's layout), manifest with every "
+        "file's sha256",
     )
     out["resnapshot_s"] = entry(
         second,
