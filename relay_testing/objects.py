@@ -62,7 +62,7 @@ def create_bound_claim(
             "resources": {"requests": {"storage": "1Gi"}},
         },
     }
-    created = core.create_namespaced_persistent_volume_claim(namespace, pvc)
+    created: Any = core.create_namespaced_persistent_volume_claim(namespace, pvc)
     claim_ref = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim}
     pv: Any = {
         "apiVersion": "v1",
@@ -79,7 +79,7 @@ def create_bound_claim(
     }
     core.create_persistent_volume(pv)
     deadline = time.monotonic() + timeout_s
-    while core.read_persistent_volume(pv_name).status.phase != "Bound":
+    while getattr(core.read_persistent_volume(pv_name).status, "phase", None) != "Bound":
         if time.monotonic() > deadline:
             raise TimeoutError(f"PersistentVolume {pv_name}: not Bound after {timeout_s:g}s")
         time.sleep(0.02)
