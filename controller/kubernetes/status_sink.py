@@ -56,7 +56,7 @@ def claim_problem(claim: str, namespace: str, pvc: dict[str, Any] | None) -> tup
         volume = (pvc.get("spec") or {}).get("volumeName") or "(none)"
         return "ClaimLost", (
             f"claim {claim} is Lost: its PersistentVolume {volume} is gone; the checkpoints were on it. "
-            f"Restore that volume, or point spec.storage.claimName at another claim"
+            "Restore that volume, or point spec.storage.claimName at another claim"
         )
     storage_class = (pvc.get("spec") or {}).get("storageClassName")
     where = f" (StorageClass {storage_class})" if storage_class else " (the default StorageClass)"

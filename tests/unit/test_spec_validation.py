@@ -93,6 +93,7 @@ def test_a_good_document_resolves_the_trainer_config():
         ("spec.training.earlyStoppingPatience", 2, "spec.training.earlyStoppingPatience", "needs metricForBest"),
         ("spec.training.loadBestAtEnd", True, "spec.training.loadBestAtEnd", "needs metricForBest"),
         ("spec.training.earlyStoppingPatience", 0, "spec.training.earlyStoppingPatience", "greater than or equal to 1"),
+        ("spec.training.checkpointDirectWrites", "sometimes", "spec.training.checkpointDirectWrites", "valid boolean"),
     ],
 )
 def test_each_bad_field_is_named(path: str, value: Any, field: str, fragment: str):

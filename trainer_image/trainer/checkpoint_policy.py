@@ -121,19 +121,13 @@ class CheckpointPolicy:
         self.reporter = reporter
         self.stats = stats
         self.last_saved_step = last_saved_step if last_saved_step is not None else -1
-        direct_writes = config.checkpoint_direct_writes
-        if config.metric_for_best is not None:
-            self.writer = ckpt.AsyncCheckpointWriter(
-                layout.checkpoints_dir,
-                config.keep_last,
-                config.metric_for_best,
-                config.higher_is_better,
-                direct_writes=direct_writes,
-            )
-        else:
-            self.writer = ckpt.AsyncCheckpointWriter(
-                layout.checkpoints_dir, config.keep_last, direct_writes=direct_writes
-            )
+        self.writer = ckpt.AsyncCheckpointWriter(
+            layout.checkpoints_dir,
+            config.keep_last,
+            config.metric_for_best or ckpt.RETENTION_METRIC,  # retention's "the best": the manifest's loss unless set
+            config.higher_is_better if config.metric_for_best is not None else False,
+            direct_writes=config.checkpoint_direct_writes,
+        )
         self._config_json = config.to_json_text()
         self._identity = config.identity_hash()
         self._last_checkpoint_time = time.monotonic()
