@@ -26,14 +26,18 @@ pytestmark = [pytest.mark.cluster, pytest.mark.anyio]
 
 @workflow.defn(name="CheckpointedBertTrainingWorkflow", sandboxed=False)
 class PausedRun:
-    """Stands in for a paused trial's run: it counts the resume signals it gets."""
+    """Stands in for a paused trial's run: it counts the resume signals it gets and stays open until terminated.
+
+    It must not finish at its first resume: the second poll's signal would then race the run's completion and be
+    dropped as NOT_FOUND (the reconcile ignores ended runs), which is what made this test flaky.
+    """
 
     def __init__(self) -> None:
         self.resumes = 0
 
     @workflow.run
     async def run(self) -> None:
-        await workflow.wait_condition(lambda: self.resumes > 0)
+        await workflow.wait_condition(lambda: False)
 
     @workflow.signal(name="resume")
     def resume(self, request: ResumeRequest | None = None) -> None:
@@ -73,9 +77,8 @@ async def test_the_watch_resumes_a_trial_paused_against_its_spec(
         await activities._reconcile(request)
         await activities._reconcile(request)  # a second poll: the signal is idempotent for the run
         resumes = await handle.query(PausedRun.resume_count)
+        await handle.terminate()
         if suspend:
             assert resumes == 0, "a trial the sweep suspended (spec.suspend true) must stay paused"
-            await handle.terminate()
         else:
-            assert resumes == 2
-            await handle.result()
+            assert resumes == 2, "each poll that finds the run Paused against its spec signals resume"
