@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
@@ -392,14 +392,25 @@ def legacy_workflow_id(namespace: str, name: str) -> str:
     return f"{WORKFLOW_ID_PREFIX}{namespace}-{name}"
 
 
-class InvalidTrainingRun(ValueError):
-    """A TrainingRun document that cannot run; `errors` lists (field path, message) pairs."""
+_Document = TypeVar("_Document", bound=CamelModel)
+
+
+class InvalidDocument(ValueError):
+    """A document that cannot run; `errors` lists (field path, message) pairs. Subclasses name the kind."""
+
+    kind = "document"
 
     def __init__(self, source: str, errors: list[tuple[str, str]]):
         self.source = source
         self.errors = errors
         lines = "\n".join(f"  {field}: {message}" for field, message in errors)
-        super().__init__(f"{source}: invalid TrainingRun\n{lines}")
+        super().__init__(f"{source}: invalid {self.kind}\n{lines}")
+
+
+class InvalidTrainingRun(InvalidDocument):
+    """A TrainingRun document that cannot run."""
+
+    kind = KIND
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:
@@ -414,23 +425,32 @@ def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
     ]
 
 
+def parse_document(model: type[_Document], invalid: type[InvalidDocument], document: Any, source: str) -> _Document:
+    """Validate a parsed document as `model`; raise `invalid` naming every bad field."""
+    if not isinstance(document, dict):
+        raise invalid(source, [("(document)", "must be a mapping with apiVersion, kind, metadata, spec")])
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise invalid(source, field_errors(exc)) from None
+
+
+def read_document(path: str, invalid: type[InvalidDocument]) -> Any:
+    """A YAML/JSON file's parsed content; an unreadable or unparsable file raises `invalid` naming the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except OSError as exc:
+        raise invalid(path, [("(file)", exc.strerror or str(exc))]) from None
+    except yaml.YAMLError as exc:
+        raise invalid(path, [("(file)", f"not valid YAML: {exc}")]) from None
+
+
 def parse_training_run(document: Any, source: str = "<document>") -> TrainingRun:
     """Validate a parsed document; raise InvalidTrainingRun naming every bad field."""
-    if not isinstance(document, dict):
-        raise InvalidTrainingRun(source, [("(document)", "must be a mapping with apiVersion, kind, metadata, spec")])
-    try:
-        return TrainingRun.model_validate(document)
-    except ValidationError as exc:
-        raise InvalidTrainingRun(source, field_errors(exc)) from None
+    return parse_document(TrainingRun, InvalidTrainingRun, document, source)
 
 
 def load_training_run(path: str) -> TrainingRun:
     """Read and validate a TrainingRun YAML/JSON file."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except OSError as exc:
-        raise InvalidTrainingRun(path, [("(file)", exc.strerror or str(exc))]) from None
-    except yaml.YAMLError as exc:
-        raise InvalidTrainingRun(path, [("(file)", f"not valid YAML: {exc}")]) from None
-    return parse_training_run(document, path)
+    return parse_training_run(read_document(path, InvalidTrainingRun), path)

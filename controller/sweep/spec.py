@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from controller.spec import Metadata, TrainingRunSpec, field_errors
+from controller.spec import InvalidDocument, Metadata, TrainingRunSpec, parse_document, read_document
 from controller.status import StatusModel
 from controller.sweep.asha import Rungs
 from controller.sweep.space import (
@@ -248,33 +247,17 @@ def finite(value: float | None) -> bool:
 # ---------------------------------------------------------------- parsing
 
 
-class InvalidTrainingSweep(ValueError):
-    """A TrainingSweep document that cannot run; `errors` lists (field path, message) pairs."""
+class InvalidTrainingSweep(InvalidDocument):
+    """A TrainingSweep document that cannot run."""
 
-    def __init__(self, source: str, errors: list[tuple[str, str]]):
-        self.source = source
-        self.errors = errors
-        lines = "\n".join(f"  {field}: {message}" for field, message in errors)
-        super().__init__(f"{source}: invalid TrainingSweep\n{lines}")
+    kind = "TrainingSweep"
 
 
 def parse_training_sweep(document: Any, source: str = "<document>") -> TrainingSweep:
     """Validate a parsed document; raise InvalidTrainingSweep naming every bad field."""
-    if not isinstance(document, dict):
-        raise InvalidTrainingSweep(source, [("(document)", "must be a mapping with apiVersion, kind, metadata, spec")])
-    try:
-        return TrainingSweep.model_validate(document)
-    except ValidationError as exc:
-        raise InvalidTrainingSweep(source, field_errors(exc)) from None
+    return parse_document(TrainingSweep, InvalidTrainingSweep, document, source)
 
 
 def load_training_sweep(path: str) -> TrainingSweep:
     """Read and validate a TrainingSweep YAML/JSON file."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except OSError as exc:
-        raise InvalidTrainingSweep(path, [("(file)", exc.strerror or str(exc))]) from None
-    except yaml.YAMLError as exc:
-        raise InvalidTrainingSweep(path, [("(file)", f"not valid YAML: {exc}")]) from None
-    return parse_training_sweep(document, path)
+    return parse_training_sweep(read_document(path, InvalidTrainingSweep), path)
