@@ -55,7 +55,33 @@ def load_demo() -> pa.Table:
     """Movie-review snippets labelled rotten (0) / fresh (1), in the file's order."""
     with bz2.open(demo_csv_path(), "rt", encoding="utf-8", newline="") as handle:
         rows = [(r["text"], DEMO_LABELS[r["category"]]) for r in csv.DictReader(handle) if r["category"] in DEMO_LABELS]
-    return pa.table({"text": [t for t, _ in rows], "label": pa.array([lab for _, lab in rows], pa.int64())})
+    return pa.table({"text": _string_array([t for t, _ in rows]), "label": _int64_array([lab for _, lab in rows])})
+
+
+# Arrays are built from and read as buffers, never with pa.array or to_numpy: their first call imports pandas (+46 MB
+# in the controller process, for its whole life), which the controller has no other use for. test_snapshot checks it.
+def _int64_array(values: Any) -> pa.Array:
+    import numpy as np
+
+    data = np.ascontiguousarray(values, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
+
+
+def _int64_values(chunk: pa.Array) -> Any:
+    """A null-free int64 array's values as a numpy view of its buffer."""
+    import numpy as np
+
+    return np.frombuffer(chunk.buffers()[1], dtype=np.int64, count=len(chunk), offset=chunk.offset * 8)
+
+
+def _string_array(values: list[str]) -> pa.Array:
+    import numpy as np
+
+    encoded = [value.encode("utf-8") for value in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(raw) for raw in encoded], out=offsets[1:])
+    data = pa.py_buffer(b"".join(encoded))
+    return pa.Array.from_buffers(pa.large_string(), len(encoded), [None, pa.py_buffer(offsets), data]).cast(pa.string())
 
 
 def source_path(volume_root: Path, spec: DatasetSpec) -> Path:
@@ -179,7 +205,8 @@ def content_hash(table: pa.Table, spec: DatasetSpec) -> str:
     for start in range(0, len(table), _HASH_BATCH):
         texts = text.slice(start, _HASH_BATCH).to_pylist()
         digest.update(json.dumps(texts, ensure_ascii=False).encode())
-        digest.update(labels.slice(start, _HASH_BATCH).to_numpy().astype("<i8").tobytes())
+        for chunk in labels.slice(start, _HASH_BATCH).chunks:
+            digest.update(_int64_values(chunk).astype("<i8").tobytes())
     return digest.hexdigest()
 
 
@@ -191,7 +218,7 @@ def split(table: pa.Table, spec: DatasetSpec) -> dict[str, pa.Table]:
     _, eval_rows = split_sizes(len(table), spec.eval_fraction)
     eval_idx = np.sort(permutation[:eval_rows])
     train_idx = np.sort(permutation[eval_rows:])
-    return {"train": table.take(pa.array(train_idx)), "eval": table.take(pa.array(eval_idx))}
+    return {"train": table.take(_int64_array(train_idx)), "eval": table.take(_int64_array(eval_idx))}
 
 
 def _source_record(spec: DatasetSpec) -> dict[str, Any]:

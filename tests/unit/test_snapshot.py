@@ -54,21 +54,23 @@ def test_parquet_source(tmp_path: Path):
     assert info.rows == {"train": 45, "eval": 5} and info.fields == ["sentence", "y"]
 
 
-def test_a_snapshot_is_what_save_to_disk_writes_and_the_controller_never_imports_datasets(tmp_path: Path):
+def test_a_snapshot_is_what_save_to_disk_writes_and_the_controller_never_imports_datasets_or_pandas(tmp_path: Path):
     """The controller writes the DatasetDict with pyarrow alone (importing `datasets` cost it 57 MB for the rest of
-    its life): the files are save_to_disk's, byte for byte but for state.json's fingerprint (a random cache key
-    there, derived from the content here), and load_from_disk reads them."""
+    its life, pandas, which pa.array and to_numpy import, 46 MB): the files are save_to_disk's, byte for byte but for
+    state.json's fingerprint (a random cache key there, derived from the content here), and load_from_disk reads
+    them. The demo source (built from Python lists) and a csv file (read by pyarrow) both stay clear of both."""
     spec = DatasetSpec(source="csv", path=_csv(tmp_path), eval_fraction=0.3, split_seed=5)
     spec_json, volume = spec.model_dump_json(), str(tmp_path)
     probe = (
         "import sys; from pathlib import Path; from controller.snapshot import snapshot_dataset; "
         "from controller.spec import DatasetSpec; "
         f"info, _ = snapshot_dataset(Path({volume!r}), DatasetSpec.model_validate_json({spec_json!r}), 2); "
-        "print(info.path, 'datasets' in sys.modules)"
+        f"snapshot_dataset(Path({volume!r}), DatasetSpec(source='demo', max_rows=200), 2); "
+        "print(info.path, sorted({'datasets', 'pandas'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
-    path, imported = result.stdout.split()
-    assert imported == "False", "the snapshot imported datasets"
+    path, imported = result.stdout.split(maxsplit=1)
+    assert imported.strip() == "[]", f"the snapshots imported {imported.strip()}"
     data = Path(path) / "data"
     loaded = datasets.load_from_disk(str(data))
     parts = {name: loaded[name].data.table for name in ("train", "eval")}
