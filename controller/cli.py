@@ -16,11 +16,12 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -33,6 +34,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+# Besides Ctrl-C (SIGINT, which asyncio.run turns into the main task's cancellation), these end a command the same
+# way: `kill`, a supervisor's stop and a closed terminal. Otherwise the process died where it stood and left its
+# leg training and its embedded dev server running, both in sessions of their own.
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 DEFAULT_VOLUME = "./relay-volume"
 DEFAULT_ADDRESS = "localhost:7233"
 
@@ -861,11 +866,19 @@ def run_command(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     # The operator sets up its own logging from its own --log-level (`relay controller --log-level debug`).
     setup_logging(level, timestamps=args.command == "worker")
+    received: list[int] = []
     try:
         result = args.func(args)
         if asyncio.iscoroutine(result):
-            result = asyncio.run(result)
+            result = asyncio.run(_cancelled_by_signals(result, received))
+        if received and result == EXIT_INTERRUPTED:
+            return 128 + received[0]  # the shell's convention: 143 after SIGTERM, 129 after SIGHUP
         return int(result)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        print(f"relay: stopped by {signal.Signals(received[0]).name}", file=sys.stderr)
+        return 128 + received[0]
     except InvalidTrainingRun as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -875,6 +888,29 @@ def run_command(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("relay: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+async def _cancelled_by_signals(command: Coroutine[Any, Any, int], received: list[int]) -> int:
+    """Run a command's coroutine; each of TERMINATING_SIGNALS cancels it as Ctrl-C does, and is noted in `received`.
+
+    The cancellation unwinds the command: `relay run` stops its running leg (the leg checkpoints) and every command
+    leaves its `async with` blocks, the embedded dev server's and the worker's included.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def cancel(signum: int) -> None:
+        received.append(signum)
+        task.cancel()
+
+    for signum in TERMINATING_SIGNALS:
+        loop.add_signal_handler(signum, cancel, signum)
+    try:
+        return await command
+    finally:
+        for signum in TERMINATING_SIGNALS:
+            loop.remove_signal_handler(signum)
 
 
 def main(argv: list[str] | None = None) -> int:

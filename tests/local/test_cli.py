@@ -162,14 +162,14 @@ def test_relay_run_end_to_end_with_the_embedded_server(tmp_path: Path):
     assert not reachable(address)
 
 
-@pytest.mark.slow
-def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
+def _relay_run_training(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str], Path, str, Path]:
+    """`relay run` of a 600-step tiny run, returned once its leg has trained 20 steps: (process, volume, address,
+    file). SIGINT is in its default disposition, as from a terminal: a test session started in the background by
+    a shell without job control inherits SIGINT ignored, and so would `relay run` (the interrupt never landed)."""
     volume = tmp_path / "volume"
     address = f"127.0.0.1:{_free_port()}"
-    file = _write(tmp_path / "run.yaml", TINY.replace("maxSteps: 120", "maxSteps: 600"), name="ctrl-c")
+    file = _write(tmp_path / "run.yaml", TINY.replace("maxSteps: 120", "maxSteps: 600"), name=name)
     command = [sys.executable, "-m", "controller.cli", "run", str(file), "--volume", str(volume), "--address", address]
-    # As from a terminal: Ctrl-C's SIGINT in its default disposition. A test session started in the background by
-    # a shell without job control inherits SIGINT ignored, and so would `relay run` (the interrupt never landed).
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
@@ -178,26 +178,52 @@ def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
         cwd=REPO,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    progress = volume / "runs/default/ctrl-c/progress.json"
+    progress = volume / f"runs/default/{name}/progress.json"
     deadline = time.monotonic() + 120
     while not (
         progress.exists() and '"step": ' in progress.read_text() and json.loads(progress.read_text())["step"] >= 20
     ):
         assert process.poll() is None and time.monotonic() < deadline, "training did not start"
         time.sleep(0.1)
-    process.send_signal(signal.SIGINT)  # Ctrl-C
+    return process, volume, address, file
+
+
+def _stopped_with_a_checkpoint(process: subprocess.Popen[str], volume: Path, address: str, name: str) -> str:
+    """The interrupted `relay run` stopped its leg (exit 75: it checkpointed) and its dev server; its stderr."""
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr[-2000:]
     assert "interrupted: stopping the running leg (it checkpoints); `relay run` again resumes" in stderr
     assert "Traceback" not in stderr
-    assert json.loads((volume / "runs/default/ctrl-c/legs/0.exit.json").read_text())["exit_code"] == 75
-    assert not reachable(address)
+    leg = volume / f"runs/default/{name}/legs/0"
+    assert json.loads(leg.with_suffix(".exit.json").read_text())["exit_code"] == 75
+    trainer_pid = json.loads(leg.with_suffix(".trainer.json").read_text())["pid"]
+    assert not Path(f"/proc/{trainer_pid}").exists() or "zombie" in Path(f"/proc/{trainer_pid}/status").read_text()
+    assert not reachable(address), "the embedded dev server outlived relay run"
+    return stderr
+
+
+@pytest.mark.slow
+def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
+    process, volume, address, file = _relay_run_training(tmp_path, "ctrl-c")
+    process.send_signal(signal.SIGINT)  # Ctrl-C
+    stderr = _stopped_with_a_checkpoint(process, volume, address, "ctrl-c")
+    assert process.returncode == 130, stderr[-2000:]
     again = relay("run", str(file), "--volume", str(volume), "--address", address, "--no-progress", timeout=240)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Succeeded: finished" in again.stdout
     legs = [line.split() for line in again.stdout.splitlines() if line.strip().startswith("leg ")]
     assert legs[0][1:3] == ["0:", "steps"] and legs[0][6] == "preempted"
     assert int(legs[1][3]) >= 20 and legs[1][6] == "completed"  # leg 1 resumed from leg 0's checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_killed_or_hung_up_relay_run_stops_like_ctrl_c_and_orphans_nothing(tmp_path: Path, signum: int):
+    """`kill`, a supervisor's stop or a closed terminal: the leg checkpoints and stops, the dev server goes with
+    relay run (before, both kept running, in sessions of their own), and the exit code is the shell's 128 + N."""
+    process, volume, address, _ = _relay_run_training(tmp_path, "killed")
+    process.send_signal(signum)
+    stderr = _stopped_with_a_checkpoint(process, volume, address, "killed")
+    assert process.returncode == 128 + signum, stderr[-2000:]
 
 
 def test_run_against_an_unreachable_remote_server_starts_nothing(tmp_path: Path):
