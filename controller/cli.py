@@ -227,6 +227,7 @@ async def _cmd_run(args: argparse.Namespace) -> int:
                 await _watch(handle, result_task, show=not args.no_progress)
             except (KeyboardInterrupt, asyncio.CancelledError):
                 _note("\ninterrupted: stopping the running leg (it checkpoints); `relay run` again resumes")
+                result_task.cancel()  # the dev server stops with us: its answer would be an error nobody reads
                 for leg in backend.alive_legs(namespace, name):
                     await backend.stop(_leg_ref(run, leg), float(run.spec.termination_grace_period_seconds))
                 return EXIT_INTERRUPTED
@@ -263,10 +264,14 @@ def _leg_ref(run: TrainingRun, leg: int) -> Any:
 
 
 async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -> None:
-    """Redraw a one-line progress bar from get_status until the workflow ends."""
+    """Redraw a one-line progress bar from get_status until the workflow ends; without `show`, only wait for it
+    (a query a second costs the server and the worker CPU that the leg's training would otherwise have)."""
     from temporalio.client import WorkflowQueryFailedError
     from temporalio.service import RPCError
 
+    if not show:
+        await asyncio.wait({result_task})
+        return
     tty = sys.stderr.isatty()
     last_line, last_events = "", 0
     while True:

@@ -145,6 +145,7 @@ async def run_sweep(
             await _watch(handle, result_task, show=not args.no_progress)
         except (KeyboardInterrupt, asyncio.CancelledError):
             print("\ninterrupted: trials' legs stop at a checkpoint; `relay sweep` again goes on", file=sys.stderr)
+            result_task.cancel()  # the dev server stops with us: its answer would be an error nobody reads
             await _stop_trial_legs(backend, sweep)
             return EXIT_INTERRUPTED
         failed = False
@@ -168,15 +169,18 @@ def _check_dataset(sweep: TrainingSweep, volume_root: Path, error: Callable[[str
 
 
 async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -> None:
-    """A line each time the trials' counts or the best change, until the sweep ends."""
+    """A line each time the trials' counts or the best change, until the sweep ends; without `show`, only wait."""
     from temporalio.client import WorkflowQueryFailedError
     from temporalio.service import RPCError
 
+    if not show:
+        await asyncio.wait({result_task})
+        return
     last = ""
     while not result_task.done():
         with contextlib.suppress(RPCError, WorkflowQueryFailedError):  # a transient miss: the next tick tries again
             line = format_counts(await handle.query("get_status", result_type=SweepStatus))
-            if show and line != last:
+            if line != last:
                 print(line, file=sys.stderr, flush=True)
                 last = line
         await asyncio.wait({result_task}, timeout=1.0)
