@@ -135,13 +135,28 @@ class DevServer:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                why = self._last_log_line()
                 where = f" (see {self.log_file})" if self.log_file else ""
-                raise DevServerError(f"temporal dev server exited with code {self.process.returncode}{where}")
+                raise DevServerError(
+                    f"temporal dev server exited with code {self.process.returncode}{': ' + why if why else ''}{where}"
+                )
             if reachable(self.address, 0.2) and _frontend_healthy(self.address):
                 return self
             time.sleep(0.1)
         self.stop()
         raise DevServerError(f"temporal dev server did not answer at {self.address} within {timeout_s:g}s")
+
+    def _last_log_line(self) -> str:
+        """The last line the server logged (why it exited, as a rule), or "" without a log."""
+        if self.log_file is None:
+            return ""
+        try:
+            with open(self.log_file, "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 4096))
+                lines = [line.strip() for line in log.read().decode("utf-8", "replace").splitlines()]
+        except OSError:
+            return ""
+        return next((line for line in reversed(lines) if line), "")[:500]
 
     def stop(self, grace_s: float = 10.0) -> None:
         process, self.process = self.process, None

@@ -234,3 +234,16 @@ def test_run_against_an_unreachable_remote_server_starts_nothing(tmp_path: Path)
     expected = f"relay: cannot reach Temporal at {address} (the embedded server is started only for a local address)"
     assert result.stderr.strip() == expected
     assert not (volume / "temporal.db").exists()
+
+
+def test_a_dev_server_that_cannot_start_is_reported_with_its_own_reason(tmp_path: Path):
+    """The embedded server's last log line says why it exited: here its history file is a folder."""
+    volume = tmp_path / "volume"
+    (volume / "temporal.db").mkdir(parents=True)
+    address = f"127.0.0.1:{_free_port()}"
+    result = relay("run", str(_write(tmp_path / "run.yaml", TINY)), "--volume", str(volume), "--address", address)
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("relay: temporal dev server exited with code"), line
+    assert "unable to open database file" in line and str(volume / "temporal-server.log") in line, line
+    assert not reachable(address)
