@@ -226,7 +226,8 @@ async def _cmd_run(args: argparse.Namespace) -> int:
             try:
                 await _watch(handle, result_task, show=not args.no_progress)
             except (KeyboardInterrupt, asyncio.CancelledError):
-                _note("\ninterrupted: stopping the running leg (it checkpoints); `relay run` again resumes")
+                with contextlib.suppress(OSError):  # after a hang-up there is no terminal to tell
+                    _note("\ninterrupted: stopping the running leg (it checkpoints); `relay run` again resumes")
                 result_task.cancel()  # the dev server stops with us: its answer would be an error nobody reads
                 for leg in backend.alive_legs(namespace, name):
                     await backend.stop(_leg_ref(run, leg), float(run.spec.termination_grace_period_seconds))
@@ -283,17 +284,22 @@ async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -
         if status is not None and show:
             line = _fmt_status_line(status)
             legs_seen = len(status.legs)
-            if legs_seen != last_events:  # a new leg: keep the old line, start a new one
-                if tty and last_line:
-                    sys.stderr.write("\n")
-                last_events = legs_seen
-                for leg in status.legs[-2:-1]:
-                    if leg.outcome:
-                        _note(f"  leg {leg.leg}: steps {leg.start_step}->{leg.end_step} {leg.outcome} ({leg.reason})")
-            if line != last_line:
-                sys.stderr.write(("\r" + line + "\x1b[K") if tty else line + "\n")
-                sys.stderr.flush()
-                last_line = line
+            try:
+                if legs_seen != last_events:  # a new leg: keep the old line, start a new one
+                    if tty and last_line:
+                        sys.stderr.write("\n")
+                    last_events = legs_seen
+                    for leg in status.legs[-2:-1]:
+                        if leg.outcome:
+                            _note(
+                                f"  leg {leg.leg}: steps {leg.start_step}->{leg.end_step} {leg.outcome} ({leg.reason})"
+                            )
+                if line != last_line:
+                    sys.stderr.write(("\r" + line + "\x1b[K") if tty else line + "\n")
+                    sys.stderr.flush()
+                    last_line = line
+            except OSError:  # the terminal is gone (hung up, its SIGHUP on the way): draw nothing more
+                show = False
         if finished:
             break
         await asyncio.wait({result_task}, timeout=1.0)
@@ -882,7 +888,8 @@ def run_command(argv: list[str] | None = None) -> int:
     except asyncio.CancelledError:
         if not received:
             raise
-        print(f"relay: stopped by {signal.Signals(received[0]).name}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print(f"relay: stopped by {signal.Signals(received[0]).name}", file=sys.stderr)
         return 128 + received[0]
     except InvalidTrainingRun as exc:
         print(str(exc), file=sys.stderr)
@@ -922,8 +929,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point. Ends the process deliberately: the Temporal client can crash at interpreter exit (sdk #300)."""
     started = time.monotonic()
     code = run_command(argv)
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # a terminal that hung up takes what was left to print with it
+        sys.stdout.flush()
+        sys.stderr.flush()
     if os.environ.get("RELAY_CLI_TIMING"):
         print(f"relay: {time.monotonic() - started:.1f}s", file=sys.stderr)
     os._exit(code)

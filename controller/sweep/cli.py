@@ -144,7 +144,8 @@ async def run_sweep(
         try:
             await _watch(handle, result_task, show=not args.no_progress)
         except (KeyboardInterrupt, asyncio.CancelledError):
-            print("\ninterrupted: trials' legs stop at a checkpoint; `relay sweep` again goes on", file=sys.stderr)
+            with contextlib.suppress(OSError):  # after a hang-up there is no terminal to tell
+                print("\ninterrupted: trials' legs stop at a checkpoint; `relay sweep` again goes on", file=sys.stderr)
             result_task.cancel()  # the dev server stops with us: its answer would be an error nobody reads
             await _stop_trial_legs(backend, sweep)
             return EXIT_INTERRUPTED
@@ -181,7 +182,11 @@ async def _watch(handle: Any, result_task: asyncio.Future[Any], *, show: bool) -
         with contextlib.suppress(RPCError, WorkflowQueryFailedError):  # a transient miss: the next tick tries again
             line = format_counts(await handle.query("get_status", result_type=SweepStatus))
             if line != last:
-                print(line, file=sys.stderr, flush=True)
+                try:
+                    print(line, file=sys.stderr, flush=True)
+                except OSError:  # the terminal is gone (hung up, its SIGHUP on the way): print nothing more
+                    await asyncio.wait({result_task})
+                    return
                 last = line
         await asyncio.wait({result_task}, timeout=1.0)
 

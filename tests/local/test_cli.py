@@ -188,16 +188,20 @@ def _relay_run_training(tmp_path: Path, name: str) -> tuple[subprocess.Popen[str
     return process, volume, address, file
 
 
-def _stopped_with_a_checkpoint(process: subprocess.Popen[str], volume: Path, address: str, name: str) -> str:
-    """The interrupted `relay run` stopped its leg (exit 75: it checkpointed) and its dev server; its stderr."""
-    _, stderr = process.communicate(timeout=120)
-    assert "interrupted: stopping the running leg (it checkpoints); `relay run` again resumes" in stderr
-    assert "Traceback" not in stderr and "never retrieved" not in stderr, stderr[-2000:]
+def _stopped_with_a_checkpoint(process: subprocess.Popen[str], volume: Path, address: str, name: str) -> None:
+    """The interrupted `relay run` stopped its leg (exit 75: it checkpointed) and its dev server, and ended."""
+    process.wait(timeout=120)
     leg = volume / f"runs/default/{name}/legs/0"
     assert json.loads(leg.with_suffix(".exit.json").read_text())["exit_code"] == 75
     trainer_pid = json.loads(leg.with_suffix(".trainer.json").read_text())["pid"]
     assert not Path(f"/proc/{trainer_pid}").exists() or "zombie" in Path(f"/proc/{trainer_pid}/status").read_text()
     assert not reachable(address), "the embedded dev server outlived relay run"
+
+
+def _said_interrupted(process: subprocess.Popen[str]) -> str:
+    _, stderr = process.communicate(timeout=120)
+    assert "interrupted: stopping the running leg (it checkpoints); `relay run` again resumes" in stderr
+    assert "Traceback" not in stderr and "never retrieved" not in stderr, stderr[-2000:]
     return stderr
 
 
@@ -205,7 +209,8 @@ def _stopped_with_a_checkpoint(process: subprocess.Popen[str], volume: Path, add
 def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
     process, volume, address, file = _relay_run_training(tmp_path, "ctrl-c")
     process.send_signal(signal.SIGINT)  # Ctrl-C
-    stderr = _stopped_with_a_checkpoint(process, volume, address, "ctrl-c")
+    stderr = _said_interrupted(process)
+    _stopped_with_a_checkpoint(process, volume, address, "ctrl-c")
     assert process.returncode == 130, stderr[-2000:]
     again = relay("run", str(file), "--volume", str(volume), "--address", address, "--no-progress", timeout=240)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -216,14 +221,28 @@ def test_interrupted_relay_run_resumes_when_run_again(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_a_killed_or_hung_up_relay_run_stops_like_ctrl_c_and_orphans_nothing(tmp_path: Path, signum: int):
-    """`kill`, a supervisor's stop or a closed terminal: the leg checkpoints and stops, the dev server goes with
-    relay run (before, both kept running, in sessions of their own), and the exit code is the shell's 128 + N."""
+def test_a_killed_relay_run_stops_like_ctrl_c_and_orphans_nothing(tmp_path: Path):
+    """`kill` or a supervisor's stop: the leg checkpoints and stops, the dev server goes with relay run (before,
+    both kept running, in sessions of their own), and the exit code is the shell's 128 + 15."""
     process, volume, address, _ = _relay_run_training(tmp_path, "killed")
-    process.send_signal(signum)
-    stderr = _stopped_with_a_checkpoint(process, volume, address, "killed")
-    assert process.returncode == 128 + signum, stderr[-2000:]
+    process.send_signal(signal.SIGTERM)
+    stderr = _said_interrupted(process)
+    _stopped_with_a_checkpoint(process, volume, address, "killed")
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_relay_run_whose_terminal_hangs_up_stops_like_ctrl_c_and_orphans_nothing(tmp_path: Path):
+    """A closed terminal or a dropped ssh session: the output goes away (writes fail) and SIGHUP follows. The
+    progress bar's failed writes must not end relay run before it stops its leg and its dev server."""
+    process, volume, address, _ = _relay_run_training(tmp_path, "hung-up")
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    process.stderr.close()
+    time.sleep(1.5)  # a progress redraw or two into the closed pipe first, as into a terminal that went away
+    process.send_signal(signal.SIGHUP)
+    _stopped_with_a_checkpoint(process, volume, address, "hung-up")
+    assert process.returncode == 128 + signal.SIGHUP
 
 
 def test_run_against_an_unreachable_remote_server_starts_nothing(tmp_path: Path):
