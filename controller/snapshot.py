@@ -58,8 +58,8 @@ def load_demo() -> pa.Table:
     return pa.table({"text": _string_array([t for t, _ in rows]), "label": _int64_array([lab for _, lab in rows])})
 
 
-# Arrays are built from and read as buffers, never with pa.array or to_numpy: their first call imports pandas (+46 MB
-# in the controller process, for its whole life), which the controller has no other use for. test_snapshot checks it.
+# Arrays are built from and read as buffers, never with pa.array or to_numpy: their first call imports pandas, which
+# the controller has no other use for (it held 36 MB more after a csv and a demo snapshot). test_snapshot checks it.
 def _int64_array(values: Any) -> pa.Array:
     import numpy as np
 

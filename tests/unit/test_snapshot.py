@@ -56,9 +56,9 @@ def test_parquet_source(tmp_path: Path):
 
 def test_a_snapshot_is_what_save_to_disk_writes_and_the_controller_never_imports_datasets_or_pandas(tmp_path: Path):
     """The controller writes the DatasetDict with pyarrow alone (importing `datasets` cost it 57 MB for the rest of
-    its life, pandas, which pa.array and to_numpy import, 46 MB): the files are save_to_disk's, byte for byte but for
-    state.json's fingerprint (a random cache key there, derived from the content here), and load_from_disk reads
-    them. The demo source (built from Python lists) and a csv file (read by pyarrow) both stay clear of both."""
+    its life; pandas, which pa.array and to_numpy import, 36 MB more): the files are save_to_disk's, byte for byte
+    but for state.json's fingerprint (a random cache key there, derived from the content here), and load_from_disk
+    reads them. The demo source (built from Python lists) and a csv file (read by pyarrow) both stay clear of both."""
     spec = DatasetSpec(source="csv", path=_csv(tmp_path), eval_fraction=0.3, split_seed=5)
     spec_json, volume = spec.model_dump_json(), str(tmp_path)
     probe = (
