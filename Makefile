@@ -12,7 +12,8 @@ ENVTEST_ASSETS = $(or $(KUBEBUILDER_ASSETS),$(abspath $(ENVTEST_DIR)))
 # KUBEBUILDER_ASSETS=<the assets> where they hold kube-apiserver, else unset (the cluster tier skips loudly).
 WITH_ENVTEST = if [ -x "$(ENVTEST_ASSETS)/kube-apiserver" ]; then export KUBEBUILDER_ASSETS="$(ENVTEST_ASSETS)"; \
   else unset KUBEBUILDER_ASSETS; fi;
-PYTEST_ARGS ?=
+# The 20 slowest tests close the report: make test's budget is 20 minutes on 2 cores, and this shows where it goes.
+PYTEST_ARGS ?= --durations=20
 
 .PHONY: install run test lint typecheck drill bench envtest clean
 
