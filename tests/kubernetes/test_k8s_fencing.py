@@ -93,16 +93,18 @@ async def test_a_partitioned_nodes_leg_is_replaced_and_its_trainer_fenced(
     lost_node.set_unschedulable(True)
     real_kubelet.set_unschedulable(False)
     lost_node.partition()
-    lost_node.set_ready("Unknown", reason="NodeStatusUnknown")
     cut_at = time.monotonic()
-    # Not before the threshold (a NotReady blip is no loss); the latency itself is a benchmark figure
-    # (bench_fencing's node_lost_detection_s), so the upper bound here is liveness only, loose for a busy machine.
+    lost_node.set_ready("Unknown", reason="NodeStatusUnknown")
+    # Not before the threshold (a NotReady blip is no loss), to the second: the condition's lastTransitionTime has
+    # whole seconds, as a real node controller's, so the loss is judged up to 1 s before N seconds have truly passed
+    # (the test once saw 2.3 s against 3). The latency itself is a benchmark figure (bench_fencing's
+    # node_lost_detection_s), so the upper bound here is liveness only, loose for a busy machine.
     deadline = cut_at + NODE_LOST_AFTER_S + 45
     while not await cluster.pods(f"{name}-leg-1"):
         assert time.monotonic() < deadline, f"leg 1 not started after the node was lost: {await cluster.get(name)}"
         await asyncio.sleep(0.05)
     detected_s = time.monotonic() - cut_at
-    assert detected_s >= NODE_LOST_AFTER_S - 0.5, f"the next leg started {detected_s:.1f} s after the cut"
+    assert detected_s >= NODE_LOST_AFTER_S - 1.0, f"the next leg started {detected_s:.1f} s after the cut"
 
     # The old trainer is still running (nothing reached it) and its next commit is refused.
     old_name = old_pod.metadata.name
